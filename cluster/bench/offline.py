@@ -1,0 +1,130 @@
+"""``binserve bench offline``: this engine against transformers' own continuous batching.
+
+Both run the same ShareGPT-shaped requests on the same checkpoint in one process, one after the
+other, with output lengths forced (EOS ignored) so both generate exactly the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from tqdm import tqdm
+
+from cluster.bench.workload import WorkloadRequest, sharegpt_requests
+from pipeline.config import EngineConfig
+from pipeline.request import SamplingParams
+
+
+def _run_engine(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
+    from workers.llm import LLM
+
+    llm = LLM(config)
+    engine = llm.engine
+    start_s = time.perf_counter()
+    for i, r in enumerate(requests):
+        engine.add_request(
+            str(i), r.prompt_token_ids, SamplingParams(max_tokens=r.output_tokens, ignore_eos=True)
+        )
+    finished = []
+    with tqdm(total=len(requests), desc="binserve engine", unit="req") as bar:
+        while engine.has_unfinished:
+            for out in engine.step():
+                if out.metrics is not None:
+                    finished.append(out.metrics)
+                    bar.update(1)
+    wall_s = time.perf_counter() - start_s
+    num_output = sum(m.num_output_tokens for m in finished)
+    tbts = [t for m in finished for t in m.tbt_s]
+    return {
+        "wall_s": wall_s,
+        "output_tokens": num_output,
+        "output_tokens_per_s": num_output / wall_s,
+        "requests_per_s": len(finished) / wall_s,
+        "mean_ttft_s": statistics.fmean(m.ttft_s for m in finished),
+        "mean_completion_s": statistics.fmean(m.completion_s for m in finished),
+        "p50_tbt_s": statistics.median(tbts) if tbts else None,
+        "num_preemptions": sum(m.num_preemptions for m in finished),
+        "num_kv_blocks": llm.runner.num_blocks,
+    }
+
+
+def _run_hf(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
+    """transformers' continuous batching (the machinery behind ``generate_batch``), with per-request
+    output lengths: ``generate_batch`` itself takes one ``max_new_tokens`` for all requests."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(config.model.model_dir, dtype=torch.float32).eval()
+    generation_config = GenerationConfig(
+        do_sample=False,
+        eos_token_id=-1,
+        max_new_tokens=max(r.output_tokens for r in requests),
+        pad_token_id=model.config.pad_token_id,
+    )
+    start_s = time.perf_counter()
+    num_output = 0
+    with (
+        model.continuous_batching_context_manager(
+            generation_config=generation_config, block=True, timeout=5
+        ) as manager,
+        tqdm(total=len(requests), desc="transformers CB", unit="req") as bar,
+    ):
+        for i, r in enumerate(requests):
+            manager.add_request(
+                list(r.prompt_token_ids), request_id=str(i), max_new_tokens=r.output_tokens, eos_token_id=-1
+            )
+        done = 0
+        while done < len(requests):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                num_output += len(result.generated_tokens)
+                done += 1
+                bar.update(1)
+    wall_s = time.perf_counter() - start_s
+    return {"wall_s": wall_s, "output_tokens": num_output, "output_tokens_per_s": num_output / wall_s}
+
+
+def run_offline_bench(
+    config: EngineConfig,
+    num_requests: int,
+    seed: int = 0,
+    max_prompt_tokens: int = 512,
+    max_output_tokens: int = 256,
+    data_path: str | None = None,
+    skip_hf: bool = False,
+) -> dict:
+    from workers.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.model_dir)
+    kwargs = {"path": data_path} if data_path else {}
+    requests = sharegpt_requests(
+        tokenizer, num_requests, seed, max_prompt_tokens, max_output_tokens, **kwargs
+    )
+    report: dict = {
+        "workload": {
+            "num_requests": len(requests),
+            "mean_prompt_tokens": statistics.fmean(len(r.prompt_token_ids) for r in requests),
+            "mean_output_tokens": statistics.fmean(r.output_tokens for r in requests),
+            "max_prompt_tokens": max_prompt_tokens,
+            "max_output_tokens": max_output_tokens,
+        },
+        "config": {
+            "policy": config.scheduler.policy,
+            "chunk_size": config.scheduler.chunk_size,
+            "max_num_seqs": config.scheduler.max_num_seqs,
+            "model": config.model.model_dir,
+        },
+    }
+    report["engine"] = _run_engine(config, requests)
+    print(f"engine: {report['engine']['output_tokens_per_s']:.1f} output tokens/s")
+    if not skip_hf:
+        report["hf"] = _run_hf(config, requests)
+        report["speedup_vs_hf"] = (
+            report["engine"]["output_tokens_per_s"] / report["hf"]["output_tokens_per_s"]
+        )
+        print(
+            f"transformers: {report['hf']['output_tokens_per_s']:.1f} output tokens/s; "
+            f"speedup {report['speedup_vs_hf']:.2f}x"
+        )
+    return report

@@ -1,0 +1,159 @@
+"""Engine subcommands: ``make-tiny-model``, ``generate``, ``bench offline`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that build an ``EngineConfig``; shared by every command that runs the engine."""
+    from pipeline.config import SCHEDULER_POLICIES
+
+    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    parser.add_argument("--policy", choices=SCHEDULER_POLICIES, default="sarathi", help="batching policy")
+    parser.add_argument("--chunk-size", type=_positive_int, default=512, help="token budget per iteration")
+    parser.add_argument(
+        "--max-num-seqs", type=_positive_int, default=64, help="most requests running at once"
+    )
+    parser.add_argument("--kv-cache-mb", type=_positive_int, default=256, help="KV pool size on CPU, MiB")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads (CPU)")
+
+
+def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
+    from pipeline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=ModelConfig(args.model, dtype=args.dtype, device=args.device),
+        cache=CacheConfig(kv_cache_bytes=args.kv_cache_mb * 2**20),
+        scheduler=SchedulerConfig(
+            policy=args.policy, chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs
+        ),
+        parallel=ParallelConfig(torch_threads=args.threads),
+    )
+
+
+def _set_threads(num_threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(num_threads)
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from workers.tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.dir, arch=args.arch, seed=args.seed)
+    print(f"wrote a tiny {args.arch} checkpoint (seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipeline.request import SamplingParams
+    from workers.llm import LLM
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    config = engine_config_from_args(args)
+    _set_threads(config.parallel.torch_threads)
+    [done] = LLM(config).generate([args.prompt], params)
+    metrics = done.completion.metrics
+    result = {
+        "text": done.text,
+        "token_ids": list(done.completion.output_token_ids),
+        "finish_reason": done.completion.finish_reason.value,
+        "num_prompt_tokens": metrics.num_prompt_tokens,
+        "num_output_tokens": metrics.num_output_tokens,
+        "ttft_s": metrics.ttft_s,
+        "total_s": metrics.completion_s,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(done.text)
+        print(
+            f"[{result['num_output_tokens']} tokens, finish_reason={result['finish_reason']}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from cluster.bench.offline import run_offline_bench
+
+    _set_threads(args.threads)
+    report = run_offline_bench(
+        engine_config_from_args(args),
+        num_requests=args.num_requests,
+        seed=args.seed,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        data_path=args.data,
+        skip_hf=args.skip_hf,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import run_demo
+
+    return run_demo(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("make-tiny-model", help="write a small seeded random-weights checkpoint")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = subparsers.add_parser("generate", help="generate for one prompt with the offline engine")
+    add_engine_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+    bench = subparsers.add_parser("bench", help="benchmarks that print figures and write JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    p = bench_sub.add_parser(
+        "offline", help="this engine vs transformers' generate_batch on ShareGPT lengths"
+    )
+    add_engine_args(p)
+    p.add_argument("--num-requests", type=_positive_int, default=256)
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
+    p.add_argument("--max-output-tokens", type=_positive_int, default=256)
+    p.add_argument("--data", default=os.path.join("..", "shared", "data", "sharegpt_pairs.jsonl.gz"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-hf", action="store_true", help="run only this engine")
+    p.add_argument("--json", help="write the report here")
+    p.set_defaults(func=cmd_bench_offline)
+
+    p = subparsers.add_parser("demo", help="the README's main job")
+    p.add_argument("--model-dir", default=".models/tiny-llama", help="tiny checkpoint (written if missing)")
+    p.set_defaults(func=cmd_demo)

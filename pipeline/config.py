@@ -1,0 +1,128 @@
+"""Engine configuration: one frozen dataclass per concern, each checked once in ``__post_init__``.
+
+Everything here is plain data (no torch, no ray), so the scheduler, the tests and the YAML layer share
+it. A field that is out of range raises ``ValueError`` naming the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SchedulerPolicy = Literal["sarathi", "prefill_first", "static", "dynamic"]
+QueueOrder = Literal["fcfs", "ssjf"]
+SCHEDULER_POLICIES: tuple[str, ...] = ("sarathi", "prefill_first", "static", "dynamic")
+QUEUE_ORDERS: tuple[str, ...] = ("fcfs", "ssjf")
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Raise ``ValueError`` unless ``low <= value <= high`` (either bound may be open-ended)."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name}: must be in [{lo}, {hi}], got {value!r}")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to run, and how."""
+
+    model_dir: str
+    """A Hugging Face checkpoint directory: config.json, *.safetensors and the tokenizer files."""
+    dtype: str = "auto"
+    """Activation and weight dtype; ``auto`` is float32 on CPU and bfloat16 on CUDA."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt plus output) served; defaults to the model's ``max_position_embeddings``."""
+
+    def __post_init__(self) -> None:
+        if not self.model_dir:
+            raise ValueError("model_dir: must name a checkpoint directory, got an empty string")
+        check_choice("dtype", self.dtype, DTYPES)
+        if self.max_model_len is not None:
+            check_range("max_model_len", self.max_model_len, 2)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: a fixed pool of blocks, sized from a memory budget."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_bytes: int = 256 * 2**20
+    """Bytes for the KV pool on CPU (all layers of this process's stage, keys and values)."""
+    gpu_memory_fraction: float = 0.85
+    """On CUDA: the share of the device's free memory, after weights are loaded, given to the KV pool."""
+    num_blocks: int | None = None
+    """Force the pool to exactly this many blocks (tests use it to exercise preemption)."""
+
+    def __post_init__(self) -> None:
+        check_range("block_size", self.block_size, 1, 1024)
+        check_range("kv_cache_bytes", self.kv_cache_bytes, 1)
+        check_range("gpu_memory_fraction", self.gpu_memory_fraction, 0.01, 0.99)
+        if self.num_blocks is not None:
+            check_range("num_blocks", self.num_blocks, 1)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How each iteration's batch is formed and in which order waiting requests are served."""
+
+    policy: SchedulerPolicy = "sarathi"
+    """``sarathi``: chunked prefills with decodes first under a token budget (stall-free).
+    ``prefill_first``: whole prompts, prefill iterations preferred (vLLM v0 / Orca).
+    ``static``: a batch is admitted together and runs until its last request finishes (Multi-Bin).
+    ``dynamic``: like static, but a batch starts once full or once its oldest request waited the timeout."""
+    chunk_size: int = 512
+    """Token budget per iteration (SARATHI's chunk size). Whole-prompt policies use
+    ``max(chunk_size, max_model_len)`` so any prompt fits one iteration."""
+    max_num_seqs: int = 64
+    """Most requests running at once; the batch size B of static and dynamic batching."""
+    max_prefill_chunks: int = 1
+    """Prefill chunks per SARATHI iteration; 1 is decode-maximal batching."""
+    queue_order: QueueOrder = "fcfs"
+    """``fcfs`` by arrival, or ``ssjf`` by predicted output length (shortest first)."""
+    aging_threshold_s: float = 30.0
+    """SSJF aging guard: requests that have waited this long are served first, oldest first."""
+    group_by_bin: bool = False
+    """Static and dynamic batches are drawn from one bin only (Multi-Bin batching in one replica)."""
+    batch_wait_timeout_s: float = 0.05
+    """Dynamic batching: start a partial batch once its oldest request has waited this long."""
+
+    def __post_init__(self) -> None:
+        check_choice("policy", self.policy, SCHEDULER_POLICIES)
+        check_choice("queue_order", self.queue_order, QUEUE_ORDERS)
+        check_range("chunk_size", self.chunk_size, 1)
+        check_range("max_num_seqs", self.max_num_seqs, 1)
+        check_range("max_prefill_chunks", self.max_prefill_chunks, 1)
+        check_range("aging_threshold_s", self.aging_threshold_s, 0.0)
+        check_range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one replica is split across devices."""
+
+    pp_size: int = 1
+    """Pipeline stages, one worker (and one GPU, where there are GPUs) each."""
+    torch_threads: int = 1
+    """Intra-op threads per worker process on CPU."""
+
+    def __post_init__(self) -> None:
+        check_range("pp_size", self.pp_size, 1, 64)
+        check_range("torch_threads", self.torch_threads, 1, 256)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

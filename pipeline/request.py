@@ -1,0 +1,125 @@
+"""A request's parameters and its state as the scheduler moves it from waiting to finished.
+
+State follows one counter model (as in vLLM v1): a request holds ``token_ids`` (prompt then output)
+and ``num_computed_tokens``, the prefix whose KV is in the cache. Prefill, chunked prefill, decode and
+recompute after preemption are all "compute the next tokens of the prefix"; only the budget differs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pipeline.config import check_range
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each output token and when to stop."""
+
+    max_tokens: int = 16
+    """Most output tokens; generation also stops at the model's context length."""
+    temperature: float = 0.0
+    """0 is greedy; higher flattens the distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to at least this."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 keeps all."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same tokens whatever else is in the batch."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Stop (and keep the token) when any of these is generated."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token (benchmarks force output lengths with it)."""
+
+    def __post_init__(self) -> None:
+        check_range("max_tokens", self.max_tokens, 1)
+        check_range("temperature", self.temperature, 0.0)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+        check_range("top_k", self.top_k, 0)
+        if self.seed is not None:
+            check_range("seed", self.seed, 0, 2**63 - 1)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # end-of-sequence or a stop token
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's mutable state. Only the scheduler changes it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_s: float
+    predicted_output_tokens: int | None = None
+    """The length predictor's guess (or an oracle's); SSJF orders by it."""
+    bin_id: int = 0
+    """The router's bin; static and dynamic batches can be drawn from one bin."""
+
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    is_in_flight: bool = False
+    """Part of a micro-batch that has been planned but whose output has not come back yet."""
+    num_preemptions: int = 0
+    admitted_s: float | None = None
+    """When the request first got KV blocks (end of its queueing delay)."""
+    token_times_s: list[float] = field(default_factory=list)
+    """When each output token was produced; the first is the time to first token."""
+    finished_s: float | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Only the newest token is missing from the cache: the next step is a single-token decode."""
+        return self.num_output_tokens > 0 and self.num_uncomputed_tokens == 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def sort_length(self) -> int:
+        """SSJF key: the predicted output length, or ``max_tokens`` when nothing was predicted."""
+        if self.predicted_output_tokens is None:
+            return self.params.max_tokens
+        return self.predicted_output_tokens

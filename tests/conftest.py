@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny seeded checkpoints written once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Two cores here: one intra-op thread per process avoids OpenMP threads spinning against each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
+    from workers.tiny_model import make_tiny_model
+
+    made: dict[str, str] = {}
+
+    def make(arch: str = "llama") -> str:
+        if arch not in made:
+            made[arch] = str(make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch=arch, seed=0))
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> str:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_model_factory) -> str:
+    return tiny_model_factory("qwen2")

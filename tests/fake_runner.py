@@ -1,0 +1,41 @@
+"""A runner that stands in for the model when the scheduler is what is tested.
+
+It keeps a fake paged "KV cache" that stores token ids at their slots (block id * block size +
+offset), and samples a token that is a function of the whole prefix read back through the block
+table. So a wrong block table, a lost write or a bad recompute after preemption changes the tokens.
+"""
+
+from __future__ import annotations
+
+from pipeline.plan import StepOutput, StepPlan
+
+
+class FakeRunner:
+    def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 1000) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.slots: dict[int, int] = {}
+        self.plans: list[StepPlan] = []
+
+    def _slot(self, block_ids: tuple[int, ...], pos: int) -> int:
+        return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        self.plans.append(plan)
+        sampled = []
+        for chunk in plan.chunks:
+            for i, token in enumerate(chunk.token_ids):
+                self.slots[self._slot(chunk.block_ids, chunk.start_pos + i)] = token
+            if chunk.sampling is not None:
+                prefix = [self.slots[self._slot(chunk.block_ids, p)] for p in range(chunk.end_pos)]
+                sampled.append(next_token(prefix, self.vocab_size))
+        return StepOutput(plan.step_id, tuple(sampled))
+
+
+def next_token(prefix: list[int], vocab_size: int) -> int:
+    """The fake model: a deterministic function of the whole prefix."""
+    h = 17
+    for t in prefix:
+        h = (h * 31 + t) % 1_000_003
+    return h % vocab_size

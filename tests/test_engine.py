@@ -1,0 +1,140 @@
+"""The engine on real tiny checkpoints: token parity with transformers, preemption, sampling, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pipeline.request import FinishReason, SamplingParams
+from workers.llm import LLM
+
+PROMPTS = [
+    "Hello",
+    "What is the capital of France? Please answer briefly.",
+    "Write a poem about the sea, the sky and all the things in between them. " * 3,
+    "a b c d e f g",
+    "Explain quantum computing in simple terms to a ten year old child.",
+    "x",
+    "The quick brown fox jumps over the lazy dog. " * 6,
+    "How do I sort a list of dictionaries by a key in Python?",
+    "List three colours.",
+]
+MAX_TOKENS = 20
+
+_reference_cache: dict[str, list[list[int]]] = {}
+
+
+def hf_greedy(model_dir: str, llm: LLM) -> list[list[int]]:
+    """transformers' own generate, one prompt at a time (no padding), greedy."""
+    if model_dir not in _reference_cache:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        refs = []
+        for prompt in PROMPTS:
+            ids = torch.tensor([llm.encode(prompt)])
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False
+            )
+            refs.append(out[0, ids.shape[1] :].tolist())
+        _reference_cache[model_dir] = refs
+    return _reference_cache[model_dir]
+
+
+def make_llm(model_dir: str, **kwargs: object) -> LLM:
+    scheduler = {k: v for k, v in kwargs.items() if k in SchedulerConfig.__dataclass_fields__}
+    cache = {k: v for k, v in kwargs.items() if k in CacheConfig.__dataclass_fields__}
+    model = {k: v for k, v in kwargs.items() if k in ModelConfig.__dataclass_fields__}
+    return LLM(
+        EngineConfig(
+            ModelConfig(model_dir, **model),
+            cache=CacheConfig(**cache),
+            scheduler=SchedulerConfig(**scheduler),
+        )
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("chunk_size", [16, 64, 4096])
+def test_greedy_tokens_equal_transformers_generate(tiny_model_factory, arch: str, chunk_size: int) -> None:
+    model_dir = tiny_model_factory(arch)
+    llm = make_llm(model_dir, chunk_size=chunk_size, kv_cache_bytes=64 * 2**20)
+    done = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))  # all decoded together
+    assert [list(d.completion.output_token_ids) for d in done] == hf_greedy(model_dir, llm)
+    assert llm.engine.scheduler.block_manager.num_free_blocks == llm.runner.num_blocks
+
+
+@pytest.mark.parametrize("policy", ["prefill_first", "static", "dynamic"])
+def test_baseline_policies_give_the_same_greedy_tokens(tiny_llama: str, policy: str) -> None:
+    llm = make_llm(
+        tiny_llama, policy=policy, max_num_seqs=4, batch_wait_timeout_s=0.0, kv_cache_bytes=64 * 2**20
+    )
+    done = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
+    assert [list(d.completion.output_token_ids) for d in done] == hf_greedy(tiny_llama, llm)
+
+
+def test_preemption_path_gives_the_same_tokens_and_returns_every_block(tiny_llama: str) -> None:
+    # 10 blocks of 16 tokens hold 160 tokens; the prompts and outputs together need several times that.
+    llm = make_llm(tiny_llama, chunk_size=32, block_size=16, num_blocks=10, max_model_len=160)
+    done = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
+    assert [list(d.completion.output_token_ids) for d in done] == hf_greedy(tiny_llama, llm)
+    assert sum(d.completion.metrics.num_preemptions for d in done) > 0
+    assert llm.engine.scheduler.block_manager.num_free_blocks == 10
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny_llama: str) -> None:
+    llm = make_llm(tiny_llama, kv_cache_bytes=16 * 2**20)
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    [alone] = llm.generate(["Tell me a story."], params)
+    together = llm.generate(["Tell me a story.", "Another prompt", "x"], params)
+    assert alone.completion.output_token_ids == together[0].completion.output_token_ids
+    other_seed = llm.generate(["Tell me a story."], SamplingParams(**{**params.__dict__, "seed": 99}))
+    assert other_seed[0].completion.output_token_ids != alone.completion.output_token_ids
+    [top1] = llm.generate(["Tell me a story."], SamplingParams(max_tokens=12, temperature=1.0, top_k=1))
+    [greedy] = llm.generate(["Tell me a story."], SamplingParams(max_tokens=12))
+    assert top1.completion.output_token_ids == greedy.completion.output_token_ids
+
+
+def test_ignore_eos_forces_the_output_length(tiny_llama: str) -> None:
+    llm = make_llm(tiny_llama, kv_cache_bytes=16 * 2**20)
+    done = llm.generate(PROMPTS[:4], SamplingParams(max_tokens=40, ignore_eos=True))
+    assert all(len(d.completion.output_token_ids) == 40 for d in done)
+    assert all(d.completion.finish_reason is FinishReason.LENGTH for d in done)
+
+
+def test_bad_input_names_the_field_and_the_engine_keeps_serving(tiny_llama: str) -> None:
+    llm = make_llm(tiny_llama, kv_cache_bytes=16 * 2**20, max_model_len=64)
+    engine = llm.engine
+    engine.add_request("good", llm.encode("Hello there"), SamplingParams(max_tokens=5, ignore_eos=True))
+    with pytest.raises(ValueError, match=r"prompt: must be a non-empty string"):
+        llm.encode("")
+    with pytest.raises(ValueError, match=r"prompt: 64 tokens, must be at most 63"):
+        engine.add_request("long", list(range(64)), SamplingParams())
+    for field, kwargs in [
+        ("max_tokens", dict(max_tokens=0)),
+        ("temperature", dict(temperature=-1.0)),
+        ("top_p", dict(top_p=0.0)),
+        ("top_p", dict(top_p=1.01)),
+    ]:
+        with pytest.raises(ValueError, match=rf"{field}: must be in .*got"):
+            SamplingParams(**kwargs)
+    outputs = []
+    while engine.has_unfinished:
+        outputs += engine.step()
+    assert [o.request_id for o in outputs] == ["good"] * 5
+    assert engine.scheduler.block_manager.num_free_blocks == llm.runner.num_blocks
+
+
+def test_unknown_model_directory_is_a_value_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"model: directory .* does not exist"):
+        make_llm(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"model: .* has no config.json"):
+        make_llm(str(tmp_path / "empty"))
+
+
+def test_kv_pool_too_small_for_one_sequence_is_refused(tiny_llama: str) -> None:
+    with pytest.raises(
+        ValueError, match=r"kv cache: 2 blocks of 16 tokens hold 32 tokens, fewer than max_model_len"
+    ):
+        make_llm(tiny_llama, num_blocks=2, block_size=16)

@@ -1,0 +1,67 @@
+"""Text in, text out: the tokenizer, a runner and the engine put together for one process.
+
+llm = LLM(EngineConfig(ModelConfig("/tmp/tiny")))
+[done] = llm.generate(["Hello"], SamplingParams(max_tokens=16))
+print(done.text, done.finish_reason)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipeline.config import EngineConfig
+from pipeline.engine import Completion, Engine, Runner
+from pipeline.request import SamplingParams
+from pipeline.scheduler import Scheduler
+from workers.checkpoint import eos_token_ids, load_config, load_tokenizer
+from workers.runner import ModelRunner
+
+
+def build_engine(config: EngineConfig, runner: Runner, num_blocks: int, vocab_size: int) -> Engine:
+    """Wire a scheduler sized to the runner's KV pool to the runner; check the pool fits a sequence."""
+    hf_config = load_config(config.model.model_dir)
+    max_model_len = config.model.max_model_len or hf_config.max_position_embeddings
+    capacity_tokens = num_blocks * config.cache.block_size
+    if capacity_tokens < max_model_len:
+        raise ValueError(
+            f"kv cache: {num_blocks} blocks of {config.cache.block_size} tokens hold {capacity_tokens} tokens, "
+            f"fewer than max_model_len {max_model_len}; raise kv_cache_bytes (or num_blocks) or lower max_model_len"
+        )
+    scheduler = Scheduler(
+        config.scheduler,
+        num_blocks=num_blocks,
+        block_size=config.cache.block_size,
+        max_model_len=max_model_len,
+        eos_token_ids=eos_token_ids(config.model.model_dir, hf_config),
+    )
+    return Engine(runner, scheduler, vocab_size=vocab_size)
+
+
+@dataclass(frozen=True)
+class TextCompletion:
+    text: str
+    completion: Completion
+
+
+class LLM:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model.model_dir)
+        self.runner = runner or ModelRunner(config.model, config.cache)
+        self.engine = build_engine(config, self.runner, self.runner.num_blocks, self.runner.vocab_size)
+
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt: must be a non-empty string")
+        return self.tokenizer(prompt).input_ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def generate(
+        self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[TextCompletion]:
+        token_ids = [self.encode(p) for p in prompts]
+        done = self.engine.generate(token_ids, params)
+        return [TextCompletion(self.decode(c.output_token_ids), c) for c in done]

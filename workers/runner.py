@@ -1,0 +1,152 @@
+"""The model runner: one stage of a model on one device, with its share of the paged KV cache.
+
+    runner = ModelRunner(ModelConfig("/tmp/tiny"), CacheConfig())          # all layers
+    output = runner.execute(plan)                                          # a StepOutput
+
+A pipeline stage holds a layer range: ``forward_stage(plan, hidden)`` returns hidden states for the
+next stage, and on the last stage the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import CacheConfig, ModelConfig
+from pipeline.plan import StepOutput, StepPlan
+from workers.attention import AttentionMetadata
+from workers.checkpoint import iter_weights, load_config
+from workers.malloc import keep_freed_memory
+from workers.model import DecoderStage, head_dim_of, sliding_window_of
+from workers.sampler import sample
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: ModelConfig,
+        cache: CacheConfig,
+        layer_range: tuple[int, int] | None = None,
+    ) -> None:
+        self.hf_config = load_config(model.model_dir)
+        self.device = resolve_device(model.device)
+        self.dtype = resolve_dtype(model.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        start, end = layer_range or (0, self.hf_config.num_hidden_layers)
+        self.stage = self._load_stage(model.model_dir, start, end)
+        self.block_size = cache.block_size
+        self.sliding_window = sliding_window_of(self.hf_config)
+        self.num_blocks = cache.num_blocks or self._num_blocks_for_budget(cache)
+        num_kv_heads = (
+            getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+        )
+        # One tensor per layer: (2, num_blocks, block_size, Hkv, D), keys then values.
+        self.kv_caches = [
+            torch.zeros(
+                2,
+                self.num_blocks,
+                self.block_size,
+                num_kv_heads,
+                head_dim_of(self.hf_config),
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for _ in range(end - start)
+        ]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage.is_last
+
+    def _load_stage(self, model_dir: str, start: int, end: int) -> DecoderStage:
+        # Build on the meta device so large checkpoints are not first filled with random weights.
+        with torch.device("meta"):
+            stage = DecoderStage(self.hf_config, start, end)
+        stage = stage.to_empty(device=self.device).to(self.dtype)
+        params = dict(stage.named_parameters())
+        targets: dict[str, list[str]] = {}
+        for name in params:
+            targets.setdefault(stage.checkpoint_name(name), []).append(name)
+        if stage.lm_head is not None and getattr(self.hf_config, "tie_word_embeddings", False):
+            targets.setdefault("model.embed_tokens.weight", []).append("lm_head.weight")
+        loaded: set[str] = set()
+        with torch.no_grad():
+            for ckpt_name, tensor in iter_weights(model_dir, lambda n: n in targets):
+                for name in targets[ckpt_name]:
+                    params[name].copy_(tensor.to(self.dtype))
+                    loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"model: checkpoint {model_dir!r} lacks weights for {', '.join(missing[:5])}")
+        return stage.eval()
+
+    def _num_blocks_for_budget(self, cache: CacheConfig) -> int:
+        num_kv_heads = (
+            getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+        )
+        num_layers = self.stage.layer_end - self.stage.layer_start
+        bytes_per_block = (
+            2
+            * num_layers
+            * cache.block_size
+            * num_kv_heads
+            * head_dim_of(self.hf_config)
+            * self.dtype.itemsize
+        )
+        if self.device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free_bytes * cache.gpu_memory_fraction)
+        else:
+            budget = cache.kv_cache_bytes
+        return max(1, budget // bytes_per_block)
+
+    @torch.inference_mode()
+    def forward_stage(self, plan: StepPlan, inputs: torch.Tensor | None = None) -> torch.Tensor | StepOutput:
+        """Run this stage on a plan: token ids come from the plan on the first stage, hidden states
+        from ``inputs`` otherwise. Returns hidden states, or the sampled tokens on the last stage."""
+        meta = AttentionMetadata.build(plan, self.block_size, self.sliding_window, self.device)
+        if self.stage.is_first:
+            inputs = torch.tensor(
+                [t for c in plan.chunks for t in c.token_ids], dtype=torch.long, device=self.device
+            )
+        hidden = self.stage(inputs.to(self.device), self.kv_caches, meta)
+        if not self.stage.is_last:
+            return hidden
+        # Only the last position of each chunk that completes its prefix is sampled.
+        rows, offset = [], 0
+        for chunk in plan.chunks:
+            offset += chunk.num_tokens
+            if chunk.sampling is not None:
+                rows.append(offset - 1)
+        if not rows:
+            return StepOutput(plan.step_id, ())
+        logits = self.stage.lm_head(hidden[torch.tensor(rows, device=self.device)]).float()  # (N, V)
+        return StepOutput(plan.step_id, tuple(sample(logits, plan.sampling_chunks)))
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Run a whole-model runner (first and last stage at once) on a plan."""
+        output = self.forward_stage(plan)
+        assert isinstance(output, StepOutput), "execute() needs a runner that holds every layer"
+        return output

@@ -1,0 +1,43 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with reproducible per-request seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.plan import ScheduledChunk
+
+
+def _generator(seed: int, output_index: int, device: torch.device) -> torch.Generator:
+    # Seeded by (seed, which output token): the draw does not depend on the batch the request shares
+    # or on preemptions, so a seeded request always yields the same text.
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + output_index) % 2**63)
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (V,) logits outside the top-k and the top-p nucleus with -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, chunks: tuple[ScheduledChunk, ...]) -> list[int]:
+    """logits (N, V) float32, one row per sampling chunk -> one token id per row."""
+    tokens = logits.argmax(-1).tolist()
+    for row, chunk in enumerate(chunks):
+        params = chunk.sampling
+        if params is None or params.is_greedy:
+            continue
+        row_logits = _filter(logits[row] / params.temperature, params.top_k, params.top_p)
+        probs = row_logits.softmax(-1)
+        generator = None
+        if params.seed is not None:
+            generator = _generator(params.seed, chunk.output_index, logits.device)
+        tokens[row] = int(torch.multinomial(probs, 1, generator=generator))
+    return tokens
