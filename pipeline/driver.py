@@ -1,0 +1,233 @@
+"""The engine driver: a background loop that keeps the runner busy and streams tokens to asyncio callers.
+
+    driver = EngineDriver(engine, SerialRunner(model_runner))      # or a pipeline of stage actors
+    driver.start()
+    async for out in driver.generate("r1", prompt_token_ids, SamplingParams(max_tokens=32)):
+        ...
+    driver.stop()
+
+The loop runs in its own thread (model execution blocks; torch releases the GIL). It keeps up to
+``runner.depth`` plans in flight, one per pipeline stage, so with ``pp_size`` stages every stage has a
+micro-batch to work on; the scheduler never puts a request in two in-flight plans. Callers on an
+asyncio loop receive outputs through per-request queues; ``abort`` (a cancelled call, an expired
+deadline) frees the request's KV blocks at the next loop turn.
+
+A runner failure (a dead stage actor) fails every unfinished request with ``EngineDeadError`` and
+marks the driver unhealthy; nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pipeline.engine import Engine, RequestOutput, Runner
+from pipeline.plan import StepOutput, StepPlan
+from pipeline.request import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The runner failed; this replica cannot serve until it is replaced."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many unfinished requests; try again later or elsewhere."""
+
+
+class PipelinedRunner(Protocol):
+    depth: int
+    """How many plans may be in flight at once (the number of pipeline stages)."""
+
+    def submit(self, plan: StepPlan) -> None:
+        """Start a plan without waiting for it."""
+
+    def collect(self) -> StepOutput:
+        """Wait for the oldest submitted plan's output (plans complete in submission order)."""
+
+
+class SerialRunner:
+    """Adapts a blocking ``Runner`` (one process, all layers) to the pipelined interface, depth 1."""
+
+    depth = 1
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self._pending: collections.deque[StepPlan] = collections.deque()
+
+    def submit(self, plan: StepPlan) -> None:
+        self._pending.append(plan)
+
+    def collect(self) -> StepOutput:
+        return self.runner.execute(self._pending.popleft())
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    params: SamplingParams
+    predicted_output_tokens: int | None
+    bin_id: int
+
+
+class _Stream:
+    """Delivers one request's outputs from the driver thread to the caller's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class EngineDriver:
+    def __init__(self, engine: Engine, runner: PipelinedRunner, max_queued_requests: int = 1024) -> None:
+        self.engine = engine
+        self.runner = runner
+        self.max_queued_requests = max_queued_requests
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._adds: list[_Add] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, _Stream] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine-driver", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def outstanding_predicted_tokens(self) -> int:
+        """Predicted output tokens still to generate across this replica (an autoscaling signal)."""
+        total = 0
+        for request in list(self.engine.scheduler.requests.values()):
+            predicted = request.predicted_output_tokens or request.params.max_tokens
+            total += max(0, predicted - request.num_output_tokens)
+        return total
+
+    # ---- callers (any asyncio loop) -------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        predicted_output_tokens: int | None = None,
+        bin_id: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; the last has ``finish_reason`` set. Cancelling the iteration
+        (or breaking out of it) aborts the request and frees its blocks."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine is unhealthy: {self.error}")
+        if len(self._streams) >= self.max_queued_requests:
+            raise QueueFullError(f"queue is full: {self.max_queued_requests} unfinished requests")
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id: {request_id!r} is already in use by an unfinished request")
+            self._streams[request_id] = stream
+            self._adds.append(_Add(request_id, prompt_token_ids, params, predicted_output_tokens, bin_id))
+        self._wake.set()
+        # The driver thread owns the engine and validates there: a ValueError arrives as the first item.
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # nothing left to abort: it was refused or the engine died
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    # ---- the loop (driver thread) ---------------------------------------------------------------
+
+    def _drain_intake(self) -> None:
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+        for add in adds:
+            try:
+                self.engine.add_request(
+                    add.request_id, add.prompt_token_ids, add.params, add.predicted_output_tokens, add.bin_id
+                )
+            except ValueError as exc:
+                with self._lock:
+                    stream = self._streams.pop(add.request_id, None)
+                if stream is not None:
+                    stream.put(exc)
+        for request_id in aborts:
+            self.engine.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put(out)
+            if out.finish_reason is not None:
+                with self._lock:
+                    self._streams.pop(out.request_id, None)
+
+    def _loop(self) -> None:
+        in_flight: collections.deque[StepPlan] = collections.deque()
+        try:
+            while not self._stopping:
+                self._drain_intake()
+                while len(in_flight) < self.runner.depth:
+                    plan = self.engine.schedule()
+                    if plan.is_empty:
+                        break
+                    self.runner.submit(plan)
+                    in_flight.append(plan)
+                if not in_flight:
+                    # Idle, or a dynamic batch waiting for its timeout: sleep until new work or 1 ms.
+                    self._wake.wait(timeout=0.001 if self.engine.has_unfinished else 0.1)
+                    self._wake.clear()
+                    continue
+                output = self.runner.collect()
+                self._dispatch(self.engine.complete(in_flight.popleft(), output))
+        except BaseException as exc:  # noqa: BLE001 (any runner failure kills this replica)
+            self.error = exc
+            self._fail_all(EngineDeadError(f"engine failed: {type(exc).__name__}: {exc}"))
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        with self._lock:
+            streams, self._streams = self._streams, {}
+            self._adds = []
+        for request_id, stream in streams.items():
+            self.engine.abort(request_id)
+            stream.put(error)
