@@ -9,7 +9,9 @@ chunks. Keys and values of the step's tokens are written into the paged cache fi
   chunk; decode-maximal batches have at most a few). A chunk that starts at position 0 needs no
   gather: it attends to its own fresh keys with ``is_causal``.
 
-Cache layout per layer: ``(2, num_blocks, block_size, Hkv, D)``, keys then values.
+Cache layout per layer: ``(2, Hkv, num_blocks, block_size, D)``, keys then values. Heads outermost
+means a gathered block table is ``(Hkv, N, L, D)`` with each head's ``(L, D)`` matrix contiguous,
+which SDPA on CPU runs about 2.5x faster than the strided view a ``(B, S, Hkv, D)`` layout gives.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.plan import StepPlan
+from pipeline.plan import ScheduledChunk, StepPlan
 
 
 @dataclass(frozen=True)
@@ -32,14 +34,54 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Decodes of similar context length, attended in one SDPA call."""
+
+    rows: torch.Tensor  # (n,) long: their rows among the step's first ``num_decodes`` tokens
+    block_tables: torch.Tensor  # (n, max_blocks) long, padded with block 0
+    mask: torch.Tensor  # (n, 1, 1, max_blocks * block_size) bool: real (and in-window) keys
+
+
+# Decodes are split into up to this many groups by context length, so a short request is not padded
+# to the longest one's length: for evenly spread lengths, 4 groups cut the gathered KV by about 37%.
+_MAX_DECODE_GROUPS = 4
+_MIN_DECODES_PER_GROUP = 8
+
+
+def _decode_groups(
+    decodes: list[ScheduledChunk], block_size: int, sliding_window: int | None, device: torch.device
+) -> tuple[DecodeGroup, ...]:
+    order = sorted(range(len(decodes)), key=lambda i: decodes[i].end_pos)
+    num_groups = max(1, min(_MAX_DECODE_GROUPS, len(decodes) // _MIN_DECODES_PER_GROUP))
+    groups = []
+    for g in range(num_groups):
+        rows = order[g * len(order) // num_groups : (g + 1) * len(order) // num_groups]
+        lens = torch.tensor([decodes[i].end_pos for i in rows])
+        max_blocks = -(-int(lens.max()) // block_size)
+        tables = torch.zeros(len(rows), max_blocks, dtype=torch.long)
+        for j, i in enumerate(rows):
+            ids = decodes[i].block_ids[: -(-decodes[i].end_pos // block_size)]
+            tables[j, : len(ids)] = torch.tensor(ids)
+        key_pos = torch.arange(max_blocks * block_size)
+        mask = key_pos[None, :] < lens[:, None]  # (n, L)
+        if sliding_window is not None:
+            mask &= key_pos[None, :] > (lens[:, None] - 1 - sliding_window)
+        groups.append(
+            DecodeGroup(
+                torch.tensor(rows, device=device), tables.to(device), mask[:, None, None, :].to(device)
+            )
+        )
+    return tuple(groups)
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Per-step tensors shared by every layer of a stage."""
 
     positions: torch.Tensor  # (T,) long
     slot_mapping: torch.Tensor  # (T,) long: block_id * block_size + offset for each token's KV
     num_decodes: int
-    decode_block_tables: torch.Tensor | None  # (N, max_blocks) long, padded with block 0
-    decode_mask: torch.Tensor | None  # (N, 1, 1, max_blocks * block_size) bool
+    decode_groups: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillChunk, ...]
 
     @classmethod
@@ -54,20 +96,7 @@ class AttentionMetadata:
                 slots.append(chunk.block_ids[pos // block_size] * block_size + pos % block_size)
 
         decodes = [c for c in plan.chunks if c.is_decode]
-        decode_tables = decode_mask = None
-        if decodes:
-            max_blocks = max(-(-c.end_pos // block_size) for c in decodes)
-            decode_tables = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
-            lens = torch.tensor([c.end_pos for c in decodes])
-            for i, c in enumerate(decodes):
-                n = -(-c.end_pos // block_size)
-                decode_tables[i, :n] = torch.tensor(c.block_ids[:n])
-            key_pos = torch.arange(max_blocks * block_size)
-            mask = key_pos[None, :] < lens[:, None]  # (N, L)
-            if sliding_window is not None:
-                mask &= key_pos[None, :] > (lens[:, None] - 1 - sliding_window)
-            decode_mask = mask[:, None, None, :].to(device)
-            decode_tables = decode_tables.to(device)
+        decode_groups = _decode_groups(decodes, block_size, sliding_window, device) if decodes else ()
 
         prefills = []
         offset = len(decodes)
@@ -88,27 +117,27 @@ class AttentionMetadata:
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decodes=len(decodes),
-            decode_block_tables=decode_tables,
-            decode_mask=decode_mask,
+            decode_groups=decode_groups,
             prefills=tuple(prefills),
         )
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store the step's keys and values (T, Hkv, D) at their slots in ``cache`` (2, B, S, Hkv, D)."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    """Store the step's keys and values (T, Hkv, D) at their slots in ``cache`` (2, Hkv, B, S, D)."""
+    heads, _, _, dim = cache[0].shape
+    cache[0].view(heads, -1, dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    cache[1].view(heads, -1, dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def _gather(cache_part: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """(B, S, Hkv, D) blocks picked by ``block_table`` (..., nb) -> (..., Hkv, nb * S, D), a strided view.
+    """(Hkv, B, S, D) blocks picked by ``block_table`` (nb,) or (N, nb) -> (Hkv, nb*S, D) or (N, Hkv, nb*S, D).
 
     ``index_select`` on the flattened table is about twice as fast on CPU as advanced indexing."""
-    _, size, heads, dim = cache_part.shape
-    blocks = cache_part.index_select(0, block_table.reshape(-1))  # (prod(...) * nb, S, Hkv, D)
-    lead = block_table.shape[:-1]
-    return blocks.view(*lead, block_table.shape[-1] * size, heads, dim).transpose(-3, -2)
+    heads, _, size, dim = cache_part.shape
+    blocks = cache_part.index_select(1, block_table.reshape(-1))  # (Hkv, N * nb, S, D)
+    if block_table.dim() == 1:
+        return blocks.view(heads, -1, dim)
+    return blocks.view(heads, block_table.shape[0], -1, dim).transpose(0, 1)
 
 
 def paged_attention(
@@ -122,16 +151,16 @@ def paged_attention(
     """q (T, H, D), k/v (T, Hkv, D) of the step's tokens -> attention output (T, H, D)."""
     write_kv(cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
-    n = meta.num_decodes
-    if n:
-        keys = _gather(cache[0], meta.decode_block_tables)  # (N, Hkv, L, D)
-        values = _gather(cache[1], meta.decode_block_tables)
+    num_kv_heads, head_dim = cache.shape[1], q.shape[-1]
+    for group in meta.decode_groups:
+        n = group.rows.shape[0]
+        keys = _gather(cache[0], group.block_tables)  # (n, Hkv, L, D)
+        values = _gather(cache[1], group.block_tables)
         # Grouped-query trick: the G query heads that share a KV head act as G queries of length one,
         # so keys and values are never repeated per query head.
-        num_kv_heads = keys.shape[1]
-        query = q[:n].view(n, num_kv_heads, -1, q.shape[-1])  # (N, Hkv, G, D)
-        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask, scale=scale)
-        out[:n] = attn.reshape(n, -1, q.shape[-1])
+        query = q.index_select(0, group.rows).view(n, num_kv_heads, -1, head_dim)  # (n, Hkv, G, D)
+        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask, scale=scale)
+        out.index_copy_(0, group.rows, attn.reshape(n, -1, head_dim))
     for chunk in meta.prefills:
         query = q[chunk.token_start : chunk.token_end].transpose(0, 1)  # (H, q, D)
         if chunk.mask is None:

@@ -54,13 +54,13 @@ class ModelRunner:
         num_kv_heads = (
             getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
         )
-        # One tensor per layer: (2, num_blocks, block_size, Hkv, D), keys then values.
+        # One tensor per layer: (2, Hkv, num_blocks, block_size, D), keys then values (see attention.py).
         self.kv_caches = [
             torch.zeros(
                 2,
+                num_kv_heads,
                 self.num_blocks,
                 self.block_size,
-                num_kv_heads,
                 head_dim_of(self.hf_config),
                 dtype=self.dtype,
                 device=self.device,
