@@ -176,11 +176,11 @@ class Scheduler:
         """Static/dynamic batching: at a batch boundary, admit the next batch (from one bin if grouping)."""
         ordered = order_waiting(self.waiting, now_s, self.config)
         if self.config.group_by_bin:
-            ready = [r for r in ordered if self._is_bin_ready(r.bin_id, ordered, now_s)]
-            if not ready:
-                return
-            ordered = [r for r in ordered if r.bin_id == ready[0].bin_id]
-        elif not ordered or not self._is_batch_ready(ordered, now_s):
+            by_bin: dict[int, list[Request]] = {}
+            for request in ordered:  # bins in the order their best request is served
+                by_bin.setdefault(request.bin_id, []).append(request)
+            ordered = next((members for members in by_bin.values() if self._is_batch_ready(members, now_s)), [])
+        elif ordered and not self._is_batch_ready(ordered, now_s):
             return
         for request in ordered[: self.config.max_num_seqs]:
             self._admit(request, now_s)
@@ -190,9 +190,6 @@ class Scheduler:
             return True
         oldest_arrival_s = min(r.arrival_s for r in candidates)
         return now_s - oldest_arrival_s >= self.config.batch_wait_timeout_s
-
-    def _is_bin_ready(self, bin_id: int, ordered: list[Request], now_s: float) -> bool:
-        return self._is_batch_ready([r for r in ordered if r.bin_id == bin_id], now_s)
 
     def _admit(self, request: Request, now_s: float) -> None:
         self.waiting.remove(request)

@@ -1,0 +1,1 @@
+"""A discrete-event simulator that runs the project's own scheduler and router under a step-cost model."""

@@ -1,0 +1,148 @@
+"""Discrete-event simulation of a binserve cluster, running the project's own scheduler and router.
+
+    sim = ClusterSimulator(SimConfig(scheduler=SchedulerConfig(), num_replicas=16), cost_model, router)
+    metrics = sim.run(requests)                         # one RequestMetrics per request
+
+Each replica is the real ``pipeline.scheduler.Scheduler`` (the same object the engine drives); only
+the model is replaced: an iteration takes ``cost_model.step_time_s(plan)`` of virtual time and every
+sampled token is a non-EOS filler, since output lengths are forced (``ignore_eos``) as in the
+benchmarks. Requests reach a pool through the real ``cluster.router.BinRouter`` (or all go to one pool
+for plain load balancing) and, inside a pool, the replica with the fewest unfinished requests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cluster.router import BinRouter
+from cluster.sim.cost_model import StepCostModel
+from pipeline.config import SchedulerConfig, check_range
+from pipeline.engine import RequestMetrics
+from pipeline.plan import StepOutput, StepPlan
+from pipeline.request import Request, SamplingParams
+from pipeline.scheduler import Scheduler
+
+_FILLER_TOKEN = 0
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    predicted_output_tokens: int | None = None
+    """What the router and SSJF see; ``None`` means the oracle (the true output length)."""
+
+    @property
+    def predicted(self) -> int:
+        return self.output_tokens if self.predicted_output_tokens is None else self.predicted_output_tokens
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_replicas: int = 1
+    """Engine replicas in the whole cluster, spread evenly over the router's pools."""
+    num_blocks: int = 100_000
+    block_size: int = 16
+    max_model_len: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        check_range("num_replicas", self.num_replicas, 1)
+        check_range("num_blocks", self.num_blocks, 1)
+        check_range("block_size", self.block_size, 1)
+
+
+class _Replica:
+    def __init__(self, config: SimConfig) -> None:
+        self.scheduler = Scheduler(
+            config.scheduler, config.num_blocks, config.block_size, config.max_model_len, eos_token_ids=()
+        )
+        self.is_busy = False
+        self.busy_s = 0.0
+
+
+class ClusterSimulator:
+    def __init__(self, config: SimConfig, cost_model: StepCostModel, router: BinRouter | None = None) -> None:
+        self.config = config
+        self.cost_model = cost_model
+        self.router = router or BinRouter.build([])
+        if config.num_replicas < self.router.num_pools:
+            raise ValueError(
+                f"num_replicas: must be at least the number of pools ({self.router.num_pools}), "
+                f"got {config.num_replicas}"
+            )
+        self.replicas = [_Replica(config) for _ in range(config.num_replicas)]
+        # Replicas are dealt to pools round-robin, so pool sizes differ by at most one.
+        self.pools: list[list[_Replica]] = [[] for _ in range(self.router.num_pools)]
+        for i, replica in enumerate(self.replicas):
+            self.pools[i % self.router.num_pools].append(replica)
+        self.now_s = 0.0
+        self._events: list[tuple[float, int, str, object]] = []
+        self._seq = itertools.count()
+
+    def _push(self, time_s: float, kind: str, payload: object) -> None:
+        heapq.heappush(self._events, (time_s, next(self._seq), kind, payload))
+
+    def run(
+        self, requests: Sequence[SimRequest], max_virtual_s: float = float("inf")
+    ) -> list[RequestMetrics]:
+        """Simulate until every request finished (or ``max_virtual_s``); metrics in request order."""
+        by_request: dict[int, Request] = {}
+        for i, r in enumerate(requests):
+            self._push(r.arrival_s, "arrival", i)
+        while self._events:
+            self.now_s, _, kind, payload = heapq.heappop(self._events)
+            if self.now_s > max_virtual_s:
+                break
+            if kind == "arrival":
+                by_request[payload] = self._arrive(payload, requests[payload])
+            elif kind == "step_done":
+                replica, plan = payload
+                replica.scheduler.update(plan, _filler_output(plan), self.now_s)
+                replica.is_busy = False
+                self._start_step(replica)
+            else:  # "wake": a dynamic batch's timeout may have expired
+                self._start_step(payload)
+        return [RequestMetrics.of(by_request[i]) for i in range(len(requests)) if by_request[i].is_finished]
+
+    def _arrive(self, index: int, sim_request: SimRequest) -> Request:
+        route = self.router.route(sim_request.predicted)
+        pool = self.pools[route.pool_id]
+        replica = min(pool, key=lambda r: len(r.scheduler.requests))
+        request = Request(
+            request_id=str(index),
+            # Token values do not matter to the scheduler or the cost model, only counts do.
+            prompt_token_ids=[_FILLER_TOKEN] * sim_request.prompt_tokens,
+            params=SamplingParams(max_tokens=sim_request.output_tokens, ignore_eos=True),
+            arrival_s=sim_request.arrival_s,
+            predicted_output_tokens=sim_request.predicted,
+            bin_id=route.bin_id,
+        )
+        replica.scheduler.add(request)
+        self._start_step(replica)
+        return request
+
+    def _start_step(self, replica: _Replica) -> None:
+        if replica.is_busy or not replica.scheduler.has_unfinished:
+            return
+        plan = replica.scheduler.schedule(self.now_s)
+        if plan.is_empty:
+            # Waiting for a dynamic batch to fill: look again when the oldest request's timeout expires
+            # (if it already has, only a new arrival can change anything).
+            oldest_s = min((r.arrival_s for r in replica.scheduler.waiting), default=self.now_s)
+            wake_s = oldest_s + self.config.scheduler.batch_wait_timeout_s
+            if wake_s > self.now_s:
+                self._push(wake_s, "wake", replica)
+            return
+        duration_s = self.cost_model.step_time_s(plan)
+        replica.is_busy = True
+        replica.busy_s += duration_s
+        self._push(self.now_s + duration_s, "step_done", (replica, plan))
+
+
+def _filler_output(plan: StepPlan) -> StepOutput:
+    return StepOutput(plan.step_id, tuple(_FILLER_TOKEN for _ in plan.sampling_chunks))

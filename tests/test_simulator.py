@@ -1,0 +1,78 @@
+"""The simulator: Multi-Bin's closed form, and agreement with the real engine on this machine."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster.bench.metrics import summarize
+from cluster.bench.workload import sharegpt_requests
+from cluster.router import BinRouter
+from cluster.sim.cost_model import StepCostModel
+from cluster.sim.profile import run_measured
+from cluster.sim.simulator import ClusterSimulator, SimConfig, SimRequest
+from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from workers.llm import LLM
+
+UNIT_STEP = StepCostModel(base_s=1.0, prefill_token_s=0.0, decode_token_s=0.0, kv_token_s=0.0)
+
+
+def closed_form_batch_time(l_min: float, l_max: float, batch: int, bins: int) -> float:
+    """Multi-Bin batching: expected time of a static batch of B uniform lengths drawn from one of k
+    equal-mass bins."""
+    return l_min + (l_max - l_min) * ((bins - 1) / (2 * bins) + batch / (bins * (batch + 1)))
+
+
+@pytest.mark.parametrize("bins", [1, 2, 4, 8])
+def test_simulated_multibin_throughput_matches_the_closed_form(bins: int) -> None:
+    l_min, l_max, batch, num_requests = 0, 256, 8, 2048
+    edges = [l_min + (l_max - l_min) * i // bins for i in range(1, bins)]
+    rng = random.Random(bins)
+    # Stratified: every bin gets the same number of requests, a multiple of B, so no batch is partial.
+    lows = [l_min, *edges]
+    highs = [*edges, l_max]
+    lengths = [
+        rng.randint(lo + 1, hi)
+        for lo, hi in zip(lows, highs, strict=True)
+        for _ in range(num_requests // bins)
+    ]
+    rng.shuffle(lengths)
+    requests = [SimRequest(arrival_s=0.0, prompt_tokens=1, output_tokens=n) for n in lengths]
+    scheduler = SchedulerConfig(policy="static", max_num_seqs=batch, group_by_bin=True)
+    sim = ClusterSimulator(SimConfig(scheduler=scheduler), UNIT_STEP, BinRouter.build(edges, num_pools=1))
+    summary = summarize(sim.run(requests))
+    expected_rps = batch / closed_form_batch_time(l_min, l_max, batch, bins)
+    assert summary.requests_per_s == pytest.approx(expected_rps, rel=0.03)
+
+
+def test_simulator_routes_bins_to_pools_and_balances_replicas() -> None:
+    router = BinRouter.build([10, 100], num_pools=3)
+    sim = ClusterSimulator(SimConfig(num_replicas=6), UNIT_STEP, router)
+    requests = [SimRequest(0.0, 4, n) for n in (5, 50, 500) * 4]
+    metrics = sim.run(requests)
+    assert [m.bin_id for m in metrics] == [0, 1, 2] * 4
+    assert all(len(r.scheduler.requests) == 0 for r in sim.replicas)
+    assert [round(r.busy_s) > 0 for r in sim.replicas] == [True] * 6
+
+
+def test_simulator_agrees_with_the_real_engine(tiny_llama: str) -> None:
+    """Same workload, same policy: throughput and mean completion time within 10%. The cost model is
+    fitted to the real run's own step times, so this checks that the simulator schedules exactly as the
+    engine does and that a linear step-cost model captures this machine."""
+    config = EngineConfig(
+        ModelConfig(tiny_llama, max_model_len=512),
+        cache=CacheConfig(kv_cache_bytes=32 * 2**20),
+        scheduler=SchedulerConfig(chunk_size=64, max_num_seqs=16),
+    )
+    llm = LLM(config)
+    workload = sharegpt_requests(llm.tokenizer, 32, seed=5, max_prompt_tokens=128, max_output_tokens=48)
+    real = run_measured(llm.engine, workload)
+    cost_model = StepCostModel.fit(real.features, real.step_times_s)
+    sim = ClusterSimulator(
+        SimConfig(scheduler=config.scheduler, num_blocks=llm.runner.num_blocks), cost_model
+    )
+    simulated = sim.run([SimRequest(0.0, len(r.prompt_token_ids), r.output_tokens) for r in workload])
+    real_summary, sim_summary = summarize(real.metrics), summarize(simulated)
+    assert sim_summary.output_tokens_per_s == pytest.approx(real_summary.output_tokens_per_s, rel=0.10)
+    assert sim_summary.mean_jct_s == pytest.approx(real_summary.mean_jct_s, rel=0.10)
