@@ -7,10 +7,10 @@ import random
 import pytest
 
 from cluster.bench.metrics import summarize
+from cluster.bench.replay import replay
 from cluster.bench.workload import sharegpt_requests
 from cluster.router import BinRouter
 from cluster.sim.cost_model import StepCostModel
-from cluster.sim.profile import run_measured
 from cluster.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from workers.llm import LLM
@@ -67,7 +67,7 @@ def test_simulator_agrees_with_the_real_engine(tiny_llama: str) -> None:
     )
     llm = LLM(config)
     workload = sharegpt_requests(llm.tokenizer, 32, seed=5, max_prompt_tokens=128, max_output_tokens=48)
-    real = run_measured(llm.engine, workload)
+    real = replay(llm.engine, workload)
     cost_model = StepCostModel.fit(real.features, real.step_times_s)
     sim = ClusterSimulator(
         SimConfig(scheduler=config.scheduler, num_blocks=llm.runner.num_blocks), cost_model

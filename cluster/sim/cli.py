@@ -1,0 +1,96 @@
+"""``binserve profile`` and ``binserve simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from cluster.bench.workload import sharegpt_requests
+    from cluster.commands import engine_config_from_args
+    from cluster.sim.profile import profile_engine
+    from workers.checkpoint import load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    config = engine_config_from_args(args)
+    workload = sharegpt_requests(load_tokenizer(args.model), args.num_requests, seed=args.seed)
+    model = profile_engine(config, workload)
+    model.save(args.json)
+    print(json.dumps(model.__dict__, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from cluster.bench.metrics import summarize
+    from cluster.bench.workload import azure_requests, gamma_arrivals, sharegpt_requests, with_arrivals
+    from cluster.router import BinRouter
+    from cluster.sim.cost_model import StepCostModel
+    from cluster.sim.simulator import ClusterSimulator, SimConfig, SimRequest
+    from pipeline.config import SchedulerConfig
+
+    cost_model = StepCostModel.load(args.profile)
+    if args.workload == "sharegpt":
+        if not args.tokenizer:
+            raise ValueError("tokenizer: --tokenizer MODEL_DIR is required for the sharegpt workload")
+        from workers.checkpoint import load_tokenizer
+
+        workload = sharegpt_requests(load_tokenizer(args.tokenizer), args.num_requests, seed=args.seed)
+        workload = with_arrivals(workload, gamma_arrivals(len(workload), args.rate, args.cv, args.seed))
+    else:
+        workload = azure_requests(args.workload.removeprefix("azure-"), args.num_requests, args.time_scale)
+    lengths = sorted(r.output_tokens for r in workload)
+    edges = [
+        lengths[len(lengths) * i // args.num_bins] for i in range(1, args.num_bins)
+    ]  # equal mass, oracle
+    router = BinRouter.build(edges, num_pools=args.num_pools or args.num_bins)
+    scheduler = SchedulerConfig(
+        policy=args.policy,
+        chunk_size=args.chunk_size,
+        max_num_seqs=args.max_num_seqs,
+        queue_order=args.queue_order,
+        group_by_bin=args.policy in ("static", "dynamic"),
+    )
+    sim = ClusterSimulator(SimConfig(scheduler=scheduler, num_replicas=args.num_replicas), cost_model, router)
+    requests = [SimRequest(r.arrival_s, len(r.prompt_token_ids), r.output_tokens) for r in workload]
+    summary = summarize(sim.run(requests))
+    report = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "summary": summary.as_dict()}
+    print(json.dumps(summary.as_dict(), indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from cluster.commands import add_engine_args
+    from pipeline.config import QUEUE_ORDERS, SCHEDULER_POLICIES
+
+    p = subparsers.add_parser("profile", help="measure engine step times and fit the simulator's cost model")
+    add_engine_args(p)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", required=True, help="write the profile here")
+    p.set_defaults(func=cmd_profile)
+
+    p = subparsers.add_parser("simulate", help="simulate a cluster running binserve's scheduler and router")
+    p.add_argument("--profile", required=True, help="a step-cost profile (binserve profile)")
+    p.add_argument("--workload", choices=("sharegpt", "azure-code", "azure-conv"), default="sharegpt")
+    p.add_argument("--tokenizer", help="model directory whose tokenizer measures ShareGPT lengths")
+    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--rate", type=float, default=10.0, help="arrivals per second (sharegpt)")
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gaps; 1 is Poisson")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiplies Azure trace timestamps")
+    p.add_argument("--policy", choices=SCHEDULER_POLICIES, default="sarathi")
+    p.add_argument("--queue-order", choices=QUEUE_ORDERS, default="ssjf")
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--num-bins", type=int, default=1)
+    p.add_argument("--num-pools", type=int, default=None, help="default: one pool per bin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the report here")
+    p.set_defaults(func=cmd_simulate)
