@@ -138,3 +138,43 @@ def test_kv_pool_too_small_for_one_sequence_is_refused(tiny_llama: str) -> None:
         ValueError, match=r"kv cache: 2 blocks of 16 tokens hold 32 tokens, fewer than max_model_len"
     ):
         make_llm(tiny_llama, num_blocks=2, block_size=16)
+
+
+def test_mistral_sliding_window_linear_rope_and_multi_query(tmp_path) -> None:
+    """A Mistral checkpoint with a 12-token sliding window, linear RoPE scaling and one KV head: prompts
+    longer than the window, chunked at 8, still give transformers' greedy tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from workers.tiny_model import load_tiny_tokenizer
+
+    tokenizer = load_tiny_tokenizer()
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        sliding_window=12,
+        initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    )
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    llm = make_llm(str(tmp_path), chunk_size=8, kv_cache_bytes=8 * 2**20)
+    prompts = [
+        "The quick brown fox jumps over the lazy dog. " * 3,
+        "hi",
+        "one two three four five six seven eight nine",
+    ]
+    done = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+    for prompt, d in zip(prompts, done, strict=True):
+        ids = torch.tensor([llm.encode(prompt)])
+        out = reference.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, eos_token_id=None
+        )
+        assert list(d.completion.output_token_ids) == out[0, ids.shape[1] :].tolist()
