@@ -23,11 +23,12 @@ import collections
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from pipeline.engine import Engine, RequestOutput, Runner
-from pipeline.plan import StepOutput, StepPlan
+from pipeline.engine import Engine, PipelinedRunner, RequestOutput, SerialRunner
+from pipeline.plan import StepPlan
 from pipeline.request import SamplingParams
+
+__all__ = ["EngineDeadError", "EngineDriver", "PipelinedRunner", "QueueFullError", "SerialRunner"]
 
 
 class EngineDeadError(RuntimeError):
@@ -36,33 +37,6 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """Too many unfinished requests; try again later or elsewhere."""
-
-
-class PipelinedRunner(Protocol):
-    depth: int
-    """How many plans may be in flight at once (the number of pipeline stages)."""
-
-    def submit(self, plan: StepPlan) -> None:
-        """Start a plan without waiting for it."""
-
-    def collect(self) -> StepOutput:
-        """Wait for the oldest submitted plan's output (plans complete in submission order)."""
-
-
-class SerialRunner:
-    """Adapts a blocking ``Runner`` (one process, all layers) to the pipelined interface, depth 1."""
-
-    depth = 1
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-        self._pending: collections.deque[StepPlan] = collections.deque()
-
-    def submit(self, plan: StepPlan) -> None:
-        self._pending.append(plan)
-
-    def collect(self) -> StepOutput:
-        return self.runner.execute(self._pending.popleft())
 
 
 @dataclass(frozen=True)
@@ -207,19 +181,13 @@ class EngineDriver:
         try:
             while not self._stopping:
                 self._drain_intake()
-                while len(in_flight) < self.runner.depth:
-                    plan = self.engine.schedule()
-                    if plan.is_empty:
-                        break
-                    self.runner.submit(plan)
-                    in_flight.append(plan)
-                if not in_flight:
+                outputs = self.engine.advance(self.runner, in_flight)
+                if outputs is None:
                     # Idle, or a dynamic batch waiting for its timeout: sleep until new work or 1 ms.
                     self._wake.wait(timeout=0.001 if self.engine.has_unfinished else 0.1)
                     self._wake.clear()
                     continue
-                output = self.runner.collect()
-                self._dispatch(self.engine.complete(in_flight.popleft(), output))
+                self._dispatch(outputs)
         except BaseException as exc:  # noqa: BLE001 (any runner failure kills this replica)
             self.error = exc
             self._fail_all(EngineDeadError(f"engine failed: {type(exc).__name__}: {exc}"))

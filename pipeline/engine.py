@@ -7,12 +7,14 @@
             print(out.request_id, out.new_token_ids, out.finish_reason)
 
 Pure Python: the runner (a model on a device, a pipeline of stage actors, or a fake in tests) is
-injected. ``step`` is ``schedule`` + ``runner.execute`` + ``complete``; a pipeline driver calls the two
-halves itself to keep several micro-batches in flight.
+injected. ``step`` is ``schedule`` + ``runner.execute`` + ``complete``. ``advance`` is the one loop turn
+that keeps ``runner.depth`` micro-batches in flight on a ``PipelinedRunner`` (a pipeline of stage
+actors); ``generate`` and the serving driver both run on it.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,33 @@ from pipeline.scheduler import Scheduler
 
 class Runner(Protocol):
     def execute(self, plan: StepPlan) -> StepOutput: ...
+
+
+class PipelinedRunner(Protocol):
+    depth: int
+    """How many plans may be in flight at once (the number of pipeline stages)."""
+
+    def submit(self, plan: StepPlan) -> None:
+        """Start a plan without waiting for it."""
+
+    def collect(self) -> StepOutput:
+        """Wait for the oldest submitted plan's output (plans complete in submission order)."""
+
+
+class SerialRunner:
+    """Adapts a blocking ``Runner`` (one process, all layers) to the pipelined interface, depth 1."""
+
+    depth = 1
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self._pending: collections.deque[StepPlan] = collections.deque()
+
+    def submit(self, plan: StepPlan) -> None:
+        self._pending.append(plan)
+
+    def collect(self) -> StepOutput:
+        return self.runner.execute(self._pending.popleft())
 
 
 @dataclass(frozen=True)
@@ -201,25 +230,46 @@ class Engine:
             return []
         return self.complete(plan, self.runner.execute(plan))
 
+    def advance(
+        self, runner: PipelinedRunner, in_flight: collections.deque[StepPlan]
+    ) -> list[RequestOutput] | None:
+        """One turn of the pipelined loop: top ``in_flight`` up to ``runner.depth`` plans, then wait for
+        the oldest and apply its tokens. None when nothing is in flight (no work, or a batch waiting).
+
+        New plans are scheduled while the runner works on the older ones; the scheduler keeps each
+        request in at most one in-flight plan."""
+        while len(in_flight) < runner.depth:
+            plan = self.schedule()
+            if plan.is_empty:
+                break
+            runner.submit(plan)
+            in_flight.append(plan)
+        if not in_flight:
+            return None
+        return self.complete(in_flight.popleft(), runner.collect())
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams],
         predicted_output_tokens: Sequence[int | None] | None = None,
+        runner: PipelinedRunner | None = None,
     ) -> list[Completion]:
-        """Run prompts to completion together (offline use); results in prompt order."""
+        """Run prompts to completion together (offline use); results in prompt order. With a pipelined
+        ``runner`` (the engine's own runner, in pipelined form) ``runner.depth`` plans are in flight."""
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         predictions = list(predicted_output_tokens or [None] * len(prompts))
         requests = [
             self.add_request(f"generate-{id(self)}-{i}", prompt, p, predicted_output_tokens=pred)
             for i, (prompt, p, pred) in enumerate(zip(prompts, params_list, predictions, strict=True))
         ]
+        runner = runner or SerialRunner(self.runner)
+        in_flight: collections.deque[StepPlan] = collections.deque()
         while any(not r.is_finished for r in requests):
-            plan = self.schedule()
-            if plan.is_empty:
+            if self.advance(runner, in_flight) is None:
                 time.sleep(0.0005)  # e.g. dynamic batching waiting for its timeout
-                continue
-            self.complete(plan, self.runner.execute(plan))
+        while in_flight:  # plans of requests other callers added: apply them, leave nothing on the runner
+            self.complete(in_flight.popleft(), runner.collect())
         return [
             Completion(
                 request_id=r.request_id,

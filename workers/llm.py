@@ -3,6 +3,9 @@
 llm = LLM(EngineConfig(ModelConfig("/tmp/tiny")))
 [done] = llm.generate(["Hello"], SamplingParams(max_tokens=16))
 print(done.text, done.finish_reason)
+
+With ``ParallelConfig(pp_size=N)``, N > 1, the model runs as a pipeline of N stage actors (Ray is
+started here if it is not up) with N micro-batches in flight; ``shutdown()`` ends them.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.config import EngineConfig
-from pipeline.engine import Completion, Engine, Runner
+from pipeline.engine import Completion, Engine, PipelinedRunner, Runner, SerialRunner
 from pipeline.request import SamplingParams
 from pipeline.scheduler import Scheduler
 from workers.checkpoint import eos_token_ids, load_config, load_tokenizer
+from workers.pipeline_runner import PipelineRunner, build_pipeline_runner
 from workers.runner import ModelRunner
 
 
@@ -45,11 +49,18 @@ class TextCompletion:
 
 
 class LLM:
-    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | PipelineRunner | None = None) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.model_dir)
-        self.runner = runner or ModelRunner(config.model, config.cache)
-        self.engine = build_engine(config, self.runner, self.runner.num_blocks, self.runner.vocab_size)
+        if runner is None:
+            is_pipeline = config.parallel.pp_size > 1
+            runner = build_pipeline_runner(config) if is_pipeline else ModelRunner(config.model, config.cache)
+        self.runner = runner
+        self.engine = build_engine(config, runner, runner.num_blocks, runner.vocab_size)
+        # generate() keeps runner.depth plans in flight: pp_size micro-batches through a pipeline.
+        self._pipelined: PipelinedRunner = (
+            runner if isinstance(runner, PipelineRunner) else SerialRunner(runner)
+        )
 
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt:
@@ -63,5 +74,10 @@ class LLM:
         self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[TextCompletion]:
         token_ids = [self.encode(p) for p in prompts]
-        done = self.engine.generate(token_ids, params)
+        done = self.engine.generate(token_ids, params, runner=self._pipelined)
         return [TextCompletion(self.decode(c.output_token_ids), c) for c in done]
+
+    def shutdown(self) -> None:
+        """End the stage actors of a pipelined LLM (a no-op for one process)."""
+        if isinstance(self.runner, PipelineRunner):
+            self.runner.shutdown()

@@ -27,20 +27,29 @@ def load_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Write config.json, model.safetensors and the tokenizer files to ``out_dir``; return it."""
+def make_tiny_model(
+    out_dir: str | Path, arch: str = "llama", seed: int = 0, hidden_size: int = 128, num_layers: int = 4
+) -> Path:
+    """Write config.json, model.safetensors and the tokenizer files to ``out_dir``; return it.
+
+    The defaults are the tiny test model; larger sizes (benchmarks) keep its shape: 32-wide heads,
+    two query heads per KV head, an MLP three times the hidden size."""
     if arch not in ARCHES:
         raise ValueError(f"arch: must be one of {', '.join(ARCHES)}, got {arch!r}")
+    if hidden_size < 64 or hidden_size % 64:
+        raise ValueError(f"hidden_size: must be a positive multiple of 64, got {hidden_size}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers: must be >= 1, got {num_layers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tiny_tokenizer()
     common = dict(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in the real models of this family
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 64,  # grouped-query attention, as in the real models
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         # A wide init keeps the random model's logits well apart, so greedy decoding has no near-ties
