@@ -29,6 +29,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads (CPU)")
+    parser.add_argument(
+        "--pp", type=_positive_int, default=1, help="pipeline stages (Ray actors, a GPU each)"
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
@@ -40,7 +43,7 @@ def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
         scheduler=SchedulerConfig(
             policy=args.policy, chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs
         ),
-        parallel=ParallelConfig(torch_threads=args.threads),
+        parallel=ParallelConfig(pp_size=args.pp, torch_threads=args.threads),
     )
 
 
@@ -121,6 +124,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from cluster.bench.experiments import cli as experiments_cli
+
     p = subparsers.add_parser("make-tiny-model", help="write a small seeded random-weights checkpoint")
     p.add_argument("dir", help="output directory")
     p.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
@@ -141,6 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     bench = subparsers.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    experiments_cli.register(bench_sub)
     p = bench_sub.add_parser(
         "offline", help="this engine vs transformers' generate_batch on ShareGPT lengths"
     )
@@ -153,6 +159,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-hf", action="store_true", help="run only this engine")
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_offline)
+    from cluster.bench import pipeline as pipeline_bench
+
+    pipeline_bench.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
     p.add_argument("--model-dir", default=".models/tiny-llama", help="tiny checkpoint (written if missing)")

@@ -76,3 +76,21 @@ def test_simulator_agrees_with_the_real_engine(tiny_llama: str) -> None:
     real_summary, sim_summary = summarize(real.metrics), summarize(simulated)
     assert sim_summary.output_tokens_per_s == pytest.approx(real_summary.output_tokens_per_s, rel=0.10)
     assert sim_summary.mean_jct_s == pytest.approx(real_summary.mean_jct_s, rel=0.10)
+
+
+def test_replicas_are_split_over_pools_by_work() -> None:
+    from cluster.sim.simulator import replicas_per_pool
+
+    assert replicas_per_pool(16, [1, 1, 1, 1]) == (4, 4, 4, 4)
+    assert replicas_per_pool(16, [1, 2, 4, 9]) == (2, 2, 4, 8)  # one each, then 12 by weight
+    assert replicas_per_pool(4, [100, 1, 1, 1]) == (1, 1, 1, 1)
+    assert sum(replicas_per_pool(16, [0.3, 0.3, 0.4])) == 16
+    with pytest.raises(ValueError, match="num_replicas"):
+        replicas_per_pool(2, [1, 1, 1])
+
+
+def test_a_burst_forms_one_static_batch() -> None:
+    scheduler = SchedulerConfig(policy="static", max_num_seqs=4)
+    sim = ClusterSimulator(SimConfig(scheduler=scheduler), UNIT_STEP)
+    metrics = sim.run([SimRequest(0.0, 1, 5) for _ in range(4)])
+    assert {m.admitted_s for m in metrics} == {0.0}

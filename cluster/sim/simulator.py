@@ -45,7 +45,10 @@ class SimRequest:
 class SimConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_replicas: int = 1
-    """Engine replicas in the whole cluster, spread evenly over the router's pools."""
+    """Engine replicas in the whole cluster, split over the router's pools by ``pool_weights``."""
+    pool_weights: tuple[float, ...] | None = None
+    """Relative work of each pool (e.g. its bins' predicted output tokens); None splits evenly. Equal-mass
+    bins hold equal numbers of requests, not equal work, so even pools leave the long bins' pool short."""
     num_blocks: int = 100_000
     block_size: int = 16
     max_model_len: int = 1 << 20
@@ -54,6 +57,25 @@ class SimConfig:
         check_range("num_replicas", self.num_replicas, 1)
         check_range("num_blocks", self.num_blocks, 1)
         check_range("block_size", self.block_size, 1)
+        if self.pool_weights is not None and (not self.pool_weights or min(self.pool_weights) <= 0):
+            raise ValueError(f"pool_weights: must be positive numbers, got {self.pool_weights}")
+
+
+def replicas_per_pool(num_replicas: int, weights: Sequence[float]) -> tuple[int, ...]:
+    """Split ``num_replicas`` over pools in proportion to ``weights``, at least one each (largest
+    remainders get the spare replicas)."""
+    if num_replicas < len(weights):
+        raise ValueError(
+            f"num_replicas: must be at least the number of pools ({len(weights)}), got {num_replicas}"
+        )
+    spare = num_replicas - len(weights)
+    total = sum(weights)
+    shares = [spare * w / total for w in weights]
+    counts = [1 + int(share) for share in shares]
+    by_remainder = sorted(range(len(weights)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
+    for i in by_remainder[: num_replicas - sum(counts)]:
+        counts[i] += 1
+    return tuple(counts)
 
 
 class _Replica:
@@ -70,16 +92,13 @@ class ClusterSimulator:
         self.config = config
         self.cost_model = cost_model
         self.router = router or BinRouter.build([])
-        if config.num_replicas < self.router.num_pools:
-            raise ValueError(
-                f"num_replicas: must be at least the number of pools ({self.router.num_pools}), "
-                f"got {config.num_replicas}"
-            )
-        self.replicas = [_Replica(config) for _ in range(config.num_replicas)]
-        # Replicas are dealt to pools round-robin, so pool sizes differ by at most one.
-        self.pools: list[list[_Replica]] = [[] for _ in range(self.router.num_pools)]
-        for i, replica in enumerate(self.replicas):
-            self.pools[i % self.router.num_pools].append(replica)
+        weights = config.pool_weights or (1.0,) * self.router.num_pools
+        if len(weights) != self.router.num_pools:
+            raise ValueError(f"pool_weights: need one per pool ({self.router.num_pools}), got {len(weights)}")
+        self.pools = [
+            [_Replica(config) for _ in range(n)] for n in replicas_per_pool(config.num_replicas, weights)
+        ]
+        self.replicas = [replica for pool in self.pools for replica in pool]
         self.now_s = 0.0
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = itertools.count()
@@ -105,7 +124,7 @@ class ClusterSimulator:
                 replica.scheduler.update(plan, _filler_output(plan), self.now_s)
                 replica.is_busy = False
                 self._start_step(replica)
-            else:  # "wake": a dynamic batch's timeout may have expired
+            else:  # "wake": new arrivals, or a dynamic batch's timeout may have expired
                 self._start_step(payload)
         return [RequestMetrics.of(by_request[i]) for i in range(len(requests)) if by_request[i].is_finished]
 
@@ -123,7 +142,9 @@ class ClusterSimulator:
             bin_id=route.bin_id,
         )
         replica.scheduler.add(request)
-        self._start_step(replica)
+        # Start the replica after every arrival of this instant is queued (a later sequence number at the
+        # same time), so a burst forms one batch rather than a batch of the first arrival alone.
+        self._push(self.now_s, "wake", replica)
         return request
 
     def _start_step(self, replica: _Replica) -> None:

@@ -1,0 +1,187 @@
+"""Run the experiments and write ``docs/RESULTS.md``: one section per experiment, each a table and a plot.
+
+    binserve bench report                      # every experiment, then the report
+    binserve bench report --render-only        # the report from the JSON already in docs/results
+
+Each experiment module has ``TITLE``, ``Params``, ``SIZES`` (``full`` for the report, ``smoke`` to try
+the code), ``run(params, predictor) -> dict``, ``render(result) -> str`` and ``plot(result, path)``.
+Results are plain JSON (``docs/results/<name>.json``) so the report can be re-rendered without rerunning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from tqdm import tqdm
+
+from cluster.bench.experiments import hf, multibin, pipeline_bubbles, sarathi, scale, ssjf
+from cluster.bench.experiments.harness import (
+    DEFAULT_REPORT,
+    DEFAULT_RESULTS_DIR,
+    PredictorChoice,
+    fmt,
+    load_predictor,
+    markdown_table,
+    run_meta,
+    write_json,
+)
+
+EXPERIMENTS: dict[str, ModuleType] = {
+    "ssjf": ssjf,
+    "multibin": multibin,
+    "sarathi": sarathi,
+    "pipeline": pipeline_bubbles,
+    "hf": hf,
+    "scale": scale,
+}
+USES_PREDICTOR = ("ssjf", "multibin", "scale")
+
+
+def params_for(name: str, size: str, model_dir: str | None = None, overrides: Sequence[str] = ()) -> Any:
+    """The experiment's parameters at ``size``, with ``--model`` and ``--set FIELD=VALUE`` applied."""
+    module = EXPERIMENTS[name]
+    if size not in module.SIZES:
+        raise ValueError(f"size: must be one of {', '.join(module.SIZES)}, got {size!r}")
+    params = module.SIZES[size]
+    names = {f.name for f in dataclasses.fields(params)}
+    if model_dir is not None and "model_dir" in names:
+        params = dataclasses.replace(params, model_dir=model_dir)
+    if model_dir is not None and "tokenizer_dir" in names:
+        params = dataclasses.replace(params, tokenizer_dir=model_dir)
+    for override in overrides:
+        field_name, _, text = override.partition("=")
+        if field_name not in names or not text:
+            raise ValueError(
+                f"--set: expected FIELD=VALUE with FIELD one of {', '.join(sorted(names))}, got {override!r}"
+            )
+        params = dataclasses.replace(
+            params, **{field_name: _parse_like(getattr(params, field_name), text, field_name)}
+        )
+    return params
+
+
+def _parse_like(current: Any, text: str, field_name: str) -> Any:
+    """Parse ``text`` as the type of the field's current value (``none`` clears an optional number)."""
+    if text.lower() == "none":
+        return None
+    try:
+        if isinstance(current, bool):
+            return text.lower() in ("1", "true", "yes")
+        if isinstance(current, tuple) and all(isinstance(v, int) for v in current):
+            return tuple(int(v) for v in text.split(","))
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float) or current is None:
+            return float(text)
+        if isinstance(current, str):
+            return text
+    except ValueError as exc:
+        raise ValueError(f"--set {field_name}: cannot parse {text!r} as {type(current).__name__}") from exc
+    raise ValueError(f"--set {field_name}: this field cannot be set from the command line")
+
+
+def run_experiment(
+    name: str, params: Any, predictor: PredictorChoice, json_path: str | Path, command: str
+) -> dict[str, Any]:
+    """Run one experiment; write its JSON and, beside it, its plot (same name, ``.png``)."""
+    module = EXPERIMENTS[name]
+    start_s = time.perf_counter()
+    result = module.run(params, predictor)
+    result["meta"] = run_meta(command, time.perf_counter() - start_s)
+    json_path = Path(json_path)
+    write_json(json_path, result)
+    module.plot(result, str(json_path.with_suffix(".png")))
+    return result
+
+
+def run_all(
+    names: Sequence[str],
+    size: str,
+    results_dir: str | Path,
+    command: str,
+    model_dir: str | None = None,
+    predictor_dir: str | None = None,
+) -> list[dict[str, Any]]:
+    uses_predictor = any(n in USES_PREDICTOR for n in names)
+    predictor = load_predictor(predictor_dir) if uses_predictor else PredictorChoice(None, "")
+    results = []
+    for name in tqdm(names, desc="bench report", unit="experiment"):
+        path = Path(results_dir) / f"{name}.json"
+        results.append(run_experiment(name, params_for(name, size, model_dir), predictor, path, command))
+        tqdm.write(f"{name}: {results[-1]['meta']['duration_s']:.0f} s, wrote {path}")
+    return results
+
+
+def load_results(results_dir: str | Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    for name in EXPERIMENTS:
+        path = Path(results_dir) / f"{name}.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def render_report(
+    results: dict[str, dict[str, Any]], results_dir: str | Path, report_path: str | Path
+) -> str:
+    """The whole RESULTS.md text; plot links are relative to the report's folder."""
+    report_dir = Path(report_path).resolve().parent
+    lines = [
+        "# Results: SSJF, Multi-Bin batching and SARATHI on binserve",
+        "",
+        "Generated by `binserve bench report` (`cluster/bench/experiments/`); do not edit by hand. Real runs "
+        "are the real engine on the repository's tiny seeded Llama (`.models/tiny-llama`) on this CPU, with "
+        "output lengths forced (EOS ignored); the tiny model is random, so only the *relative* figures "
+        "between policies carry over to real models. Simulated runs use the project's own scheduler and "
+        "router under a step-cost model. Each table names its machine, date and command.",
+        "",
+        "## Targets",
+        "",
+        _targets_table(results),
+    ]
+    for number, (name, module) in enumerate(EXPERIMENTS.items(), start=1):
+        lines += ["", f"## {number}. {module.TITLE}", ""]
+        result = results.get(name)
+        if result is None:
+            lines.append(f"Not run yet: `binserve bench exp {name}`.")
+            continue
+        lines.append(module.render(result))
+        png = Path(results_dir).resolve() / f"{name}.png"
+        if png.is_file():
+            lines += ["", f"![{module.TITLE}]({_relative(png, report_dir)})"]
+    return "\n".join(lines) + "\n"
+
+
+def _targets_table(results: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for name, result in results.items():
+        for t in result.get("targets", []):
+            verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
+            value = fmt(t["value"]) if t["value"] is not None else "–"
+            rows.append([name, t["target"], value, verdict])
+    if not rows:
+        return "No experiment with a target has been run."
+    return markdown_table(["experiment", "target", "reached", "verdict"], rows)
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return str(path.relative_to(start))
+    except ValueError:
+        return str(path)
+
+
+def write_report(
+    results_dir: str | Path = DEFAULT_RESULTS_DIR, report_path: str | Path = DEFAULT_REPORT
+) -> Path:
+    text = render_report(load_results(results_dir), results_dir, report_path)
+    report_path = Path(report_path)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(text)
+    return report_path
