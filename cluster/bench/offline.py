@@ -69,9 +69,8 @@ def _run_hf(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
         ) as manager,
         tqdm(total=len(requests), desc="transformers CB", unit="req") as bar,
     ):
-        start_s = (
-            time.perf_counter()
-        )  # after the manager's set-up, as the engine's clock starts after loading
+        # The clock starts after the manager's set-up, as the engine's starts after loading.
+        start_s = time.perf_counter()
         for i, r in enumerate(requests):
             manager.add_request(
                 list(r.prompt_token_ids), request_id=str(i), max_new_tokens=r.output_tokens, eos_token_id=-1
