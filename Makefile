@@ -26,5 +26,8 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
+proto: $(STAMP)
+	$(PY) -m proto.binserve.v1.codegen
+
 clean:
 	rm -rf $(VENV) .models .pytest_cache .ruff_cache

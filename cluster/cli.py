@@ -16,11 +16,11 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 
 
 def _registrars() -> list[Registrar]:
-    from cluster import commands
+    from cluster import commands, serve_cli
     from cluster.predictor import cli as predictor_cli
     from cluster.sim import cli as sim_cli
 
-    return [commands.register, predictor_cli.register, sim_cli.register]
+    return [commands.register, predictor_cli.register, sim_cli.register, serve_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

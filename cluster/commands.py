@@ -124,6 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from cluster.bench import serve as bench_serve
     from cluster.bench.experiments import cli as experiments_cli
 
     p = subparsers.add_parser("make-tiny-model", help="write a small seeded random-weights checkpoint")
@@ -162,6 +163,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from cluster.bench import pipeline as pipeline_bench
 
     pipeline_bench.register(bench_sub)
+    bench_serve.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
     p.add_argument("--model-dir", default=".models/tiny-llama", help="tiny checkpoint (written if missing)")

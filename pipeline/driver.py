@@ -98,7 +98,8 @@ class EngineDriver:
         total = 0
         for request in list(self.engine.scheduler.requests.values()):
             predicted = request.predicted_output_tokens or request.params.max_tokens
-            total += max(0, predicted - request.num_output_tokens)
+            # A request that outlives its prediction still holds a slot: count at least one token.
+            total += max(1, predicted - request.num_output_tokens)
         return total
 
     # ---- callers (any asyncio loop) -------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""The Serve application: a gRPC ingress, the global length predictor and one engine pool per bin group.
+
+A Serve config names it by import path and passes ``args`` (parsed by ``cluster.config.AppConfig``):
+
+    applications:
+      - name: binserve
+        import_path: cluster.app:build_app
+        args: {model: {model_dir: .models/tiny-llama}, router: {num_bins: 2}, parallel: {pp_size: 2}}
+
+The gRPC proxy itself is Serve's, configured in the same file (``grpc_options``; see ``deploy/``).
+Deployment names are fixed so operators and tests can reach them: ``ingress``, ``length-predictor`` and
+``engine-pool-0 .. engine-pool-{num_pools-1}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from cluster.config import AppConfig, PoolConfig
+from cluster.engine_pool import EnginePool, replica_placement
+from cluster.ingress import GenerationIngress
+from cluster.predictor_deployment import LengthPredictorDeployment
+from pipeline.config import EngineConfig
+
+INGRESS_NAME = "ingress"
+PREDICTOR_NAME = "length-predictor"
+SERVICER_FUNCTION = "proto.binserve.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+"""What Serve's ``grpc_options.grpc_servicer_functions`` must list for this application."""
+AUTOSCALING_POLICY = "cluster.autoscaling:PredictedTokensPolicy"
+
+
+def pool_name(pool_id: int) -> str:
+    return f"engine-pool-{pool_id}"
+
+
+def pool_options(engine: EngineConfig, pools: PoolConfig) -> dict[str, Any]:
+    """Serve deployment options for one engine pool (every pool is configured alike)."""
+    options: dict[str, Any] = {
+        **replica_placement(engine, pools.num_cpus, pools.num_gpus),
+        # The engine's SSJF queue must hold the waiting requests, not Serve's FIFO in front of it: admit
+        # one more call than the engine queues, so a full queue answers QueueFullError (RESOURCE_EXHAUSTED).
+        "max_ongoing_requests": pools.max_queued_requests + 1,
+        # Bursts beyond that wait briefly in each caller's handle, up to a bound; past it, BackPressureError
+        # (RESOURCE_EXHAUSTED) sheds load rather than queueing without limit.
+        "max_queued_requests": pools.max_queued_requests,
+        "health_check_period_s": 10.0,
+        "graceful_shutdown_timeout_s": 20.0,
+    }
+    if pools.is_autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": pools.min_replicas,
+            "max_replicas": pools.max_replicas,
+            "initial_replicas": max(1, pools.min_replicas),
+            "upscale_delay_s": pools.upscale_delay_s,
+            "downscale_delay_s": pools.downscale_delay_s,
+            "look_back_period_s": pools.look_back_period_s,
+            # How often replicas push their reports (Serve's default, 10 s, is slow for LLM bursts).
+            "metrics_interval_s": pools.look_back_period_s / 4,
+            "policy": {
+                "policy_function": AUTOSCALING_POLICY,
+                "policy_kwargs": {"target_outstanding_tokens": pools.target_outstanding_tokens},
+            },
+        }
+    else:
+        options["num_replicas"] = pools.min_replicas
+    return options
+
+
+def build_application(config: AppConfig, predictor: Application | None = None) -> Application:
+    """The application for ``config``. ``predictor`` replaces the length predictor deployment: any bound
+    deployment with ``predict(prompt) -> int`` and ``bin_boundaries(num_bins) -> list[int]``."""
+    if predictor is None:
+        predictor = LengthPredictorDeployment.options(
+            name=PREDICTOR_NAME,
+            num_replicas=config.predictor.num_replicas,
+            ray_actor_options={"num_cpus": config.predictor.num_cpus},
+            max_ongoing_requests=4 * config.predictor.max_batch_size,
+        ).bind(config.predictor)
+    pools = [
+        EnginePool.options(name=pool_name(pool_id), **pool_options(config.engine, config.pools)).bind(
+            config.engine, pool_id, config.pools.max_queued_requests
+        )
+        for pool_id in range(config.router.resolved_num_pools)
+    ]
+    return GenerationIngress.options(
+        name=INGRESS_NAME,
+        num_replicas=config.ingress.num_replicas,
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+    ).bind(config, predictor, pools)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's application builder: ``import_path: cluster.app:build_app`` with ``args``."""
+    return build_application(AppConfig.from_args(args))

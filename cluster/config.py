@@ -1,0 +1,223 @@
+"""The serving application's configuration: the YAML ``args`` parsed into frozen dataclasses, checked here.
+
+    config = AppConfig.from_args({"model": {"model_dir": ".models/tiny-llama"}, "router": {"num_bins": 2}})
+
+``args`` has one section per concern; the engine's sections are ``pipeline.config``'s own dataclasses:
+
+    model:     ModelConfig      model_dir (required), dtype, device, max_model_len
+    cache:     CacheConfig      block_size, kv_cache_bytes, gpu_memory_fraction, num_blocks
+    scheduler: SchedulerConfig  policy, chunk_size (the token budget), max_num_seqs, queue_order (ssjf here)
+    parallel:  ParallelConfig   pp_size, torch_threads
+    router:    RouterConfig     num_bins, num_pools
+    predictor: PredictorConfig  path, max_batch_size, batch_wait_timeout_s, num_cpus
+    pools:     PoolConfig       replicas and autoscaling bounds, queue limit, resources (each pool)
+    ingress:   IngressConfig    request limits, replicas, resources
+
+A wrong field is a ``ValueError`` naming it with its section (``scheduler.chunk_size: must be in [1, inf],
+got 0``); an unknown field names the known ones. No ray or torch imports: the CLI and tests use this alone.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
+
+from pipeline.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    check_range,
+)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    num_bins: int = 2
+    """Equal-mass bins of predicted output length (Multi-Bin batching); boundaries come from the predictor."""
+    num_pools: int | None = None
+    """Engine pools the bins are spread over, contiguous bins per pool; default one pool per bin."""
+
+    def __post_init__(self) -> None:
+        check_range("num_bins", self.num_bins, 1, 64)
+        if self.num_pools is not None:
+            check_range("num_pools", self.num_pools, 1, self.num_bins)
+
+    @property
+    def resolved_num_pools(self) -> int:
+        return self.num_pools or self.num_bins
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    path: str | None = None
+    """A trained predictor directory; ``None`` loads the default predictor shipped in the repository."""
+    max_batch_size: int = 32
+    """Most prompts predicted in one call; concurrent requests are batched up to this."""
+    batch_wait_timeout_s: float = 0.005
+    """How long the first prompt of a batch waits for company."""
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not self.path:
+            raise ValueError("path: must name a predictor directory or be null for the default")
+        check_range("max_batch_size", self.max_batch_size, 1, 4096)
+        check_range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 10.0)
+        check_range("num_replicas", self.num_replicas, 1)
+        check_range("num_cpus", self.num_cpus, 0.0)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Every engine pool's replicas: each replica owns one engine (``pp_size`` stages)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    """Autoscaling bounds; equal bounds mean a fixed number of replicas and no autoscaling."""
+    target_outstanding_tokens: int = 8192
+    """Autoscaling target: predicted output tokens still to generate per replica (queued plus running)."""
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+    look_back_period_s: float = 10.0
+    """Window over which each replica's reports are averaged."""
+    max_queued_requests: int = 256
+    """Unfinished requests one replica holds (its SSJF queue plus its running batch); more are refused
+    with RESOURCE_EXHAUSTED."""
+    num_cpus: float = 1.0
+    """CPUs of each replica actor: it runs the model when ``pp_size`` is 1, only the scheduler loop
+    otherwise (each stage actor then reserves its own: a GPU, or ``torch_threads`` CPUs)."""
+    num_gpus: float = 0.0
+    """GPUs of each replica actor when ``pp_size`` is 1 (1 on GPU hosts); unused with pipeline stages."""
+
+    def __post_init__(self) -> None:
+        check_range("min_replicas", self.min_replicas, 0)
+        check_range("max_replicas", self.max_replicas, max(1, self.min_replicas))
+        check_range("target_outstanding_tokens", self.target_outstanding_tokens, 1)
+        check_range("upscale_delay_s", self.upscale_delay_s, 0.0)
+        check_range("downscale_delay_s", self.downscale_delay_s, 0.0)
+        check_range("look_back_period_s", self.look_back_period_s, 0.1)
+        check_range("max_queued_requests", self.max_queued_requests, 1)
+        check_range("num_cpus", self.num_cpus, 0.0)
+        check_range("num_gpus", self.num_gpus, 0.0)
+
+    @property
+    def is_autoscaling(self) -> bool:
+        return self.min_replicas != self.max_replicas
+
+
+@dataclass(frozen=True)
+class IngressConfig:
+    max_output_tokens: int = 4096
+    """Largest ``max_tokens`` a request may ask for."""
+    max_stop_strings: int = 16
+    """Most ``stop`` strings per request."""
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+    max_ongoing_requests: int = 2048
+    """Concurrent calls one ingress replica accepts; more wait in the proxy."""
+
+    def __post_init__(self) -> None:
+        check_range("max_output_tokens", self.max_output_tokens, 1)
+        check_range("max_stop_strings", self.max_stop_strings, 0)
+        check_range("num_replicas", self.num_replicas, 1)
+        check_range("num_cpus", self.num_cpus, 0.0)
+        check_range("max_ongoing_requests", self.max_ongoing_requests, 1)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    engine: EngineConfig
+    router: RouterConfig = field(default_factory=RouterConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    pools: PoolConfig = field(default_factory=PoolConfig)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None) -> AppConfig:
+        """Parse a Serve application's ``args`` (see the module docstring)."""
+        args = _mapping("args", args)
+        sections = ("model", "cache", "scheduler", "parallel", "router", "predictor", "pools", "ingress")
+        _reject_unknown("args", args, sections)
+        if "model" not in args:
+            raise ValueError("args.model: required (a section with at least model_dir)")
+        engine = EngineConfig(
+            model=_parse(ModelConfig, args.get("model"), "model"),
+            cache=_parse(CacheConfig, args.get("cache"), "cache"),
+            # The served system orders each replica's queue shortest-predicted-job first.
+            scheduler=_parse(SchedulerConfig, args.get("scheduler"), "scheduler", {"queue_order": "ssjf"}),
+            parallel=_parse(ParallelConfig, args.get("parallel"), "parallel"),
+        )
+        return cls(
+            engine=engine,
+            router=_parse(RouterConfig, args.get("router"), "router"),
+            predictor=_parse(PredictorConfig, args.get("predictor"), "predictor"),
+            pools=_parse(PoolConfig, args.get("pools"), "pools"),
+            ingress=_parse(IngressConfig, args.get("ingress"), "ingress"),
+        )
+
+    def __post_init__(self) -> None:
+        if self.engine.parallel.pp_size > 1 and self.pools.num_cpus <= 0:
+            raise ValueError(
+                f"pools.num_cpus: must be > 0 with parallel.pp_size {self.engine.parallel.pp_size} "
+                "(it sizes the replica's own placement bundle), got 0"
+            )
+
+
+# ---- parsing ------------------------------------------------------------------------------------------
+
+
+def _mapping(path: str, data: object) -> Mapping[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _reject_unknown(path: str, data: Mapping[str, Any], known: typing.Collection[str]) -> None:
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{path}.{unknown[0]}: unknown field; known fields: {', '.join(sorted(known))}")
+
+
+def _parse(cls: type, data: object, path: str, defaults: Mapping[str, Any] | None = None) -> Any:
+    """Build dataclass ``cls`` from a YAML mapping, checking names and types; its ``__post_init__``
+    checks ranges, and its messages (``field: ...``) get the section prefixed."""
+    data = _mapping(path, data)
+    init_fields = [f for f in fields(cls) if f.init]
+    _reject_unknown(path, data, [f.name for f in init_fields])
+    hints = typing.get_type_hints(cls)
+    for f in init_fields:
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in data:
+            raise ValueError(f"{path}.{f.name}: required")
+    kwargs = {**(defaults or {})}
+    kwargs.update({name: _check_type(f"{path}.{name}", value, hints[name]) for name, value in data.items()})
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{path}.{exc}") from None
+
+
+def _check_type(path: str, value: object, hint: Any) -> object:
+    origin, type_args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in type_args:
+            return None
+        [hint] = [a for a in type_args if a is not type(None)]
+        origin = typing.get_origin(hint)
+    if origin is Literal:
+        hint = str  # the dataclass checks the choice and lists the allowed values
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    raise ValueError(
+        f"{path}: must be {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}"
+    )

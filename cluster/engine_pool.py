@@ -1,0 +1,166 @@
+"""An engine pool: a Serve deployment whose replicas each own one engine and stream its tokens back.
+
+    pool = EnginePool.options(name="engine-pool-0").bind(engine_config, pool_id=0, max_queued_requests=256)
+    async for out in handle.options(stream=True).generate.remote(EngineRequest(...)):   # RequestOutput
+        ...
+
+The ingress sends every request of a bin to the pool serving that bin. Inside a replica the engine's
+scheduler orders its waiting queue shortest-predicted-job first (``SchedulerConfig.queue_order="ssjf"``)
+and batches with SARATHI's chunked prefills. So that queue really is the replica's queue, the replica
+accepts up to ``max_queued_requests`` concurrent calls (Serve's ``max_ongoing_requests``) rather than
+leaving them in Serve's FIFO in front of it.
+
+Cancelling a call (a cancelled gRPC stream, an expired deadline) cancels ``generate`` here, which aborts
+the request in the engine and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
+from pipeline.config import EngineConfig
+from pipeline.driver import EngineDriver
+from pipeline.engine import PipelinedRunner, RequestOutput, SerialRunner
+from pipeline.request import SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What the ingress hands a replica: a validated, tokenized, routed request."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    predicted_output_tokens: int
+    bin_id: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """One replica's state, for tests, the demo and operators."""
+
+    pool_id: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_unfinished_requests: int
+    outstanding_predicted_tokens: int
+    num_requests_by_bin: dict[int, int]
+    """Requests this replica has accepted since it started, by bin."""
+    num_cancelled_requests: int
+    """Calls cancelled before their request finished (a cancelled stream, a deadline, a stop string)."""
+    pp_size: int
+    """Pipeline stages (micro-batches in flight) of this replica's runner."""
+
+
+def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) -> dict[str, Any]:
+    """Serve options placing one replica: ``ray_actor_options``, and with ``pp_size > 1`` the placement
+    group every replica reserves: its own bundle, then one per stage actor (a GPU each, or the stage's
+    CPU threads), packed together.
+
+    ``pp_size == 1``: the replica runs the model itself, so it takes ``num_cpus`` and ``num_gpus``.
+    ``pp_size > 1``: the replica only schedules (``num_cpus``, no GPU); ``build_driver`` places the stage
+    actors in bundles 1 .. pp_size of the replica's group.
+    """
+    if engine.parallel.pp_size == 1:
+        return {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+    from workers.pipeline_runner import pipeline_bundles, uses_gpus
+
+    stages = pipeline_bundles(engine.parallel, use_gpu=uses_gpus(engine))
+    return {
+        "ray_actor_options": {"num_cpus": num_cpus},
+        "placement_group_bundles": [{"CPU": num_cpus}, *stages],
+        "placement_group_strategy": "PACK",
+    }
+
+
+def build_driver(config: EngineConfig, max_queued_requests: int) -> EngineDriver:
+    """An engine driver for this config, the one thing a replica needs: one ``ModelRunner`` with every
+    layer in this process, or (``pp_size > 1``) a pipeline of stage actors in this replica's placement
+    group (bundle 0 is the replica's own; see ``replica_placement``), ``pp_size`` micro-batches in flight."""
+    from workers.llm import build_engine
+
+    if config.parallel.pp_size > 1:
+        from ray.util import get_current_placement_group
+
+        from workers.pipeline_runner import PipelineRunner
+
+        runner = PipelineRunner.create(
+            config, placement_group=get_current_placement_group(), first_bundle_index=1
+        )
+        pipelined: PipelinedRunner = runner
+    else:
+        from workers.runner import ModelRunner
+
+        runner = ModelRunner(config.model, config.cache)
+        pipelined = SerialRunner(runner)
+    engine = build_engine(config, runner, runner.num_blocks, runner.vocab_size)
+    return EngineDriver(engine, pipelined, max_queued_requests=max_queued_requests)
+
+
+@serve.deployment
+class EnginePool:
+    def __init__(self, config: EngineConfig, pool_id: int, max_queued_requests: int) -> None:
+        import torch
+
+        # One intra-op thread per stage unless configured: OpenMP threads spinning against each other
+        # on a shared host cost far more than they give.
+        torch.set_num_threads(config.parallel.torch_threads)
+        self.pool_id = pool_id
+        self.driver = build_driver(config, max_queued_requests)
+        self.driver.start()
+        self._num_requests_by_bin: collections.Counter[int] = collections.Counter()
+        self._num_cancelled_requests = 0
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; the last has ``finish_reason`` set. ``ValueError`` (bad input),
+        ``QueueFullError`` and ``EngineDeadError`` reach the caller as the exception of the call."""
+        self._num_requests_by_bin[request.bin_id] += 1
+        try:
+            async for output in self.driver.generate(
+                request.request_id,
+                request.prompt_token_ids,
+                request.params,
+                predicted_output_tokens=request.predicted_output_tokens,
+                bin_id=request.bin_id,
+            ):
+                yield output
+        except (asyncio.CancelledError, GeneratorExit):
+            self._num_cancelled_requests += 1  # the driver has aborted the request
+            raise
+
+    def stats(self) -> EngineStats:
+        block_manager = self.driver.engine.scheduler.block_manager
+        return EngineStats(
+            pool_id=self.pool_id,
+            num_kv_blocks=block_manager.num_blocks,
+            num_free_kv_blocks=block_manager.num_free_blocks,
+            num_unfinished_requests=self.driver.num_unfinished,
+            outstanding_predicted_tokens=self.driver.outstanding_predicted_tokens(),
+            num_requests_by_bin=dict(self._num_requests_by_bin),
+            num_cancelled_requests=self._num_cancelled_requests,
+            pp_size=self.driver.runner.depth,
+        )
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook for custom autoscaling metrics, pushed to the controller periodically."""
+        return {OUTSTANDING_TOKENS_METRIC: float(self.driver.outstanding_predicted_tokens())}
+
+    def check_health(self) -> None:
+        """A dead runner makes the replica unhealthy, so Serve replaces it."""
+        if not self.driver.is_healthy:
+            raise RuntimeError(f"engine of pool {self.pool_id} is dead: {self.driver.error}")
+
+    def __del__(self) -> None:
+        driver = getattr(self, "driver", None)
+        if driver is not None:
+            driver.stop()
+            shutdown = getattr(driver.runner, "shutdown", None)  # a pipeline's stage actors
+            if shutdown is not None:
+                shutdown()

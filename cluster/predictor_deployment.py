@@ -1,0 +1,42 @@
+"""The global length predictor: one Serve deployment that every ingress replica asks for output lengths.
+
+    predictor = LengthPredictorDeployment.bind(PredictorConfig())        # the default shipped predictor
+    predicted_output_tokens = await handle.predict.remote("Write a haiku about paged attention.")
+
+Concurrent calls are batched (``@serve.batch``): the encoder runs once per batch, which is what makes a
+per-request prediction cheap. The bin boundaries come from the same predictor (equal-mass intervals of
+its training length distribution), so predictions and bins always agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+
+from cluster.config import PredictorConfig
+
+
+@serve.deployment
+class LengthPredictorDeployment:
+    def __init__(self, config: PredictorConfig) -> None:
+        import torch
+
+        from cluster.predictor import LengthPredictor
+
+        torch.set_num_threads(1)
+        self.predictor = LengthPredictor.load(config.path) if config.path else LengthPredictor.load()
+        self.predict.set_max_batch_size(config.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def predict(self, prompts: list[str]) -> list[int]:
+        """Predicted output tokens per prompt. Callers pass one prompt; Serve hands this a batch."""
+        # The encoder blocks for milliseconds; a worker thread keeps this replica's event loop (health
+        # checks, the next batch's intake) responsive meanwhile.
+        prediction = await asyncio.to_thread(self.predictor.predict, prompts)
+        return [int(n) for n in prediction.output_tokens]
+
+    def bin_boundaries(self, num_bins: int) -> list[int]:
+        """Inclusive upper edges of ``num_bins`` equal-mass bins of the training output lengths."""
+        return [int(b) for b in self.predictor.bin_boundaries(num_bins)]

@@ -1,0 +1,90 @@
+"""Multi-bin routing: a predicted output length picks a bin, and the bin picks the engine pool serving it.
+
+    router = BinRouter.build(bin_boundaries=[48, 160, 400], num_pools=2)   # 4 bins on 2 pools
+    router.route(predicted_output_tokens=120)        # Route(bin_id=1, pool_id=0)
+
+Pure Python (no ray, no torch): the ingress feeds it the predictor's numbers and gets a typed answer.
+
+Bins are the predictor's equal-mass intervals of the training length distribution: bin ``i`` holds
+lengths ``bin_boundaries[i-1] < n <= bin_boundaries[i]`` (the first is open below, the last above), as
+``cluster.predictor.lengths.bin_of`` (pure Python too) maps them. Pools take contiguous runs of bins, so a pool
+serving several bins still batches requests of similar lengths together (Multi-Bin batching degrades
+gracefully when there are fewer replicas than bins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cluster.predictor.lengths import bin_of
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes."""
+
+    bin_id: int
+    pool_id: int
+
+
+def pools_for_bins(num_bins: int, num_pools: int) -> tuple[int, ...]:
+    """The pool of each bin: contiguous runs of bins, pool sizes differing by at most one bin.
+
+    ``floor(b * P / B)`` is non-decreasing in ``b`` and takes every value in ``0 .. P-1`` when ``P <= B``,
+    so every pool gets at least one bin.
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins: must be at least 1, got {num_bins}")
+    if not 1 <= num_pools <= num_bins:
+        raise ValueError(f"num_pools: must be in [1, {num_bins}] (num_bins), got {num_pools}")
+    return tuple(b * num_pools // num_bins for b in range(num_bins))
+
+
+@dataclass(frozen=True)
+class BinRouter:
+    bin_boundaries: tuple[int, ...]
+    """Inclusive upper edges, in output tokens, of bins ``0 .. num_bins - 2``; non-decreasing."""
+    pool_of_bin: tuple[int, ...]
+    """The engine pool serving each bin."""
+
+    def __post_init__(self) -> None:
+        edges = self.bin_boundaries
+        if any(not isinstance(e, int) or isinstance(e, bool) or e < 0 for e in edges):
+            raise ValueError(f"bin_boundaries: must be non-negative integers, got {list(edges)}")
+        if any(b < a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError(f"bin_boundaries: must be non-decreasing, got {list(edges)}")
+        if len(self.pool_of_bin) != self.num_bins:
+            raise ValueError(
+                f"pool_of_bin: must name one pool per bin ({self.num_bins}), got {len(self.pool_of_bin)}"
+            )
+        pools = sorted(set(self.pool_of_bin))
+        if pools != list(range(len(pools))):
+            raise ValueError(f"pool_of_bin: pools must be numbered 0 .. n-1 with none unused, got {pools}")
+
+    @classmethod
+    def build(cls, bin_boundaries: Sequence[int], num_pools: int | None = None) -> BinRouter:
+        """A router over ``len(bin_boundaries) + 1`` bins on ``num_pools`` pools (default: one per bin)."""
+        num_bins = len(bin_boundaries) + 1
+        return cls(tuple(bin_boundaries), pools_for_bins(num_bins, num_pools or num_bins))
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.bin_boundaries) + 1
+
+    @property
+    def num_pools(self) -> int:
+        return max(self.pool_of_bin) + 1
+
+    def bin_of(self, predicted_output_tokens: int) -> int:
+        """The bin holding a predicted length: the number of boundaries strictly below it."""
+        return bin_of(predicted_output_tokens, self.bin_boundaries)
+
+    def bins_of_pool(self, pool_id: int) -> tuple[int, ...]:
+        return tuple(b for b, p in enumerate(self.pool_of_bin) if p == pool_id)
+
+    def route(self, predicted_output_tokens: int) -> Route:
+        if predicted_output_tokens < 0:
+            raise ValueError(f"predicted_output_tokens: must be >= 0, got {predicted_output_tokens}")
+        bin_id = self.bin_of(predicted_output_tokens)
+        return Route(bin_id=bin_id, pool_id=self.pool_of_bin[bin_id])

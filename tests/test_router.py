@@ -1,0 +1,102 @@
+"""The multi-bin router: lengths to bins, bins to pools. Pure Python, checked exhaustively on small cases."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from cluster.predictor.lengths import equal_mass_boundaries
+from cluster.router import BinRouter, Route, pools_for_bins
+
+
+@pytest.mark.parametrize("num_bins", range(1, 13))
+def test_pools_take_contiguous_balanced_runs_of_bins(num_bins: int) -> None:
+    for num_pools in range(1, num_bins + 1):
+        pool_of_bin = pools_for_bins(num_bins, num_pools)
+        assert len(pool_of_bin) == num_bins
+        assert pool_of_bin[0] == 0 and pool_of_bin[-1] == num_pools - 1
+        assert all(b - a in (0, 1) for a, b in zip(pool_of_bin, pool_of_bin[1:], strict=False))  # contiguous
+        sizes = [pool_of_bin.count(p) for p in range(num_pools)]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_one_pool_per_bin_by_default() -> None:
+    assert BinRouter.build([10, 20, 30]).pool_of_bin == (0, 1, 2, 3)
+    assert BinRouter.build([]).pool_of_bin == (0,)  # one bin: everything goes to pool 0
+    assert BinRouter.build([10, 20, 30], num_pools=2).pool_of_bin == (0, 0, 1, 1)
+    assert BinRouter.build([10, 20, 30], num_pools=3).pool_of_bin == (0, 0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "boundaries", [[], [0], [5], [3, 9], [4, 4, 10], [1, 2, 3, 4, 5], [7, 7, 7], [0, 0, 20, 100]]
+)
+def test_every_length_lands_in_the_bin_the_predictor_would_name(boundaries: list[int]) -> None:
+    router = BinRouter.build(boundaries)
+    for length in range(0, (boundaries[-1] if boundaries else 0) + 5):
+        bin_id = router.bin_of(length)
+        # The bin is the number of edges strictly below the length: (edge[i-1], edge[i]] is bin i.
+        assert bin_id == sum(edge < length for edge in boundaries)
+        assert 0 <= bin_id < router.num_bins
+        if bin_id > 0:
+            assert boundaries[bin_id - 1] < length
+        if bin_id < len(boundaries):
+            assert length <= boundaries[bin_id]
+
+
+def test_route_names_the_bin_and_its_pool() -> None:
+    router = BinRouter.build([10, 20, 30], num_pools=2)
+    expected = {
+        0: Route(0, 0),
+        10: Route(0, 0),
+        11: Route(1, 0),
+        20: Route(1, 0),
+        21: Route(2, 1),
+        31: Route(3, 1),
+    }
+    for length, route in expected.items():
+        assert router.route(length) == route
+    assert router.bins_of_pool(0) == (0, 1) and router.bins_of_pool(1) == (2, 3)
+    assert router.num_bins == 4 and router.num_pools == 2
+
+
+def test_equal_mass_bins_split_the_training_lengths_evenly() -> None:
+    rng = random.Random(0)
+    lengths = sorted(rng.sample(range(1, 100_000), 4000))  # distinct, so no ties blur the split
+    for num_bins in (2, 3, 4, 8):
+        router = BinRouter.build(equal_mass_boundaries(lengths, num_bins))
+        counts = [0] * num_bins
+        for length in lengths:
+            counts[router.bin_of(length)] += 1
+        assert max(counts) - min(counts) <= 2, counts
+
+
+def test_bad_tables_are_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"bin_boundaries: must be non-decreasing, got \[5, 3\]"):
+        BinRouter.build([5, 3])
+    with pytest.raises(ValueError, match=r"bin_boundaries: must be non-negative integers"):
+        BinRouter.build([-1, 3])
+    with pytest.raises(ValueError, match=r"bin_boundaries: must be non-negative integers"):
+        BinRouter.build([2.5])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"num_pools: must be in \[1, 3\] \(num_bins\), got 4"):
+        BinRouter.build([1, 2], num_pools=4)
+    with pytest.raises(ValueError, match=r"pool_of_bin: must name one pool per bin \(3\), got 2"):
+        BinRouter((1, 2), (0, 1))
+    with pytest.raises(ValueError, match=r"pool_of_bin: pools must be numbered 0 .. n-1"):
+        BinRouter((1, 2), (0, 2, 2))
+    with pytest.raises(ValueError, match=r"predicted_output_tokens: must be >= 0, got -1"):
+        BinRouter.build([1]).route(-1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        BinRouter.build([1]).bin_boundaries = (2,)  # type: ignore[misc]
+
+
+def test_router_and_autoscaling_policy_are_pure_python() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cluster.router, cluster.autoscaling; print(sorted({'ray', 'torch'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
