@@ -247,8 +247,8 @@ def render(result: dict[str, Any]) -> str:
             f"`dynamic` batches are drawn from one bin. SLOs (p99): {slos}; capacity by bisection on "
             f"[{p['low_rate_per_s']}, "
             f"{p['high_rate_per_s']}] req/s, {p['iterations']} steps. Lengths: {result['predictor']}. Replicas "
-            f"are dealt to pools evenly, while equal-mass bins hold equal numbers of requests, not equal work: "
-            f"the pool of the longest outputs carries most of the tokens. Each probe is a finite run of "
+            f"are split over pools in proportion to the predicted output tokens each pool serves (equal-mass "
+            f"bins hold equal numbers of requests, not equal work). Each probe is a finite run of "
             f"{p['num_requests']} requests, so well above capacity its queue is shorter than in steady state.",
             table,
             provenance(result),
