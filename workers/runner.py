@@ -10,6 +10,7 @@ next stage, and on the last stage the sampled tokens.
 from __future__ import annotations
 
 import torch
+from transformers import PretrainedConfig
 
 from pipeline.config import CacheConfig, ModelConfig
 from pipeline.plan import StepOutput, StepPlan
@@ -17,9 +18,30 @@ from workers.attention import AttentionMetadata
 from workers.checkpoint import iter_weights, load_config
 from workers.malloc import keep_freed_memory
 from workers.model import DecoderStage, head_dim_of, sliding_window_of
+from workers.partition import kv_block_bytes
 from workers.sampler import sample
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_capacity_blocks(
+    hf_config: PretrainedConfig,
+    num_layers: int,
+    cache: CacheConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    weight_bytes_to_load: int = 0,
+) -> int:
+    """KV blocks ``num_layers`` layers can hold under ``cache``'s budget: its bytes on CPU; on CUDA a
+    share of the free memory once ``weight_bytes_to_load`` more bytes of weights are in."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        budget = int((free_bytes - weight_bytes_to_load) * cache.gpu_memory_fraction)
+    else:
+        budget = cache.kv_cache_bytes
+    return max(1, budget // kv_block_bytes(hf_config, num_layers, cache.block_size, dtype))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,24 +125,8 @@ class ModelRunner:
         return stage.eval()
 
     def _num_blocks_for_budget(self, cache: CacheConfig) -> int:
-        num_kv_heads = (
-            getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
-        )
         num_layers = self.stage.layer_end - self.stage.layer_start
-        bytes_per_block = (
-            2
-            * num_layers
-            * cache.block_size
-            * num_kv_heads
-            * head_dim_of(self.hf_config)
-            * self.dtype.itemsize
-        )
-        if self.device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free_bytes * cache.gpu_memory_fraction)
-        else:
-            budget = cache.kv_cache_bytes
-        return max(1, budget // bytes_per_block)
+        return kv_capacity_blocks(self.hf_config, num_layers, cache, self.device, self.dtype)
 
     @torch.inference_mode()
     def forward_stage(self, plan: StepPlan, inputs: torch.Tensor | None = None) -> torch.Tensor | StepOutput:

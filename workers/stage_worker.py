@@ -25,8 +25,8 @@ import torch
 from pipeline.config import CacheConfig, ModelConfig
 from pipeline.plan import StepOutput, StepPlan
 from workers.checkpoint import load_config
-from workers.partition import kv_block_bytes, stage_parameters
-from workers.runner import ModelRunner, resolve_device, resolve_dtype
+from workers.partition import stage_parameters
+from workers.runner import ModelRunner, kv_capacity_blocks, resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -59,20 +59,14 @@ class StageWorker:
 
         The same rule as ``ModelRunner``'s own sizing: the CPU budget is per stage; on CUDA a share of
         the memory left once this stage's weights are in."""
-        if cache.num_blocks is not None:
-            return cache.num_blocks
         hf_config = load_config(self.model.model_dir)
         device = resolve_device(self.model.device)
         dtype = resolve_dtype(self.model.dtype, device)
         start, end = self.layer_range
-        block_bytes = kv_block_bytes(hf_config, end - start, cache.block_size, dtype)
-        if device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(device)
-            weight_bytes = stage_parameters(hf_config, self.layer_range) * dtype.itemsize
-            budget = int((free_bytes - weight_bytes) * cache.gpu_memory_fraction)
-        else:
-            budget = cache.kv_cache_bytes
-        return max(1, budget // block_bytes)
+        weight_bytes = stage_parameters(hf_config, self.layer_range) * dtype.itemsize
+        return kv_capacity_blocks(
+            hf_config, end - start, cache, device, dtype, weight_bytes_to_load=weight_bytes
+        )
 
     def load(self, cache: CacheConfig) -> int:
         """Load the weights and allocate the KV pool; returns the vocabulary size (for the engine)."""
