@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cluster.cli import main
 from pipeline.config import EngineConfig, ModelConfig
 from pipeline.request import SamplingParams
+from tools.cli import main
 from workers.llm import LLM
 
 

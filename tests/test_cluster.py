@@ -164,7 +164,7 @@ def cluster(tiny_llama: str) -> Iterator[Cluster]:
     from ray.serve._private.constants import SERVE_NAMESPACE
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.serve_cli import deploy, free_port
+    from tools.serve_cli import deploy, free_port
 
     raw = yaml.safe_load(SERVE_LOCAL.read_text())
     grpc_port = free_port()
@@ -454,7 +454,7 @@ def test_the_client_command_prints_json(cluster: Cluster, offline_greedy, capsys
     import argparse
     import json
 
-    from cluster import serve_cli
+    from tools import serve_cli
 
     parser = argparse.ArgumentParser()
     serve_cli.register(parser.add_subparsers(dest="command"))

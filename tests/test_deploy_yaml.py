@@ -17,7 +17,7 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from cluster.app import AUTOSCALING_POLICY, SERVICER_FUNCTION, pool_options
 from cluster.autoscaling import PredictedTokensPolicy
 from cluster.config import AppConfig
-from cluster.serve_cli import load_serve_config
+from tools.serve_cli import load_serve_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SERVE_CONFIGS = ["serve-local.yaml", "serve-gpu.yaml"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench.experiments import cli, hf, multibin, pipeline_bubbles, report, sarathi, scale, ssjf
-from cluster.bench.experiments.harness import (
+from bench.experiments import cli, hf, multibin, pipeline_bubbles, report, sarathi, scale, ssjf
+from bench.experiments.harness import (
     PredictorChoice,
     fmt,
     oracle_lengths,
@@ -21,7 +21,7 @@ from cluster.bench.experiments.harness import (
     spearman,
     write_json,
 )
-from cluster.bench.workload import WorkloadRequest
+from bench.workload import WorkloadRequest
 from cluster.predictor.lengths import Prediction
 
 META = {
@@ -251,7 +251,7 @@ def test_json_has_no_nan_and_fmt_shows_missing_values_as_a_dash(tmp_path: Path) 
 
 
 def test_gpu_profile_is_a_labelled_estimate() -> None:
-    from cluster.sim.cost_model import StepCostModel
+    from bench.sim.cost_model import StepCostModel
 
     model = StepCostModel.load(scale.Params().profile)
     assert model.source.startswith("ESTIMATE, NOT A MEASUREMENT")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from cluster.predictor import LengthPredictor, Prediction
-from cluster.predictor import cli as predictor_cli
 from cluster.predictor.lengths import bin_of, equal_mass_boundaries, quantile_boundaries
-from cluster.predictor.records import LengthRecord, is_validation, read_records, split_records
 from cluster.predictor.traffic_log import TrafficLog
+from tools.predictor import cli as predictor_cli
+from tools.predictor.records import LengthRecord, is_validation, read_records, split_records
 
 SHAREGPT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sharegpt_pairs.jsonl.gz"
 # 1,000 ShareGPT records hold out about 110: enough for the trained-vs-median margins below to hold for
@@ -220,7 +220,7 @@ def test_bad_training_options_are_value_errors(tmp_path: Path, tiny_model_dir: P
 
 
 def test_binserve_cli_registers_the_predictor_commands() -> None:
-    from cluster.cli import build_parser
+    from tools.cli import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["eval-predictor", "--data", "x.jsonl", "--tokenizer", "m"])

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from cluster.bench.metrics import summarize
-from cluster.bench.replay import replay
-from cluster.bench.workload import sharegpt_requests
+from bench.metrics import summarize
+from bench.replay import replay
+from bench.sim.cost_model import StepCostModel
+from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
+from bench.workload import sharegpt_requests
 from cluster.router import BinRouter
-from cluster.sim.cost_model import StepCostModel
-from cluster.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from workers.llm import LLM
 
@@ -79,7 +79,7 @@ def test_simulator_agrees_with_the_real_engine(tiny_llama: str) -> None:
 
 
 def test_replicas_are_split_over_pools_by_work() -> None:
-    from cluster.sim.simulator import replicas_per_pool
+    from bench.sim.simulator import replicas_per_pool
 
     assert replicas_per_pool(16, [1, 1, 1, 1]) == (4, 4, 4, 4)
     assert replicas_per_pool(16, [1, 2, 4, 9]) == (2, 2, 4, 8)  # one each, then 12 by weight

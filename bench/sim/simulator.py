@@ -17,8 +17,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from bench.sim.cost_model import StepCostModel
 from cluster.router import BinRouter
-from cluster.sim.cost_model import StepCostModel
 from pipeline.config import SchedulerConfig, check_range
 from pipeline.engine import RequestMetrics
 from pipeline.plan import StepOutput, StepPlan

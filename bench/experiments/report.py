@@ -20,8 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cluster.bench.experiments import hf, multibin, pipeline_bubbles, sarathi, scale, ssjf
-from cluster.bench.experiments.harness import (
+from bench.experiments import hf, multibin, pipeline_bubbles, sarathi, scale, ssjf
+from bench.experiments.harness import (
     DEFAULT_REPORT,
     DEFAULT_RESULTS_DIR,
     PredictorChoice,

@@ -30,13 +30,13 @@ def _names(text: str) -> list[str]:
 def cmd_exp(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cluster.bench.experiments.harness import (
+    from bench.experiments.harness import (
         DEFAULT_RESULTS_DIR,
         PredictorChoice,
         load_predictor,
         this_command,
     )
-    from cluster.bench.experiments.report import USES_PREDICTOR, params_for, run_experiment
+    from bench.experiments.report import USES_PREDICTOR, params_for, run_experiment
 
     json_path = Path(args.json or DEFAULT_RESULTS_DIR / f"{args.name}.json")
     predictor = load_predictor(args.predictor) if args.name in USES_PREDICTOR else PredictorChoice(None, "")
@@ -52,8 +52,8 @@ def cmd_exp(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cluster.bench.experiments.harness import this_command
-    from cluster.bench.experiments.report import run_all, write_report
+    from bench.experiments.harness import this_command
+    from bench.experiments.report import run_all, write_report
 
     if not args.render_only:
         run_all(args.only, args.size, args.results_dir, this_command(), args.model, args.predictor)
@@ -64,7 +64,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
     # Only the light harness here: `binserve --help` must not import torch or the experiments.
-    from cluster.bench.experiments.harness import DEFAULT_REPORT, DEFAULT_RESULTS_DIR
+    from bench.experiments.harness import DEFAULT_REPORT, DEFAULT_RESULTS_DIR
 
     p = bench_subparsers.add_parser("exp", help="one of the papers' experiments; writes JSON and a PNG plot")
     p.add_argument("name", choices=EXPERIMENT_NAMES)

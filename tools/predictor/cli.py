@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cluster.predictor.records import LengthRecord
+    from tools.predictor.records import LengthRecord
 
 DEFAULT_THREADS = 2
 
@@ -101,7 +101,7 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _read(args: argparse.Namespace) -> list[LengthRecord]:
-    from cluster.predictor.records import read_records
+    from tools.predictor.records import read_records
 
     records: list[LengthRecord] = []
     for path in args.data:
@@ -110,7 +110,7 @@ def _read(args: argparse.Namespace) -> list[LengthRecord]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from cluster.predictor.train import TrainConfig, train_predictor
+    from tools.predictor.train import TrainConfig, train_predictor
 
     config = TrainConfig(
         head=args.head,
@@ -134,9 +134,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from cluster.predictor.evaluate import evaluate
     from cluster.predictor.predictor import LengthPredictor
-    from cluster.predictor.records import count_tokens, split_records
+    from tools.predictor.evaluate import evaluate
+    from tools.predictor.records import count_tokens, split_records
 
     if args.latency_calls < 1:
         raise ValueError(f"latency_calls: must be at least 1, got {args.latency_calls}")

@@ -28,8 +28,8 @@ from typing import Any
 
 import grpc
 
-from cluster.bench.metrics import percentile, summarize
-from cluster.bench.workload import DEFAULT_SHAREGPT, WorkloadRequest, poisson_arrivals, with_arrivals
+from bench.metrics import percentile, summarize
+from bench.workload import DEFAULT_SHAREGPT, WorkloadRequest, poisson_arrivals, with_arrivals
 from cluster.client import GenerationClient, TimedResponse, make_request
 from pipeline.engine import RequestMetrics
 
@@ -88,7 +88,7 @@ async def replay(
 
 
 def report(results: Sequence[ServedRequest]) -> dict[str, Any]:
-    """Throughput and latency percentiles (``cluster.bench.metrics``), per bin, and prediction error."""
+    """Throughput and latency percentiles (``bench.metrics``), per bin, and prediction error."""
     done = [r for r in results if r.timed is not None]
     if not done:
         raise ValueError("results: no call succeeded")
@@ -200,7 +200,7 @@ def load_workload(
     served model's tokenizer, since the server tokenizes the text itself."""
     from dataclasses import replace
 
-    from cluster.bench.workload import sharegpt_requests
+    from bench.workload import sharegpt_requests
     from workers.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
@@ -253,7 +253,7 @@ def print_result(result: dict[str, Any]) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from cluster.serve_cli import serving_locally
+    from tools.serve_cli import serving_locally
 
     if (args.address is None) == (args.config is None):
         raise ValueError(

@@ -9,9 +9,9 @@ import json
 def cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
-    from cluster.bench.workload import sharegpt_requests
-    from cluster.commands import engine_config_from_args
-    from cluster.sim.profile import profile_engine
+    from bench.sim.profile import profile_engine
+    from bench.workload import sharegpt_requests
+    from tools.commands import engine_config_from_args
     from workers.checkpoint import load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -25,11 +25,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from cluster.bench.metrics import summarize
-    from cluster.bench.workload import azure_requests, gamma_arrivals, sharegpt_requests, with_arrivals
+    from bench.metrics import summarize
+    from bench.sim.cost_model import StepCostModel
+    from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
+    from bench.workload import azure_requests, gamma_arrivals, sharegpt_requests, with_arrivals
     from cluster.router import BinRouter
-    from cluster.sim.cost_model import StepCostModel
-    from cluster.sim.simulator import ClusterSimulator, SimConfig, SimRequest
     from pipeline.config import SchedulerConfig
 
     cost_model = StepCostModel.load(args.profile)
@@ -66,8 +66,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from cluster.commands import add_engine_args
     from pipeline.config import QUEUE_ORDERS, SCHEDULER_POLICIES
+    from tools.commands import add_engine_args
 
     p = subparsers.add_parser("profile", help="measure engine step times and fit the simulator's cost model")
     add_engine_args(p)

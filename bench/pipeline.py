@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.bench.workload import WorkloadRequest, sharegpt_requests
+from bench.workload import WorkloadRequest, sharegpt_requests
 from pipeline.config import EngineConfig
 from pipeline.engine import Completion
 from pipeline.request import SamplingParams
@@ -160,7 +160,7 @@ def run_pipeline_bench(
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     import torch
 
-    from cluster.commands import engine_config_from_args
+    from tools.commands import engine_config_from_args
     from workers.checkpoint import load_tokenizer
     from workers.tiny_model import make_tiny_model
 
@@ -203,7 +203,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
-    from cluster.commands import _positive_int, add_engine_args
+    from tools.commands import _positive_int, add_engine_args
 
     p = bench_subparsers.add_parser(
         "pipeline", help="pipeline bubbles: SARATHI vs prefill-first micro-batches (--policy is ignored)"

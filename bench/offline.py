@@ -11,7 +11,7 @@ import time
 
 from tqdm import tqdm
 
-from cluster.bench.workload import WorkloadRequest, sharegpt_requests
+from bench.workload import WorkloadRequest, sharegpt_requests
 from pipeline.config import EngineConfig
 from pipeline.request import SamplingParams
 

@@ -2,7 +2,7 @@
 
     binserve bench exp hf --json docs/results/hf.json
 
-A thin wrapper over ``cluster.bench.offline.run_offline_bench`` (``binserve bench offline``): the same
+A thin wrapper over ``bench.offline.run_offline_bench`` (``binserve bench offline``): the same
 ShareGPT requests, all at once, output lengths forced in both, one process after the other.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cluster.bench.experiments.harness import (
+from bench.experiments.harness import (
     DEFAULT_MODEL_DIR,
     PredictorChoice,
     ensure_tiny_model,
@@ -20,7 +20,7 @@ from cluster.bench.experiments.harness import (
     provenance,
     save_figure,
 )
-from cluster.bench.offline import run_offline_bench
+from bench.offline import run_offline_bench
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 
 TITLE = "Engine vs transformers continuous batching"

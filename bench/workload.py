@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 DEFAULT_SHAREGPT = DATA_DIR / "sharegpt_pairs.jsonl.gz"
 AZURE_TRACES = ("code", "conv")
 

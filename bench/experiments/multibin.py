@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cluster.bench.experiments.harness import (
+from bench.experiments.harness import (
     DEFAULT_MODEL_DIR,
     REPO_DIR,
     Engines,
@@ -37,12 +37,12 @@ from cluster.bench.experiments.harness import (
     save_figure,
     target,
 )
-from cluster.bench.metrics import summarize
-from cluster.bench.replay import replay
-from cluster.bench.workload import sharegpt_requests
+from bench.metrics import summarize
+from bench.replay import replay
+from bench.sim.cost_model import StepCostModel
+from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
+from bench.workload import sharegpt_requests
 from cluster.router import BinRouter
-from cluster.sim.cost_model import StepCostModel
-from cluster.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from pipeline.config import SchedulerConfig
 
 TITLE = "Multi-Bin batching: throughput vs number of bins"

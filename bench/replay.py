@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from cluster.bench.workload import WorkloadRequest
-from cluster.sim.cost_model import plan_features
+from bench.sim.cost_model import plan_features
+from bench.workload import WorkloadRequest
 from pipeline.engine import Engine, RequestMetrics
 from pipeline.request import SamplingParams
 

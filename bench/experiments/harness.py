@@ -22,12 +22,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from cluster.bench.workload import WorkloadRequest
+from bench.workload import WorkloadRequest
 from cluster.predictor.lengths import equal_mass_boundaries
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pipeline.engine import Engine
 
-REPO_DIR = Path(__file__).resolve().parents[3]
+REPO_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = ".models/tiny-llama"
 DEFAULT_RESULTS_DIR = REPO_DIR / "docs" / "results"
 DEFAULT_REPORT = REPO_DIR / "docs" / "RESULTS.md"

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cluster.bench.experiments.harness import (
+from bench.experiments.harness import (
     DEFAULT_MODEL_DIR,
     Engines,
     PredictorChoice,
@@ -27,9 +27,9 @@ from cluster.bench.experiments.harness import (
     save_figure,
     target,
 )
-from cluster.bench.metrics import summarize
-from cluster.bench.replay import replay
-from cluster.bench.workload import poisson_arrivals, sharegpt_requests, with_arrivals
+from bench.metrics import summarize
+from bench.replay import replay
+from bench.workload import poisson_arrivals, sharegpt_requests, with_arrivals
 from pipeline.config import SchedulerConfig
 
 TITLE = "SARATHI: chunked prefills vs whole-prompt prefills"

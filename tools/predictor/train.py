@@ -20,7 +20,7 @@ from cluster.predictor.encoder import NUM_ENCODER_LAYERS
 from cluster.predictor.lengths import BUCKET_QUANTILES, bin_of, quantile, quantile_boundaries
 from cluster.predictor.model import HEADS
 from cluster.predictor.predictor import LengthPredictor, PredictorMetadata, build_model
-from cluster.predictor.records import LengthRecord, split_records
+from tools.predictor.records import LengthRecord, split_records
 
 NUM_LENGTH_QUANTILES = 1000
 MIN_TRAINING_RECORDS = 8

@@ -39,8 +39,8 @@ BUILTIN_PROMPTS = [
 
 
 def _workload(model_dir: str):
-    from cluster.bench.serve import load_workload
-    from cluster.bench.workload import WorkloadRequest, poisson_arrivals, with_arrivals
+    from bench.serve import load_workload
+    from bench.workload import WorkloadRequest, poisson_arrivals, with_arrivals
 
     try:
         requests = load_workload(model_dir, NUM_REQUESTS, 0, MAX_PROMPT_TOKENS, MAX_OUTPUT_TOKENS)
@@ -110,10 +110,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from ray import serve
     from tqdm import tqdm
 
+    from bench.serve import replay, report
     from cluster.app import pool_name
-    from cluster.bench.serve import replay, report
     from cluster.config import AppConfig
-    from cluster.serve_cli import serving_locally
+    from tools.serve_cli import serving_locally
     from workers.tiny_model import make_tiny_model
 
     model_dir = Path(args.model_dir)

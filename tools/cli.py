@@ -16,9 +16,9 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 
 
 def _registrars() -> list[Registrar]:
-    from cluster import commands, serve_cli
-    from cluster.predictor import cli as predictor_cli
-    from cluster.sim import cli as sim_cli
+    from bench.sim import cli as sim_cli
+    from tools import commands, serve_cli
+    from tools.predictor import cli as predictor_cli
 
     return [commands.register, predictor_cli.register, sim_cli.register, serve_cli.register]
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from cluster.bench.replay import replay
-from cluster.bench.workload import WorkloadRequest
-from cluster.sim.cost_model import StepCostModel
+from bench.replay import replay
+from bench.sim.cost_model import StepCostModel
+from bench.workload import WorkloadRequest
 from pipeline.config import EngineConfig
 
 

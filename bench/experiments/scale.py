@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cluster.bench.experiments.harness import (
+from bench.experiments.harness import (
     REPO_DIR,
     LengthEstimates,
     PredictorChoice,
@@ -30,11 +30,11 @@ from cluster.bench.experiments.harness import (
     provenance,
     save_figure,
 )
-from cluster.bench.metrics import MetricsSummary, Slo, find_capacity, summarize
-from cluster.bench.workload import WorkloadRequest, poisson_arrivals, sharegpt_requests
+from bench.metrics import MetricsSummary, Slo, find_capacity, summarize
+from bench.sim.cost_model import StepCostModel
+from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
+from bench.workload import WorkloadRequest, poisson_arrivals, sharegpt_requests
 from cluster.router import BinRouter
-from cluster.sim.cost_model import StepCostModel
-from cluster.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from pipeline.config import SchedulerConfig
 from workers.checkpoint import load_tokenizer
 

@@ -23,7 +23,7 @@ import numpy as np
 from cluster.predictor.lengths import bin_of, quantile
 from cluster.predictor.model import tokens_from_log
 from cluster.predictor.predictor import LengthPredictor
-from cluster.predictor.records import LengthRecord
+from tools.predictor.records import LengthRecord
 
 NUM_LATENCY_CALLS = 30
 NUM_WARMUP_CALLS = 3

@@ -98,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_offline(args: argparse.Namespace) -> int:
-    from cluster.bench.offline import run_offline_bench
+    from bench.offline import run_offline_bench
 
     _set_threads(args.threads)
     report = run_offline_bench(
@@ -118,14 +118,14 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cluster.demo import run_demo
+    from tools.demo import run_demo
 
     return run_demo(args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from cluster.bench import serve as bench_serve
-    from cluster.bench.experiments import cli as experiments_cli
+    from bench import serve as bench_serve
+    from bench.experiments import cli as experiments_cli
 
     p = subparsers.add_parser("make-tiny-model", help="write a small seeded random-weights checkpoint")
     p.add_argument("dir", help="output directory")
@@ -160,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-hf", action="store_true", help="run only this engine")
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_offline)
-    from cluster.bench import pipeline as pipeline_bench
+    from bench import pipeline as pipeline_bench
 
     pipeline_bench.register(bench_sub)
     bench_serve.register(bench_sub)

@@ -1,0 +1,1 @@
+"""Training and evaluating the SSJF length predictor (the runtime half lives in ``cluster.predictor``)."""
