@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.workload import SHAREGPT_PACKAGE
 from cluster.predictor import LengthPredictor, Prediction
 from cluster.predictor.lengths import bin_of, equal_mass_boundaries, quantile_boundaries
 from cluster.predictor.traffic_log import TrafficLog
 from tools.predictor import cli as predictor_cli
 from tools.predictor.records import LengthRecord, is_validation, read_records, split_records
 
-SHAREGPT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sharegpt_pairs.jsonl.gz"
 # 1,000 ShareGPT records hold out about 110: enough for the trained-vs-median margins below to hold for
 # any seed (with 600, held-out MAE swung by 30% between seeds), and a frozen-encoder run over them takes
 # seconds on two CPU cores.
@@ -28,8 +28,6 @@ REPORT_KEYS = {
     "p50_latency_ms_batch1",
     "p50_latency_ms_batch16",
 }
-
-needs_sharegpt = pytest.mark.skipif(not SHAREGPT.is_file(), reason=f"shared data not found at {SHAREGPT}")
 
 
 def run_cli(*argv: str) -> int:
@@ -48,14 +46,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained_report(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
-    """Train on a ShareGPT slice plus a small traffic log through the CLI, evaluate, return the JSON."""
-    if not SHAREGPT.is_file():
-        pytest.skip(f"shared data not found at {SHAREGPT}")
+    """Train on a slice of the packaged ShareGPT pairs plus a small traffic log through the CLI, evaluate,
+    return the JSON."""
     work = tmp_path_factory.mktemp("predictor")
     traffic = TrafficLog(work / "traffic.jsonl")
     traffic.append("Reply with one word: yes or no?", output_tokens=2)
     traffic.append("Write a long, detailed essay on the history of Rome.", output_tokens=900)
-    data = ("--data", SHAREGPT, "--data", work / "traffic.jsonl", "--tokenizer", tiny_model_dir)
+    data = ("--data", SHAREGPT_PACKAGE, "--data", work / "traffic.jsonl", "--tokenizer", tiny_model_dir)
     slice_args = ("--max-examples", NUM_SLICE_RECORDS)
     assert (
         run_cli("train-predictor", *data, *slice_args, "--out", work / "out", "--epochs", 10, "--threads", 1)
@@ -81,7 +78,6 @@ def trained_report(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
     return json.loads(report_path.read_text())
 
 
-@needs_sharegpt
 def test_train_and_eval_write_the_report(trained_report: dict) -> None:
     assert trained_report.keys() >= REPORT_KEYS
     assert set(trained_report["baselines"]) == {"median", "prompt_length_linear"}
@@ -91,7 +87,6 @@ def test_train_and_eval_write_the_report(trained_report: dict) -> None:
     assert len(trained_report["bucket_boundaries"]) == 4  # p25/p50/p75/p99: 5 buckets
 
 
-@needs_sharegpt
 def test_trained_predictor_beats_the_median_baseline(trained_report: dict) -> None:
     median = trained_report["baselines"]["median"]
     # Seeds 0-2 on this slice reach 7-9% lower MAE, Spearman 0.39-0.41, bucket accuracy +0.09-0.16 and

