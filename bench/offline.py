@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from bench.workload import WorkloadRequest, sharegpt_requests
 from pipeline.config import EngineConfig
-from pipeline.request import SamplingParams
+from pipeline.request import NewRequest, SamplingParams
 
 
 def _run_engine(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
@@ -23,9 +23,8 @@ def _run_engine(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
     engine = llm.engine
     start_s = time.perf_counter()
     for i, r in enumerate(requests):
-        engine.add_request(
-            str(i), r.prompt_token_ids, SamplingParams(max_tokens=r.output_tokens, ignore_eos=True)
-        )
+        params = SamplingParams(max_tokens=r.output_tokens, ignore_eos=True)
+        engine.add_request(NewRequest(str(i), tuple(r.prompt_token_ids), params))
     finished = []
     with tqdm(total=len(requests), desc="binserve engine", unit="req") as bar:
         while engine.has_unfinished:

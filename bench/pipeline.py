@@ -54,10 +54,10 @@ class _Run:
 def _run_policy(config: EngineConfig, runner: PipelineRunner, requests: list[WorkloadRequest]) -> _Run:
     from workers.llm import build_engine
 
-    engine = build_engine(config, runner, runner.num_blocks, runner.vocab_size)
+    engine = build_engine(config, runner)
     runner.reset_stats()
     start_s = time.perf_counter()
-    done = engine.generate(*_inputs(requests), runner=runner)
+    done = engine.generate(*_inputs(requests))
     return _Run(done, time.perf_counter() - start_s, runner.stats())
 
 
@@ -164,12 +164,10 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from workers.checkpoint import load_tokenizer
     from workers.tiny_model import make_tiny_model
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads)
     if args.hidden_size is not None and not (Path(args.model) / "config.json").is_file():
         make_tiny_model(args.model, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
     config = engine_config_from_args(args)
-    scheduler = dataclasses.replace(config.scheduler, max_prefill_chunks=args.max_prefill_chunks)
-    config = dataclasses.replace(config, scheduler=scheduler)
     kwargs = {"path": args.data} if args.data else {}
     tokenizer = load_tokenizer(config.model.model_dir)
     requests = sharegpt_requests(
@@ -209,10 +207,7 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         "pipeline", help="pipeline bubbles: SARATHI vs prefill-first micro-batches (--policy is ignored)"
     )
     add_engine_args(p)
-    p.set_defaults(pp=2, chunk_size=128, max_num_seqs=128)
-    p.add_argument(
-        "--max-prefill-chunks", type=_positive_int, default=4, help="prefill chunks per SARATHI micro-batch"
-    )
+    p.set_defaults(pp_size=2, chunk_size=128, max_num_seqs=128, max_prefill_chunks=4)
     p.add_argument("--num-requests", type=_positive_int, default=256)
     p.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
     p.add_argument("--max-output-tokens", type=_positive_int, default=128)

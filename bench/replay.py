@@ -18,7 +18,7 @@ from tqdm import tqdm
 from bench.sim.cost_model import plan_features
 from bench.workload import WorkloadRequest
 from pipeline.engine import Engine, RequestMetrics
-from pipeline.request import SamplingParams
+from pipeline.request import NewRequest, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,8 @@ def replay(
                 i = order[next_index]
                 r = requests[i]
                 params = SamplingParams(max_tokens=r.output_tokens, ignore_eos=True)
-                engine.add_request(
-                    str(i), r.prompt_token_ids, params, predicted[i], bins[i], arrival_s=start_s + r.arrival_s
-                )
+                new = NewRequest(str(i), tuple(r.prompt_token_ids), params, predicted[i], bins[i])
+                engine.add_request(new, arrival_s=start_s + r.arrival_s)
                 next_index += 1
             t0 = time.perf_counter()
             plan = engine.schedule()
@@ -63,7 +62,8 @@ def replay(
                 else:
                     sleep(0.0005)  # a dynamic batch waiting for its timeout
                 continue
-            outputs = engine.complete(plan, engine.runner.execute(plan))
+            engine.runner.submit(plan)  # one plan at a time: each step's time is measured alone
+            outputs = engine.complete(plan, engine.runner.collect())
             times.append(time.perf_counter() - t0)
             features.append(plan_features(plan))
             for out in outputs:

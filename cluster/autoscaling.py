@@ -31,6 +31,10 @@ class AutoscalingContextLike(Protocol):
     policy_state: dict[str, Any]
 
     @property
+    def total_num_requests(self) -> float:
+        """Requests running in replicas plus those queued in the callers' handles."""
+
+    @property
     def aggregated_metrics(self) -> dict[str, dict[Any, float]] | None: ...
 
 
@@ -46,6 +50,10 @@ class PredictedTokensPolicy:
 
     def __call__(self, ctx: AutoscalingContextLike) -> tuple[float, dict[str, Any]]:
         per_replica = (ctx.aggregated_metrics or {}).get(OUTSTANDING_TOKENS_METRIC) or {}
+        if ctx.current_num_replicas == 0 and ctx.total_num_requests > 0:
+            # Scaled to zero with callers waiting in their handles: no replica can report predicted
+            # tokens, so start one; its reports take over from there.
+            return max(1.0, float(ctx.target_num_replicas)), {}
         if ctx.current_num_replicas == 0 or not per_replica:
             # Starting, or no report yet: keep the current target rather than scale on missing data.
             return float(ctx.target_num_replicas), {}

@@ -19,11 +19,12 @@ got 0``); an unknown field names the known ones. No ray or torch imports: the CL
 
 from __future__ import annotations
 
+import enum
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
 from pipeline.config import (
     CacheConfig,
@@ -210,7 +211,7 @@ def _check_type(path: str, value: object, hint: Any) -> object:
             return None
         [hint] = [a for a in type_args if a is not type(None)]
         origin = typing.get_origin(hint)
-    if origin is Literal:
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
         hint = str  # the dataclass checks the choice and lists the allowed values
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)

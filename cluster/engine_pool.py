@@ -1,7 +1,7 @@
 """An engine pool: a Serve deployment whose replicas each own one engine and stream its tokens back.
 
     pool = EnginePool.options(name="engine-pool-0").bind(engine_config, pool_id=0, max_queued_requests=256)
-    async for out in handle.options(stream=True).generate.remote(EngineRequest(...)):   # RequestOutput
+    async for out in handle.options(stream=True).generate.remote(NewRequest(...)):   # RequestOutput
         ...
 
 The ingress sends every request of a bin to the pool serving that bin. Inside a replica the engine's
@@ -27,19 +27,8 @@ from ray import serve
 from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
 from pipeline.config import EngineConfig
 from pipeline.driver import EngineDriver
-from pipeline.engine import PipelinedRunner, RequestOutput, SerialRunner
-from pipeline.request import SamplingParams
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    """What the ingress hands a replica: a validated, tokenized, routed request."""
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    params: SamplingParams
-    predicted_output_tokens: int
-    bin_id: int
+from pipeline.engine import RequestOutput
+from pipeline.request import NewRequest
 
 
 @dataclass(frozen=True)
@@ -94,14 +83,11 @@ def build_driver(config: EngineConfig, max_queued_requests: int) -> EngineDriver
         runner = PipelineRunner.create(
             config, placement_group=get_current_placement_group(), first_bundle_index=1
         )
-        pipelined: PipelinedRunner = runner
     else:
         from workers.runner import ModelRunner
 
         runner = ModelRunner(config.model, config.cache)
-        pipelined = SerialRunner(runner)
-    engine = build_engine(config, runner, runner.num_blocks, runner.vocab_size)
-    return EngineDriver(engine, pipelined, max_queued_requests=max_queued_requests)
+    return EngineDriver(build_engine(config, runner), max_queued_requests=max_queued_requests)
 
 
 @serve.deployment
@@ -118,18 +104,12 @@ class EnginePool:
         self._num_requests_by_bin: collections.Counter[int] = collections.Counter()
         self._num_cancelled_requests = 0
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: NewRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; the last has ``finish_reason`` set. ``ValueError`` (bad input),
         ``QueueFullError`` and ``EngineDeadError`` reach the caller as the exception of the call."""
         self._num_requests_by_bin[request.bin_id] += 1
         try:
-            async for output in self.driver.generate(
-                request.request_id,
-                request.prompt_token_ids,
-                request.params,
-                predicted_output_tokens=request.predicted_output_tokens,
-                bin_id=request.bin_id,
-            ):
+            async for output in self.driver.generate(request):
                 yield output
         except (asyncio.CancelledError, GeneratorExit):
             self._num_cancelled_requests += 1  # the driver has aborted the request
@@ -145,7 +125,7 @@ class EnginePool:
             outstanding_predicted_tokens=self.driver.outstanding_predicted_tokens(),
             num_requests_by_bin=dict(self._num_requests_by_bin),
             num_cancelled_requests=self._num_cancelled_requests,
-            pp_size=self.driver.runner.depth,
+            pp_size=self.driver.engine.runner.depth,
         )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -161,6 +141,6 @@ class EnginePool:
         driver = getattr(self, "driver", None)
         if driver is not None:
             driver.stop()
-            shutdown = getattr(driver.runner, "shutdown", None)  # a pipeline's stage actors
+            shutdown = getattr(driver.engine.runner, "shutdown", None)  # a pipeline's stage actors
             if shutdown is not None:
                 shutdown()

@@ -30,11 +30,10 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig, IngressConfig
-from cluster.engine_pool import EngineRequest
 from cluster.router import BinRouter
 from pipeline.config import check_range
 from pipeline.driver import EngineDeadError, QueueFullError
-from pipeline.request import FinishReason, SamplingParams
+from pipeline.request import FinishReason, NewRequest, SamplingParams
 from proto.binserve.v1 import generation_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
@@ -216,8 +215,8 @@ class GenerationIngress:
             bin_boundaries=list(self.router.bin_boundaries),
             pool_of_bin=list(self.router.pool_of_bin),
             num_pools=self.router.num_pools,
-            scheduler_policy=engine.scheduler.policy,
-            queue_order=engine.scheduler.queue_order,
+            scheduler_policy=engine.scheduler.policy.value,
+            queue_order=engine.scheduler.queue_order.value,
             chunk_size=engine.scheduler.chunk_size,
             pp_size=engine.parallel.pp_size,
         )
@@ -239,7 +238,7 @@ class GenerationIngress:
         )
         text = TextStream(self.tokenizer, request.stop)
         outputs = self.pools[route.pool_id].generate.remote(
-            EngineRequest(request_id, prompt_token_ids, params, predicted_output_tokens, route.bin_id)
+            NewRequest(request_id, prompt_token_ids, params, predicted_output_tokens, route.bin_id)
         )
         first_token_s: float | None = None
         is_engine_done = False

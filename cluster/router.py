@@ -80,9 +80,6 @@ class BinRouter:
         """The bin holding a predicted length: the number of boundaries strictly below it."""
         return bin_of(predicted_output_tokens, self.bin_boundaries)
 
-    def bins_of_pool(self, pool_id: int) -> tuple[int, ...]:
-        return tuple(b for b, p in enumerate(self.pool_of_bin) if p == pool_id)
-
     def route(self, predicted_output_tokens: int) -> Route:
         if predicted_output_tokens < 0:
             raise ValueError(f"predicted_output_tokens: must be >= 0, got {predicted_output_tokens}")

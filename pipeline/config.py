@@ -6,14 +6,35 @@ it. A field that is out of range raises ``ValueError`` naming the field and the 
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Literal
 
-SchedulerPolicy = Literal["sarathi", "prefill_first", "static", "dynamic"]
-QueueOrder = Literal["fcfs", "ssjf"]
-SCHEDULER_POLICIES: tuple[str, ...] = ("sarathi", "prefill_first", "static", "dynamic")
-QUEUE_ORDERS: tuple[str, ...] = ("fcfs", "ssjf")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+
+class SchedulerPolicy(str, enum.Enum):
+    """How each iteration's batch is formed; ``pipeline/policies.py`` has one class per value."""
+
+    SARATHI = "sarathi"
+    PREFILL_FIRST = "prefill_first"
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+class QueueOrder(str, enum.Enum):
+    """The order waiting requests are admitted in; ``pipeline/policies.py`` has one queue per value."""
+
+    FCFS = "fcfs"
+    SSJF = "ssjf"
+
+
+def to_enum(name: str, value: object, enum_cls: type[enum.Enum]) -> enum.Enum:
+    """``value`` (a member or its string) as a member of ``enum_cls``; ``ValueError`` lists the choices."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in enum_cls)
+        raise ValueError(f"{name}: must be one of {choices}, got {value!r}") from None
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
@@ -75,7 +96,7 @@ class CacheConfig:
 class SchedulerConfig:
     """How each iteration's batch is formed and in which order waiting requests are served."""
 
-    policy: SchedulerPolicy = "sarathi"
+    policy: SchedulerPolicy = SchedulerPolicy.SARATHI
     """``sarathi``: chunked prefills with decodes first under a token budget (stall-free).
     ``prefill_first``: whole prompts, prefill iterations preferred (vLLM v0 / Orca).
     ``static``: a batch is admitted together and runs until its last request finishes (Multi-Bin).
@@ -87,7 +108,7 @@ class SchedulerConfig:
     """Most requests running at once; the batch size B of static and dynamic batching."""
     max_prefill_chunks: int = 1
     """Prefill chunks per SARATHI iteration; 1 is decode-maximal batching."""
-    queue_order: QueueOrder = "fcfs"
+    queue_order: QueueOrder = QueueOrder.FCFS
     """``fcfs`` by arrival, or ``ssjf`` by predicted output length (shortest first)."""
     aging_threshold_s: float = 30.0
     """SSJF aging guard: requests that have waited this long are served first, oldest first."""
@@ -95,15 +116,20 @@ class SchedulerConfig:
     """Static and dynamic batches are drawn from one bin only (Multi-Bin batching in one replica)."""
     batch_wait_timeout_s: float = 0.05
     """Dynamic batching: start a partial batch once its oldest request has waited this long."""
+    watermark_fraction: float = 0.01
+    """Share of the KV pool that admitting a new request must leave free while others run, so newly
+    admitted prompts do not at once force running decodes into preemption."""
 
     def __post_init__(self) -> None:
-        check_choice("policy", self.policy, SCHEDULER_POLICIES)
-        check_choice("queue_order", self.queue_order, QUEUE_ORDERS)
+        # YAML and the CLI give strings: store members, so the scheduler never compares names.
+        object.__setattr__(self, "policy", to_enum("policy", self.policy, SchedulerPolicy))
+        object.__setattr__(self, "queue_order", to_enum("queue_order", self.queue_order, QueueOrder))
         check_range("chunk_size", self.chunk_size, 1)
         check_range("max_num_seqs", self.max_num_seqs, 1)
         check_range("max_prefill_chunks", self.max_prefill_chunks, 1)
         check_range("aging_threshold_s", self.aging_threshold_s, 0.0)
         check_range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0)
+        check_range("watermark_fraction", self.watermark_fraction, 0.0, 0.5)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The engine driver: a background loop that keeps the runner busy and streams tokens to asyncio callers.
 
-    driver = EngineDriver(engine, SerialRunner(model_runner))      # or a pipeline of stage actors
+    driver = EngineDriver(engine)            # the engine's runner: one process or a pipeline of stage actors
     driver.start()
-    async for out in driver.generate("r1", prompt_token_ids, SamplingParams(max_tokens=32)):
+    async for out in driver.generate(NewRequest("r1", prompt_token_ids, SamplingParams(max_tokens=32))):
         ...
     driver.stop()
 
@@ -19,16 +19,11 @@ marks the driver unhealthy; nothing waits forever.
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
-from pipeline.engine import Engine, PipelinedRunner, RequestOutput, SerialRunner
-from pipeline.plan import StepPlan
-from pipeline.request import SamplingParams
-
-__all__ = ["EngineDeadError", "EngineDriver", "PipelinedRunner", "QueueFullError", "SerialRunner"]
+from pipeline.engine import Engine, RequestOutput
+from pipeline.request import NewRequest
 
 
 class EngineDeadError(RuntimeError):
@@ -37,15 +32,6 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """Too many unfinished requests; try again later or elsewhere."""
-
-
-@dataclass(frozen=True)
-class _Add:
-    request_id: str
-    prompt_token_ids: Sequence[int]
-    params: SamplingParams
-    predicted_output_tokens: int | None
-    bin_id: int
 
 
 class _Stream:
@@ -60,14 +46,13 @@ class _Stream:
 
 
 class EngineDriver:
-    def __init__(self, engine: Engine, runner: PipelinedRunner, max_queued_requests: int = 1024) -> None:
+    def __init__(self, engine: Engine, max_queued_requests: int = 1024) -> None:
         self.engine = engine
-        self.runner = runner
         self.max_queued_requests = max_queued_requests
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._adds: list[_Add] = []
-        self._aborts: list[str] = []
+        self._adds: list[tuple[NewRequest, _Stream]] = []
+        self._aborts: list[tuple[str, _Stream]] = []
         self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -91,7 +76,8 @@ class EngineDriver:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self._streams)
+        with self._lock:
+            return len(self._streams) + len(self._adds)
 
     def outstanding_predicted_tokens(self) -> int:
         """Predicted output tokens still to generate across this replica (an autoscaling signal)."""
@@ -104,26 +90,16 @@ class EngineDriver:
 
     # ---- callers (any asyncio loop) -------------------------------------------------------------
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: Sequence[int],
-        params: SamplingParams,
-        predicted_output_tokens: int | None = None,
-        bin_id: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, new: NewRequest) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; the last has ``finish_reason`` set. Cancelling the iteration
         (or breaking out of it) aborts the request and frees its blocks."""
-        if self.error is not None:
-            raise EngineDeadError(f"engine is unhealthy: {self.error}")
-        if len(self._streams) >= self.max_queued_requests:
+        if self.num_unfinished >= self.max_queued_requests:
             raise QueueFullError(f"queue is full: {self.max_queued_requests} unfinished requests")
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request_id: {request_id!r} is already in use by an unfinished request")
-            self._streams[request_id] = stream
-            self._adds.append(_Add(request_id, prompt_token_ids, params, predicted_output_tokens, bin_id))
+            if self.error is not None:  # checked under the lock: _fail_all fails every add made before
+                raise EngineDeadError(f"engine is unhealthy: {self.error}")
+            self._adds.append((new, stream))
         self._wake.set()
         # The driver thread owns the engine and validates there: a ValueError arrives as the first item.
         finished = False
@@ -139,11 +115,12 @@ class EngineDriver:
                     return
         finally:
             if not finished:
-                self.abort(request_id)
+                self._abort(new.request_id, stream)
 
-    def abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str, stream: _Stream) -> None:
+        # The stream identifies the call: a refused duplicate's abort must not stop the original request.
         with self._lock:
-            self._aborts.append(request_id)
+            self._aborts.append((request_id, stream))
         self._wake.set()
 
     # ---- the loop (driver thread) ---------------------------------------------------------------
@@ -152,20 +129,21 @@ class EngineDriver:
         with self._lock:
             adds, self._adds = self._adds, []
             aborts, self._aborts = self._aborts, []
-        for add in adds:
+        for new, stream in adds:
             try:
-                self.engine.add_request(
-                    add.request_id, add.prompt_token_ids, add.params, add.predicted_output_tokens, add.bin_id
-                )
+                self.engine.add_request(new)  # validates, duplicate ids included
             except ValueError as exc:
-                with self._lock:
-                    stream = self._streams.pop(add.request_id, None)
-                if stream is not None:
-                    stream.put(exc)
-        for request_id in aborts:
-            self.engine.abort(request_id)
+                stream.put(exc)
+                continue
             with self._lock:
-                self._streams.pop(request_id, None)
+                self._streams[new.request_id] = stream
+        for request_id, stream in aborts:
+            with self._lock:
+                is_registered = self._streams.get(request_id) is stream
+                if is_registered:
+                    del self._streams[request_id]
+            if is_registered:
+                self.engine.abort(request_id)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -178,11 +156,10 @@ class EngineDriver:
                     self._streams.pop(out.request_id, None)
 
     def _loop(self) -> None:
-        in_flight: collections.deque[StepPlan] = collections.deque()
         try:
             while not self._stopping:
                 self._drain_intake()
-                outputs = self.engine.advance(self.runner, in_flight)
+                outputs = self.engine.advance()
                 if outputs is None:
                     # Idle, or a dynamic batch waiting for its timeout: sleep until new work or 1 ms.
                     self._wake.wait(timeout=0.001 if self.engine.has_unfinished else 0.1)
@@ -196,7 +173,9 @@ class EngineDriver:
     def _fail_all(self, error: EngineDeadError) -> None:
         with self._lock:
             streams, self._streams = self._streams, {}
-            self._adds = []
+            adds, self._adds = self._adds, []
         for request_id, stream in streams.items():
             self.engine.abort(request_id)
+            stream.put(error)
+        for _, stream in adds:
             stream.put(error)

@@ -1,15 +1,16 @@
-"""The engine loop: ``add_request`` / ``abort`` / ``step``, on any runner that executes a ``StepPlan``.
+"""The engine loop: ``add_request`` / ``abort`` / ``step`` on one injected runner.
 
-    engine = Engine(runner, scheduler, vocab_size=tokenizer_vocab)
-    engine.add_request("r1", prompt_token_ids, SamplingParams(max_tokens=32))
+    engine = Engine(runner, scheduler)
+    engine.add_request(NewRequest("r1", prompt_token_ids, SamplingParams(max_tokens=32)))
     while engine.has_unfinished:
         for out in engine.step():
             print(out.request_id, out.new_token_ids, out.finish_reason)
 
-Pure Python: the runner (a model on a device, a pipeline of stage actors, or a fake in tests) is
-injected. ``step`` is ``schedule`` + ``runner.execute`` + ``complete``. ``advance`` is the one loop turn
-that keeps ``runner.depth`` micro-batches in flight on a ``PipelinedRunner`` (a pipeline of stage
-actors); ``generate`` and the serving driver both run on it.
+Pure Python. The runner (a model in this process, a pipeline of stage actors, or a fake in tests) has
+one interface, ``Runner``: ``submit`` a plan, ``collect`` the oldest plan's output, and ``depth`` plans
+may be in flight. Each ``step`` tops the in-flight plans up to ``depth`` (scheduling new plans while the
+runner works on older ones), then waits for the oldest and applies its tokens. Offline ``generate``, the
+serving driver and the tests all run on it.
 """
 
 from __future__ import annotations
@@ -21,39 +22,24 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pipeline.plan import StepOutput, StepPlan
-from pipeline.request import FinishReason, Request, SamplingParams
+from pipeline.request import FinishReason, NewRequest, Request, SamplingParams
 from pipeline.scheduler import Scheduler
 
 
 class Runner(Protocol):
-    def execute(self, plan: StepPlan) -> StepOutput: ...
+    """Executes plans: a model on a device, a pipeline of stage actors, or a fake in tests."""
 
-
-class PipelinedRunner(Protocol):
     depth: int
-    """How many plans may be in flight at once (the number of pipeline stages)."""
+    """How many plans may be in flight at once (1, or the number of pipeline stages)."""
+    num_blocks: int
+    """KV blocks of its paged cache (every stage holds the same number)."""
+    vocab_size: int
 
     def submit(self, plan: StepPlan) -> None:
         """Start a plan without waiting for it."""
 
     def collect(self) -> StepOutput:
         """Wait for the oldest submitted plan's output (plans complete in submission order)."""
-
-
-class SerialRunner:
-    """Adapts a blocking ``Runner`` (one process, all layers) to the pipelined interface, depth 1."""
-
-    depth = 1
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-        self._pending: collections.deque[StepPlan] = collections.deque()
-
-    def submit(self, plan: StepPlan) -> None:
-        self._pending.append(plan)
-
-    def collect(self) -> StepOutput:
-        return self.runner.execute(self._pending.popleft())
 
 
 @dataclass(frozen=True)
@@ -134,16 +120,12 @@ class Completion:
 
 class Engine:
     def __init__(
-        self,
-        runner: Runner,
-        scheduler: Scheduler,
-        vocab_size: int,
-        clock: Callable[[], float] = time.monotonic,
+        self, runner: Runner, scheduler: Scheduler, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.runner = runner
         self.scheduler = scheduler
-        self.vocab_size = vocab_size
         self.clock = clock
+        self._in_flight: collections.deque[StepPlan] = collections.deque()
 
     @property
     def has_unfinished(self) -> bool:
@@ -153,54 +135,24 @@ class Engine:
     def max_model_len(self) -> int:
         return self.scheduler.max_model_len
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: Sequence[int],
-        params: SamplingParams,
-        predicted_output_tokens: int | None = None,
-        bin_id: int = 0,
-        arrival_s: float | None = None,
-    ) -> Request:
-        """Validate and queue a request. Bad input raises ``ValueError`` and changes nothing."""
-        self._validate(request_id, prompt_token_ids, predicted_output_tokens, bin_id)
-        request = Request(
-            request_id=request_id,
-            prompt_token_ids=list(prompt_token_ids),
-            params=params,
-            arrival_s=self.clock() if arrival_s is None else arrival_s,
-            predicted_output_tokens=predicted_output_tokens,
-            bin_id=bin_id,
-        )
-        self.scheduler.add(request)
-        return request
-
-    def _validate(
-        self,
-        request_id: str,
-        prompt_token_ids: Sequence[int],
-        predicted_output_tokens: int | None,
-        bin_id: int,
-    ) -> None:
-        if not request_id:
-            raise ValueError("request_id: must be a non-empty string")
-        if request_id in self.scheduler.requests:
-            raise ValueError(f"request_id: {request_id!r} is already in use by an unfinished request")
-        num_prompt_tokens = len(prompt_token_ids)
-        if num_prompt_tokens == 0:
-            raise ValueError("prompt: must have at least 1 token, got 0")
+    def add_request(self, new: NewRequest, arrival_s: float | None = None) -> Request:
+        """Check a request against this engine and queue it. Bad input raises ``ValueError`` naming the
+        field and changes nothing. The one duplicate-id check of the serving path is here."""
+        if new.request_id in self.scheduler.requests:
+            raise ValueError(f"request_id: {new.request_id!r} is already in use by an unfinished request")
+        num_prompt_tokens = len(new.prompt_token_ids)
         if num_prompt_tokens >= self.max_model_len:
             raise ValueError(
                 f"prompt: {num_prompt_tokens} tokens, must be at most {self.max_model_len - 1} "
                 f"(max_model_len {self.max_model_len} minus one output token)"
             )
-        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            bad = next(t for t in prompt_token_ids if not 0 <= t < self.vocab_size)
-            raise ValueError(f"prompt_token_ids: ids must be in [0, {self.vocab_size - 1}], got {bad}")
-        if predicted_output_tokens is not None and predicted_output_tokens < 0:
-            raise ValueError(f"predicted_output_tokens: must be >= 0, got {predicted_output_tokens}")
-        if bin_id < 0:
-            raise ValueError(f"bin_id: must be >= 0, got {bin_id}")
+        vocab_size = self.runner.vocab_size
+        bad = next((t for t in new.prompt_token_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab_size - 1}], got {bad}")
+        request = Request.of(new, self.clock() if arrival_s is None else arrival_s)
+        self.scheduler.add(request)
+        return request
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it was not running or waiting."""
@@ -224,52 +176,49 @@ class Engine:
             )
         return outputs
 
-    def step(self) -> list[RequestOutput]:
-        plan = self.schedule()
-        if plan.is_empty:
-            return []
-        return self.complete(plan, self.runner.execute(plan))
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
 
-    def advance(
-        self, runner: PipelinedRunner, in_flight: collections.deque[StepPlan]
-    ) -> list[RequestOutput] | None:
-        """One turn of the pipelined loop: top ``in_flight`` up to ``runner.depth`` plans, then wait for
-        the oldest and apply its tokens. None when nothing is in flight (no work, or a batch waiting).
+    def advance(self) -> list[RequestOutput] | None:
+        """One loop turn: top the in-flight plans up to ``runner.depth``, then wait for the oldest and
+        apply its tokens. None when nothing is in flight (no work, or a batch waiting to start).
 
         New plans are scheduled while the runner works on the older ones; the scheduler keeps each
         request in at most one in-flight plan."""
-        while len(in_flight) < runner.depth:
+        while len(self._in_flight) < self.runner.depth:
             plan = self.schedule()
             if plan.is_empty:
                 break
-            runner.submit(plan)
-            in_flight.append(plan)
-        if not in_flight:
+            self.runner.submit(plan)
+            self._in_flight.append(plan)
+        if not self._in_flight:
             return None
-        return self.complete(in_flight.popleft(), runner.collect())
+        return self.complete(self._in_flight.popleft(), self.runner.collect())
+
+    def step(self) -> list[RequestOutput]:
+        """``advance`` for callers that need not tell an idle engine from a step without new tokens."""
+        return self.advance() or []
 
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams],
         predicted_output_tokens: Sequence[int | None] | None = None,
-        runner: PipelinedRunner | None = None,
     ) -> list[Completion]:
-        """Run prompts to completion together (offline use); results in prompt order. With a pipelined
-        ``runner`` (the engine's own runner, in pipelined form) ``runner.depth`` plans are in flight."""
+        """Run prompts to completion together (offline use); results in prompt order. ``runner.depth``
+        plans are in flight (``pp_size`` micro-batches through a pipeline)."""
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         predictions = list(predicted_output_tokens or [None] * len(prompts))
         requests = [
-            self.add_request(f"generate-{id(self)}-{i}", prompt, p, predicted_output_tokens=pred)
+            self.add_request(NewRequest(f"generate-{id(self)}-{i}", tuple(prompt), p, pred))
             for i, (prompt, p, pred) in enumerate(zip(prompts, params_list, predictions, strict=True))
         ]
-        runner = runner or SerialRunner(self.runner)
-        in_flight: collections.deque[StepPlan] = collections.deque()
         while any(not r.is_finished for r in requests):
-            if self.advance(runner, in_flight) is None:
+            if self.advance() is None:
                 time.sleep(0.0005)  # e.g. dynamic batching waiting for its timeout
-        while in_flight:  # plans of requests other callers added: apply them, leave nothing on the runner
-            self.complete(in_flight.popleft(), runner.collect())
+        while self._in_flight:  # plans of requests other callers added: apply them, leave nothing behind
+            self.complete(self._in_flight.popleft(), self.runner.collect())
         return [
             Completion(
                 request_id=r.request_id,

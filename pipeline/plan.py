@@ -25,6 +25,13 @@ class ScheduledChunk:
     """Set when this chunk completes the prefix: its last position's logits pick the next token."""
     output_index: int
     """Which output token would be sampled (0 for the first); seeds per-request sampling."""
+    is_decode: bool = False
+    """The request's next step is one output token (``Request.is_decoding`` when planned). A one-token
+    final prefill chunk is not a decode: it attends causally like any prefill chunk."""
+    history_token_ids: tuple[int, ...] = ()
+    """The request's tokens so far (prompt, then output), when its sampling has penalties; else empty."""
+    num_prompt_tokens: int = 0
+    """How many of ``history_token_ids`` are the prompt (penalties treat prompt and output differently)."""
 
     @property
     def num_tokens(self) -> int:
@@ -33,10 +40,6 @@ class ScheduledChunk:
     @property
     def end_pos(self) -> int:
         return self.start_pos + len(self.token_ids)
-
-    @property
-    def is_decode(self) -> bool:
-        return len(self.token_ids) == 1 and self.start_pos > 0
 
 
 @dataclass(frozen=True)

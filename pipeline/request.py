@@ -31,6 +31,13 @@ class SamplingParams:
     """Stop (and keep the token) when any of these is generated."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks force output lengths with it)."""
+    repetition_penalty: float = 1.0
+    """transformers' semantics: the logit of every token already in the prompt or the output is divided
+    by this when positive and multiplied when negative; 1 is off."""
+    presence_penalty: float = 0.0
+    """OpenAI's semantics: subtracted once from the logit of every token already in the output."""
+    frequency_penalty: float = 0.0
+    """OpenAI's semantics: subtracted from a token's logit once per time it is already in the output."""
 
     def __post_init__(self) -> None:
         check_range("max_tokens", self.max_tokens, 1)
@@ -40,10 +47,45 @@ class SamplingParams:
         check_range("top_k", self.top_k, 0)
         if self.seed is not None:
             check_range("seed", self.seed, 0, 2**63 - 1)
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise ValueError(f"repetition_penalty: must be in (0, 100], got {self.repetition_penalty!r}")
+        check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        """Sampling needs the request's earlier tokens, not only the last position's logits."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """A request as it enters an engine, carried unchanged from the ingress to the scheduler.
+
+    Checked here for what needs no engine (ids, emptiness, signs); ``Engine.add_request`` checks what
+    does (context length, vocabulary, duplicate ids)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    predicted_output_tokens: int | None = None
+    """The length predictor's guess (or an oracle's); SSJF orders by it."""
+    bin_id: int = 0
+    """The router's bin; static and dynamic batches can be drawn from one bin."""
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            raise ValueError("request_id: must be a non-empty string")
+        if not self.prompt_token_ids:
+            raise ValueError("prompt: must have at least 1 token, got 0")
+        if self.predicted_output_tokens is not None and self.predicted_output_tokens < 0:
+            raise ValueError(f"predicted_output_tokens: must be >= 0, got {self.predicted_output_tokens}")
+        if self.bin_id < 0:
+            raise ValueError(f"bin_id: must be >= 0, got {self.bin_id}")
 
 
 class RequestStatus(enum.Enum):
@@ -87,6 +129,17 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+
+    @classmethod
+    def of(cls, new: NewRequest, arrival_s: float) -> Request:
+        return cls(
+            request_id=new.request_id,
+            prompt_token_ids=list(new.prompt_token_ids),
+            params=new.params,
+            arrival_s=arrival_s,
+            predicted_output_tokens=new.predicted_output_tokens,
+            bin_id=new.bin_id,
+        )
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,15 +2,17 @@
 
 Pure Python. ``schedule(now_s)`` returns a frozen ``StepPlan``; ``update(plan, output, now_s)`` applies
 the sampled tokens. Every policy is the same mechanism (advance ``num_computed_tokens`` under a budget,
-grow block tables, preempt by recompute when the pool runs dry); the policies differ only in which
-requests they offer tokens to:
+grow block tables, preempt by recompute when the pool runs dry); a policy object
+(``pipeline/policies.py``) only decides which requests are offered tokens, and a waiting-queue object in
+which order new ones are admitted.
 
-- ``sarathi``: running decodes first (one token each), then the next chunk of a partly prefilled
-  request, then chunks of new requests, at most ``max_prefill_chunks`` prefill chunks per step and
-  never more than ``chunk_size`` tokens. Each step costs about the same compute (stall-free batching).
-- ``prefill_first``: whole prompts, and a step that can admit a prompt does only prefills.
-- ``static`` / ``dynamic``: a batch is admitted at once when nothing runs and runs to its last request
-  (prefill-first inside the batch). ``dynamic`` waits for a full batch or ``batch_wait_timeout_s``.
+Liveness (no state with unfinished requests stops making progress, at any pipeline depth):
+
+- Admission reserves a new request's whole prompt, beyond what the running prefills still need to
+  finish theirs and a watermark, not only its first chunk; so admitted prefills can complete.
+- Growth that finds the pool dry preempts the newest idle request admitted *after* the one growing.
+  The oldest running request can therefore always take what it needs once the micro-batches in flight
+  return, and the pool holds at least one whole sequence (``Engine`` checks it), so it finishes.
 
 With pipeline parallelism several plans are in flight; a request is in at most one of them.
 """
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pipeline.block_manager import BlockManager
 from pipeline.config import SchedulerConfig
 from pipeline.plan import ScheduledChunk, StepOutput, StepPlan
-from pipeline.queue_policy import order_waiting
+from pipeline.policies import batching_policy, waiting_queue
 from pipeline.request import FinishReason, Request, RequestStatus
 
 
@@ -35,7 +37,9 @@ class TokenUpdate:
     finish_reason: FinishReason | None
 
 
-class _PlanBuilder:
+class PlanBuilder:
+    """A step's plan while policies fill it: chunks taken so far and the budget left."""
+
     def __init__(self, budget_tokens: int) -> None:
         self.budget_tokens = budget_tokens
         self.chunks: list[ScheduledChunk] = []
@@ -44,28 +48,30 @@ class _PlanBuilder:
         self.num_prefill_chunks = 0
 
     def take(self, request: Request, num_tokens: int) -> None:
-        if not request.is_decoding:
+        is_decode = request.is_decoding
+        if not is_decode:
             self.num_prefill_chunks += 1
         start = request.num_computed_tokens
         end = start + num_tokens
-        completes = end == request.num_tokens
+        params = request.params if end == request.num_tokens else None  # completes the prefix: sample
         self.chunks.append(
             ScheduledChunk(
                 request_id=request.request_id,
                 token_ids=tuple(request.token_ids[start:end]),
                 start_pos=start,
                 block_ids=tuple(request.block_ids),
-                sampling=request.params if completes else None,
+                sampling=params,
                 output_index=request.num_output_tokens,
+                is_decode=is_decode,
+                # Penalties look at earlier tokens; only then does the plan carry them.
+                history_token_ids=tuple(request.token_ids) if params and params.has_penalties else (),
+                num_prompt_tokens=request.num_prompt_tokens,
             )
         )
         self.requests.append(request)
         request.num_computed_tokens = end
         request.is_in_flight = True
         self.budget_tokens -= num_tokens
-
-    def holds(self, request: Request) -> bool:
-        return any(r is request for r in self.requests)
 
 
 class Scheduler:
@@ -81,12 +87,11 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(num_blocks, block_size)
-        # Admission keeps a few blocks back so newly admitted prompts do not immediately force
-        # running decodes into preemption.
-        self._num_watermark_blocks = num_blocks // 100
-        self.waiting: list[Request] = []
+        self.policy = batching_policy(config)
+        self.waiting = waiting_queue(config)
         self.running: list[Request] = []  # in admission order: the newest is preempted first
         self.requests: dict[str, Request] = {}
+        self._num_watermark_blocks = int(num_blocks * config.watermark_fraction)
         self._next_step_id = 0
         self._in_flight: dict[int, list[Request]] = {}  # step id -> its requests, in chunk order
 
@@ -95,7 +100,7 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Queue a request; the engine has validated it."""
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def abort(self, request_id: str, now_s: float) -> Request | None:
         request = self.requests.get(request_id)
@@ -107,25 +112,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    @property
-    def num_in_flight_plans(self) -> int:
-        return len(self._in_flight)
-
     # ---- planning -------------------------------------------------------------------------------
 
     def schedule(self, now_s: float) -> StepPlan:
-        policy = self.config.policy
-        if policy == "sarathi":
-            plan = _PlanBuilder(self.config.chunk_size)
-            self._schedule_decodes(plan)
-            self._schedule_prefills(plan, now_s, whole_prompts=False)
-        else:
-            plan = _PlanBuilder(max(self.config.chunk_size, self.max_model_len))
-            if policy in ("static", "dynamic") and not self.running:
-                self._start_batch(now_s)
-            self._schedule_prefills(plan, now_s, whole_prompts=True)
-            if not plan.chunks:
-                self._schedule_decodes(plan)
+        plan = PlanBuilder(self.policy.budget_tokens(self.config, self.max_model_len))
+        self.policy.fill(self, plan, now_s)
         step_id = self._next_step_id
         self._next_step_id += 1
         # Decodes are listed before prefill chunks, which the workers rely on to batch them together.
@@ -134,7 +125,8 @@ class Scheduler:
             self._in_flight[step_id] = [plan.requests[i] for i in order]
         return StepPlan(step_id, tuple(plan.chunks[i] for i in order), tuple(plan.preempted_ids))
 
-    def _schedule_decodes(self, plan: _PlanBuilder) -> None:
+    def schedule_decodes(self, plan: PlanBuilder) -> None:
+        """One token for every running decode that is not in flight, while the budget lasts."""
         for request in list(self.running):
             if plan.budget_tokens < 1:
                 return
@@ -143,13 +135,14 @@ class Scheduler:
             if self._grow_or_preempt(request, request.num_computed_tokens + 1, plan):
                 plan.take(request, 1)
 
-    def _schedule_prefills(self, plan: _PlanBuilder, now_s: float, whole_prompts: bool) -> None:
-        """Offer the budget to unfinished prefills: running ones first, then (if allowed) new ones."""
-        batch_mode = self.config.policy in ("static", "dynamic")
-        max_chunks = self.config.max_prefill_chunks if not whole_prompts else self.config.max_num_seqs
+    def schedule_prefills(
+        self, plan: PlanBuilder, now_s: float, max_chunks: int, whole_prompts: bool, admit_new: bool
+    ) -> None:
+        """Offer the budget to unfinished prefills: running ones first, then (if ``admit_new``) waiting
+        ones in queue order. ``whole_prompts``: a prompt is computed in one chunk or not at all."""
         candidates = [r for r in self.running if not r.is_in_flight and not r.is_decoding]
-        if not batch_mode:
-            candidates += order_waiting(self.waiting, now_s, self.config)
+        if admit_new:
+            candidates += self.waiting.ordered(now_s)
         for request in candidates:
             if plan.budget_tokens < 1 or plan.num_prefill_chunks >= max_chunks:
                 return
@@ -162,67 +155,62 @@ class Scheduler:
             elif num_tokens > plan.budget_tokens:
                 return
             end = request.num_computed_tokens + num_tokens
-            reserved = self._num_watermark_blocks if is_new and self.running else 0
-            if not self.block_manager.can_grow(request, end, reserved):
-                if is_new:
-                    return  # admit in strict queue order: the head of the line is not overtaken
-                continue
-            self.block_manager.grow(request, end)
             if is_new:
-                self._admit(request, now_s)
+                if not self._can_admit(request):
+                    return  # admit in strict queue order: the head of the line is not overtaken
+                self.block_manager.grow(request, end)
+                self.admit(request, now_s)
+            elif not self._grow_or_preempt(request, end, plan):
+                continue
             plan.take(request, num_tokens)
 
-    def _start_batch(self, now_s: float) -> None:
-        """Static/dynamic batching: at a batch boundary, admit the next batch (from one bin if grouping)."""
-        ordered = order_waiting(self.waiting, now_s, self.config)
-        if self.config.group_by_bin:
-            by_bin: dict[int, list[Request]] = {}
-            for request in ordered:  # bins in the order their best request is served
-                by_bin.setdefault(request.bin_id, []).append(request)
-            ordered = next((members for members in by_bin.values() if self._is_batch_ready(members, now_s)), [])
-        elif ordered and not self._is_batch_ready(ordered, now_s):
-            return
-        for request in ordered[: self.config.max_num_seqs]:
-            self._admit(request, now_s)
+    def _can_admit(self, request: Request) -> bool:
+        """Whether the whole prompt fits beside what running prefills still need, and the watermark."""
+        manager = self.block_manager
+        num_reserved = sum(
+            manager.num_missing_blocks(r, r.num_tokens) for r in self.running if not r.is_decoding
+        )
+        if self.running:
+            num_reserved += self._num_watermark_blocks
+        return (
+            manager.num_missing_blocks(request, request.num_tokens) <= manager.num_free_blocks - num_reserved
+        )
 
-    def _is_batch_ready(self, candidates: list[Request], now_s: float) -> bool:
-        if self.config.policy == "static" or len(candidates) >= self.config.max_num_seqs:
-            return True
-        oldest_arrival_s = min(r.arrival_s for r in candidates)
-        return now_s - oldest_arrival_s >= self.config.batch_wait_timeout_s
-
-    def _admit(self, request: Request, now_s: float) -> None:
+    def admit(self, request: Request, now_s: float) -> None:
+        """Move a waiting request to running (its blocks are grown by whoever schedules it)."""
         self.waiting.remove(request)
         self.running.append(request)
         request.status = RequestStatus.RUNNING
         if request.admitted_s is None:
             request.admitted_s = now_s
 
-    def _grow_or_preempt(self, request: Request, num_tokens: int, plan: _PlanBuilder) -> bool:
-        """Grow ``request`` to ``num_tokens`` positions, preempting the newest idle requests if needed."""
+    def _grow_or_preempt(self, request: Request, num_tokens: int, plan: PlanBuilder) -> bool:
+        """Grow ``request`` to ``num_tokens`` positions, preempting the newest idle requests admitted after
+        it if needed; False (nothing changed but preemptions) when that is not enough yet."""
         while not self.block_manager.can_grow(request, num_tokens):
-            victim = next(
-                (
-                    r
-                    for r in reversed(self.running)
-                    if r is not request and r.block_ids and not r.is_in_flight and not plan.holds(r)
-                ),
-                None,
-            )
+            victim = self._newest_idle_after(request)
             if victim is None:
                 return False
             self._preempt(victim, plan)
         self.block_manager.grow(request, num_tokens)
         return True
 
-    def _preempt(self, request: Request, plan: _PlanBuilder) -> None:
+    def _newest_idle_after(self, request: Request) -> Request | None:
+        for victim in reversed(self.running):
+            if victim is request:
+                return None
+            if victim.block_ids and not victim.is_in_flight:
+                return victim
+        return None
+
+    def _preempt(self, request: Request, plan: PlanBuilder) -> None:
         """Free the request's KV and send it back to wait; it recomputes its whole prefix later."""
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.running.remove(request)
-        self.waiting.append(request)
+        self.waiting.add(request)
         plan.preempted_ids.append(request.request_id)
 
     # ---- results --------------------------------------------------------------------------------

@@ -3,20 +3,34 @@
 It keeps a fake paged "KV cache" that stores token ids at their slots (block id * block size +
 offset), and samples a token that is a function of the whole prefix read back through the block
 table. So a wrong block table, a lost write or a bad recompute after preemption changes the tokens.
+
+``depth`` plans may be in flight, as in a pipeline of that many stages: each is computed only when it
+is collected, so the engine schedules the next plans before the earlier ones' tokens are back.
 """
 
 from __future__ import annotations
+
+import collections
 
 from pipeline.plan import StepOutput, StepPlan
 
 
 class FakeRunner:
-    def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 1000) -> None:
+    def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 1000, depth: int = 1) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.vocab_size = vocab_size
+        self.depth = depth
         self.slots: dict[int, int] = {}
         self.plans: list[StepPlan] = []
+        self._pending: collections.deque[StepPlan] = collections.deque()
+
+    def submit(self, plan: StepPlan) -> None:
+        assert len(self._pending) < self.depth, "more plans in flight than the runner's depth"
+        self._pending.append(plan)
+
+    def collect(self) -> StepOutput:
+        return self.execute(self._pending.popleft())
 
     def _slot(self, block_ids: tuple[int, ...], pos: int) -> int:
         return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size

@@ -117,10 +117,13 @@ def test_text_stream_cuts_at_the_first_stop_string(tokenizer, stop: str) -> None
     assert stream.is_stopped == (stop in text)
 
 
-def policy_context(per_replica: dict[str, float], current: int = 2, target: int = 2) -> SimpleNamespace:
+def policy_context(
+    per_replica: dict[str, float], current: int = 2, target: int = 2, waiting: float = 0.0
+) -> SimpleNamespace:
     return SimpleNamespace(
         current_num_replicas=current,
         target_num_replicas=target,
+        total_num_requests=waiting,
         policy_state={},
         aggregated_metrics={OUTSTANDING_TOKENS_METRIC: per_replica} if per_replica else {},
     )
@@ -133,6 +136,12 @@ def test_policy_scales_with_predicted_outstanding_tokens_not_request_counts() ->
     assert policy(policy_context({"a": 0.0, "b": 0.0}))[0] == 0.0
     assert policy(policy_context({}, current=2, target=3))[0] == 3.0  # no reports yet: hold the target
     assert policy(policy_context({"a": 5.0}, current=0, target=1))[0] == 1.0
+
+
+def test_a_pool_scaled_to_zero_comes_back_when_requests_wait() -> None:
+    policy = PredictedTokensPolicy(target_outstanding_tokens=1000)
+    assert policy(policy_context({}, current=0, target=0, waiting=3.0))[0] == 1.0  # requests in the handles
+    assert policy(policy_context({}, current=0, target=0, waiting=0.0))[0] == 0.0  # idle: stay at zero
 
 
 # ---- the cluster --------------------------------------------------------------------------------------
@@ -261,14 +270,14 @@ def test_requests_are_served_by_the_pool_of_their_predicted_bin(cluster: Cluster
 
 
 def test_inside_a_replica_shorter_predicted_jobs_are_served_first(cluster: Cluster, tokenizer) -> None:
-    from cluster.engine_pool import EngineRequest
+    from pipeline.request import NewRequest
 
     pool = cluster.pool(0).options(stream=True)
     prompt = tuple(tokenizer("Tell me something").input_ids)
 
-    def request(name: str, predicted: int, max_tokens: int) -> EngineRequest:
+    def request(name: str, predicted: int, max_tokens: int) -> NewRequest:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        return EngineRequest(f"ssjf-{name}-{time.monotonic_ns()}", prompt, params, predicted, 0)
+        return NewRequest(f"ssjf-{name}-{time.monotonic_ns()}", prompt, params, predicted, 0)
 
     async def finish(responses, started: asyncio.Event | None = None) -> object:
         async for output in responses:

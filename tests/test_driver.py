@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from pipeline.config import SchedulerConfig
-from pipeline.driver import EngineDeadError, EngineDriver, QueueFullError, SerialRunner
+from pipeline.driver import EngineDeadError, EngineDriver, QueueFullError
 from pipeline.engine import Engine
-from pipeline.request import SamplingParams
+from pipeline.request import NewRequest, SamplingParams
 from pipeline.scheduler import Scheduler
 from tests.fake_runner import FakeRunner
 
@@ -18,13 +18,18 @@ from tests.fake_runner import FakeRunner
 def make_driver(runner=None, **kwargs) -> EngineDriver:
     runner = runner or FakeRunner(64, 4)
     scheduler = Scheduler(SchedulerConfig(chunk_size=16), 64, 4, 128, eos_token_ids=())
-    driver = EngineDriver(Engine(runner, scheduler, vocab_size=1000), SerialRunner(runner), **kwargs)
+    driver = EngineDriver(Engine(runner, scheduler), **kwargs)
     driver.start()
     return driver
 
 
 async def collect(driver: EngineDriver, request_id: str, max_tokens: int) -> list:
-    return [o async for o in driver.generate(request_id, [1, 2, 3], SamplingParams(max_tokens=max_tokens))]
+    return [
+        o
+        async for o in driver.generate(
+            NewRequest(request_id, (1, 2, 3), SamplingParams(max_tokens=max_tokens))
+        )
+    ]
 
 
 def test_concurrent_streams_get_all_their_tokens() -> None:
@@ -45,7 +50,10 @@ def test_bad_request_raises_value_error_and_others_continue() -> None:
 
     async def main():
         with pytest.raises(ValueError, match="prompt: must have at least 1 token"):
-            async for _ in driver.generate("bad", [], SamplingParams()):
+            async for _ in driver.generate(NewRequest("bad", (), SamplingParams())):
+                pass
+        with pytest.raises(ValueError, match="prompt_token_ids: ids must be in"):
+            async for _ in driver.generate(NewRequest("bad", (5000,), SamplingParams())):
                 pass
         return await collect(driver, "good", 4)
 
@@ -57,7 +65,7 @@ def test_cancelled_stream_aborts_and_frees_blocks() -> None:
     driver = make_driver()
 
     async def main():
-        stream = driver.generate("long", [1, 2, 3], SamplingParams(max_tokens=100))
+        stream = driver.generate(NewRequest("long", (1, 2, 3), SamplingParams(max_tokens=100)))
         await stream.__anext__()
         await stream.aclose()  # what a cancelled gRPC call does
         for _ in range(100):

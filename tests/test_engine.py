@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from pipeline.request import FinishReason, SamplingParams
+from pipeline.request import FinishReason, NewRequest, SamplingParams
 from workers.llm import LLM
 
 PROMPTS = [
@@ -105,11 +105,13 @@ def test_ignore_eos_forces_the_output_length(tiny_llama: str) -> None:
 def test_bad_input_names_the_field_and_the_engine_keeps_serving(tiny_llama: str) -> None:
     llm = make_llm(tiny_llama, kv_cache_bytes=16 * 2**20, max_model_len=64)
     engine = llm.engine
-    engine.add_request("good", llm.encode("Hello there"), SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.add_request(
+        NewRequest("good", llm.encode("Hello there"), SamplingParams(max_tokens=5, ignore_eos=True))
+    )
     with pytest.raises(ValueError, match=r"prompt: must be a non-empty string"):
         llm.encode("")
     with pytest.raises(ValueError, match=r"prompt: 64 tokens, must be at most 63"):
-        engine.add_request("long", list(range(64)), SamplingParams())
+        engine.add_request(NewRequest("long", list(range(64)), SamplingParams()))
     for field, kwargs in [
         ("max_tokens", dict(max_tokens=0)),
         ("temperature", dict(temperature=-1.0)),
@@ -178,3 +180,73 @@ def test_mistral_sliding_window_linear_rope_and_multi_query(tmp_path) -> None:
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, eos_token_id=None
         )
         assert list(d.completion.output_token_ids) == out[0, ids.shape[1] :].tolist()
+
+
+def test_stages_are_materialised_in_the_serving_dtype(tiny_llama: str, monkeypatch) -> None:
+    """Weights are cast on the meta device, so no fp32 copy is ever allocated for a bf16 model (on CUDA
+    that copy stayed cached and the KV pool was sized ~4 bytes a parameter short)."""
+    from workers.checkpoint import load_config
+    from workers.model import DecoderStage
+    from workers.runner import empty_stage
+
+    dtypes_at_materialisation: list[set] = []
+    to_empty = DecoderStage.to_empty
+
+    def spy(self, *, device, recurse=True):
+        dtypes_at_materialisation.append({p.dtype for p in self.parameters()})
+        return to_empty(self, device=device, recurse=recurse)
+
+    monkeypatch.setattr(DecoderStage, "to_empty", spy)
+    stage = empty_stage(load_config(tiny_llama), 0, 4, torch.bfloat16, torch.device("cpu"))
+    assert dtypes_at_materialisation == [{torch.bfloat16}]
+    assert {p.dtype for p in stage.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cpu" for p in stage.parameters())
+
+
+def test_repetition_penalty_greedy_tokens_equal_transformers(tiny_llama: str) -> None:
+    llm = make_llm(tiny_llama, chunk_size=16, kv_cache_bytes=64 * 2**20)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    expected = []
+    for prompt in PROMPTS[:5]:
+        ids = torch.tensor([llm.encode(prompt)])
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            repetition_penalty=3.0,
+        )
+        expected.append(out[0, ids.shape[1] :].tolist())
+    done = llm.generate(PROMPTS[:5], SamplingParams(max_tokens=MAX_TOKENS, repetition_penalty=3.0))
+    assert [list(d.completion.output_token_ids) for d in done] == expected
+
+
+def test_repetition_penalty_equals_transformers_logits_processor() -> None:
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from pipeline.plan import ScheduledChunk
+    from workers.sampler import penalize
+
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 3
+    history = (3, 7, 7, 11, 40, 3, 0)
+    chunk = ScheduledChunk("r", (0,), 7, (0,), SamplingParams(repetition_penalty=1.7), 3, False, history, 4)
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([history]), logits.clone())
+    assert torch.equal(penalize(logits[0], chunk), expected[0])
+
+
+def test_presence_and_frequency_penalties_follow_openai() -> None:
+    """logit[t] -= frequency_penalty * count(t in output) + presence_penalty * (count > 0); the prompt's
+    tokens are not counted."""
+    from pipeline.plan import ScheduledChunk
+    from workers.sampler import sample
+
+    logits = torch.tensor([[2.0, 1.9, 1.5, 0.0]])
+    params = SamplingParams(presence_penalty=0.05, frequency_penalty=0.1)
+    chunk = ScheduledChunk("r", (0,), 4, (0,), params, 2, history_token_ids=(1, 1, 0, 0), num_prompt_tokens=2)
+    # Token 0 is twice in the output: 2.0 - 0.2 - 0.05 = 1.75 < 1.9 (token 1 is only in the prompt).
+    assert sample(logits, (chunk,)) == [1]
+    assert sample(logits, (ScheduledChunk("r", (0,), 4, (0,), SamplingParams(), 2),)) == [0]
+    with pytest.raises(ValueError, match=r"presence_penalty: must be in \[-2.0, 2.0\]"):
+        SamplingParams(presence_penalty=3.0)
+    with pytest.raises(ValueError, match=r"repetition_penalty: must be in \(0, 100\]"):
+        SamplingParams(repetition_penalty=0.0)

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from pipeline.driver import EngineDeadError, EngineDriver
-from pipeline.request import FinishReason, SamplingParams
+from pipeline.request import FinishReason, NewRequest, SamplingParams
 from workers.checkpoint import load_config
 from workers.llm import LLM, build_engine
 from workers.partition import kv_block_bytes, split_layers, stage_layer_ranges
@@ -76,12 +76,13 @@ def test_stages_in_one_process_match_the_whole_model(tiny_model_factory, arch: s
     stages = [StageWorker(config.model, (0, 1)), StageWorker(config.model, (1, 4))]
     for stage in stages:
         stage.load(cache)
-    engine = build_engine(config, whole.runner, whole.runner.num_blocks, whole.runner.vocab_size)
+    engine = build_engine(config, whole.runner)
     for i, prompt in enumerate(PROMPTS):
-        engine.add_request(f"p{i}", whole.encode(prompt), SamplingParams(max_tokens=4))
+        engine.add_request(NewRequest(f"p{i}", whole.encode(prompt), SamplingParams(max_tokens=4)))
     while engine.has_unfinished:
         plan = engine.schedule()
-        expected = whole.runner.execute(plan)
+        whole.runner.submit(plan)
+        expected = whole.runner.collect()
         result = stages[1].forward(plan, stages[0].forward(plan))
         assert isinstance(result, MicroBatchResult) and len(result.stage_busy_s) == 2
         assert result.output == expected
@@ -138,13 +139,13 @@ def test_killed_stage_fails_its_requests_and_the_replica_turns_unhealthy(
 ) -> None:
     config = engine_config(tiny_llama, pp_size=2)
     runner = PipelineRunner.create(config)
-    driver = EngineDriver(build_engine(config, runner, runner.num_blocks, runner.vocab_size), runner)
+    driver = EngineDriver(build_engine(config, runner))
     driver.start()
     long = SamplingParams(max_tokens=2000, ignore_eos=True)
 
     async def stream(request_id: str, started: asyncio.Event) -> list:
         outputs = []
-        async for out in driver.generate(request_id, list(range(1, 40)), long):
+        async for out in driver.generate(NewRequest(request_id, tuple(range(1, 40)), long)):
             outputs.append(out)
             started.set()
         return outputs
@@ -167,7 +168,7 @@ def test_killed_stage_fails_its_requests_and_the_replica_turns_unhealthy(
         assert not driver.is_healthy
 
         async def after() -> None:
-            async for _ in driver.generate("late", [1, 2, 3], SamplingParams()):
+            async for _ in driver.generate(NewRequest("late", (1, 2, 3), SamplingParams())):
                 pass
 
         with pytest.raises(EngineDeadError, match="engine is unhealthy"):
@@ -179,8 +180,29 @@ def test_killed_stage_fails_its_requests_and_the_replica_turns_unhealthy(
 
 def test_pipeline_runner_also_runs_one_plan_at_a_time(pipeline: PipelineRunner, tiny_llama: str) -> None:
     llm = LLM(engine_config(tiny_llama, pp_size=2), runner=pipeline)
-    llm.engine.add_request("one", llm.encode("Hello there"), SamplingParams(max_tokens=3, ignore_eos=True))
+    llm.engine.add_request(
+        NewRequest("one", llm.encode("Hello there"), SamplingParams(max_tokens=3, ignore_eos=True))
+    )
     outputs = []
     while llm.engine.has_unfinished:
-        outputs += llm.engine.step()  # Engine.step uses runner.execute
+        outputs += llm.engine.step()
     assert [o.finish_reason for o in outputs] == [None, None, FinishReason.LENGTH]
+
+
+def test_two_long_prompts_finish_on_two_stages_under_kv_pressure(ray_cluster, tiny_llama: str) -> None:
+    """The reproduction on the real engine: 128 blocks of 16 tokens, two ~1,500-token prompts, chunk 512,
+    pp 2. Admission used to reserve only the first chunk: both prefills stalled at 1,024 tokens, forever."""
+    config = EngineConfig(
+        ModelConfig(tiny_llama, max_model_len=2048),
+        cache=CacheConfig(num_blocks=128),
+        scheduler=SchedulerConfig(chunk_size=512),
+        parallel=ParallelConfig(pp_size=2),
+    )
+    llm = LLM(config)
+    try:
+        prompts = [tuple((17 * i + j) % 8000 + 1 for j in range(1500)) for i in range(2)]
+        done = llm.engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+        assert [len(c.output_token_ids) for c in done] == [8, 8]
+        assert llm.engine.scheduler.block_manager.num_free_blocks == 128
+    finally:
+        llm.shutdown()

@@ -57,7 +57,7 @@ def test_route_names_the_bin_and_its_pool() -> None:
     }
     for length, route in expected.items():
         assert router.route(length) == route
-    assert router.bins_of_pool(0) == (0, 1) and router.bins_of_pool(1) == (2, 3)
+    assert router.pool_of_bin == (0, 0, 1, 1)  # bins 0-1 on pool 0, bins 2-3 on pool 1
     assert router.num_bins == 4 and router.num_pools == 2
 
 

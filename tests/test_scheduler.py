@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import SchedulerConfig
 from pipeline.engine import Engine
 from pipeline.plan import StepPlan
-from pipeline.request import FinishReason, SamplingParams
+from pipeline.request import FinishReason, NewRequest, SamplingParams
 from pipeline.scheduler import Scheduler
 from tests.fake_runner import FakeRunner, next_token
 
@@ -32,7 +32,7 @@ def make_engine(
     sched = Scheduler(
         SchedulerConfig(**scheduler), num_blocks, block_size, max_model_len, eos_token_ids=(EOS,)
     )
-    return Engine(runner, sched, vocab_size=1000, clock=clock), runner, clock
+    return Engine(runner, sched, clock=clock), runner, clock
 
 
 def run_to_end(engine: Engine, clock: Clock, max_steps: int = 10_000) -> list[str]:
@@ -79,7 +79,7 @@ def test_sarathi_budget_and_decode_maximal_composition(chunk_size: int) -> None:
     engine, runner, clock = make_engine(chunk_size=chunk_size, max_num_seqs=8)
     prompts = random_prompts(20)
     for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=12))
+        engine.add_request(NewRequest(f"r{i}", p, SamplingParams(max_tokens=12)))
     while engine.has_unfinished:
         clock.now_s += 0.01
         decodable = {r.request_id for r in engine.scheduler.running if r.is_decoding}
@@ -114,7 +114,7 @@ def test_outputs_match_fake_model_across_policies() -> None:
 
 def test_chunked_prefill_samples_only_on_last_chunk() -> None:
     engine, runner, clock = make_engine(chunk_size=16)
-    engine.add_request("a", list(range(40)), SamplingParams(max_tokens=2))
+    engine.add_request(NewRequest("a", list(range(40)), SamplingParams(max_tokens=2)))
     run_to_end(engine, clock)
     chunks = [c for plan in runner.plans for c in plan.chunks]
     assert [(c.start_pos, c.num_tokens, c.sampling is not None) for c in chunks] == [
@@ -127,10 +127,10 @@ def test_chunked_prefill_samples_only_on_last_chunk() -> None:
 
 def test_prefill_first_runs_whole_prompts_without_decodes() -> None:
     engine, runner, clock = make_engine(policy="prefill_first", chunk_size=8, max_num_seqs=8)
-    engine.add_request("a", list(range(30)), SamplingParams(max_tokens=5))
+    engine.add_request(NewRequest("a", list(range(30)), SamplingParams(max_tokens=5)))
     clock.now_s += 0.01
     engine.step()
-    engine.add_request("b", list(range(20)), SamplingParams(max_tokens=5))
+    engine.add_request(NewRequest("b", list(range(20)), SamplingParams(max_tokens=5)))
     run_to_end(engine, clock)
     first, second = runner.plans[0], runner.plans[1]
     assert [(c.request_id, c.num_tokens) for c in first.chunks] == [("a", 30)]
@@ -143,7 +143,8 @@ def test_fcfs_serves_in_arrival_order() -> None:
     engine, _, clock = make_engine(max_num_seqs=1, queue_order="fcfs")
     for i, pred in enumerate([50, 10, 30]):
         engine.add_request(
-            f"r{i}", [1, 2, 3], SamplingParams(max_tokens=3), predicted_output_tokens=pred, arrival_s=i
+            NewRequest(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=3), predicted_output_tokens=pred),
+            arrival_s=i,
         )
     assert run_to_end(engine, clock) == ["r0", "r1", "r2"]
 
@@ -152,7 +153,8 @@ def test_ssjf_serves_shortest_predicted_first() -> None:
     engine, _, clock = make_engine(max_num_seqs=1, queue_order="ssjf", aging_threshold_s=1e9)
     for i, pred in enumerate([50, 10, 30, 10]):
         engine.add_request(
-            f"r{i}", [1, 2, 3], SamplingParams(max_tokens=3), predicted_output_tokens=pred, arrival_s=0
+            NewRequest(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=3), predicted_output_tokens=pred),
+            arrival_s=0,
         )
     assert run_to_end(engine, clock) == ["r1", "r3", "r2", "r0"]
 
@@ -161,13 +163,16 @@ def test_ssjf_aging_guard_serves_starved_request_first() -> None:
     engine, _, clock = make_engine(max_num_seqs=1, queue_order="ssjf", aging_threshold_s=1.0)
     clock.now_s = 5.0
     engine.add_request(
-        "long-old", [1, 2], SamplingParams(max_tokens=3), predicted_output_tokens=500, arrival_s=0.0
+        NewRequest("long-old", [1, 2], SamplingParams(max_tokens=3), predicted_output_tokens=500),
+        arrival_s=0.0,
     )
     engine.add_request(
-        "short-new", [1, 2], SamplingParams(max_tokens=3), predicted_output_tokens=1, arrival_s=4.5
+        NewRequest("short-new", [1, 2], SamplingParams(max_tokens=3), predicted_output_tokens=1),
+        arrival_s=4.5,
     )
     engine.add_request(
-        "short-old", [1, 2], SamplingParams(max_tokens=3), predicted_output_tokens=2, arrival_s=3.0
+        NewRequest("short-old", [1, 2], SamplingParams(max_tokens=3), predicted_output_tokens=2),
+        arrival_s=3.0,
     )
     # long-old (waited 5 s) and short-old (2 s) are past the 1 s threshold: oldest first, then SSJF.
     assert run_to_end(engine, clock) == ["long-old", "short-old", "short-new"]
@@ -178,7 +183,8 @@ def test_static_batches_are_drawn_from_one_bin_and_run_to_completion() -> None:
     bins = [0, 1, 0, 1, 0, 0, 1]
     requests = [
         engine.add_request(
-            f"r{i}", [i + 1] * 5, SamplingParams(max_tokens=2 + i, ignore_eos=True), bin_id=b, arrival_s=i
+            NewRequest(f"r{i}", [i + 1] * 5, SamplingParams(max_tokens=2 + i, ignore_eos=True), bin_id=b),
+            arrival_s=i,
         )
         for i, b in enumerate(bins)
     ]
@@ -199,16 +205,16 @@ def test_static_batches_are_drawn_from_one_bin_and_run_to_completion() -> None:
 
 def test_dynamic_batching_waits_for_full_batch_or_timeout() -> None:
     engine, runner, clock = make_engine(policy="dynamic", max_num_seqs=3, batch_wait_timeout_s=1.0)
-    engine.add_request("a", [1, 2], SamplingParams(max_tokens=2), arrival_s=0.0)
+    engine.add_request(NewRequest("a", [1, 2], SamplingParams(max_tokens=2)), arrival_s=0.0)
     clock.now_s = 0.5
     assert engine.schedule().is_empty  # one request, not timed out yet
-    engine.add_request("b", [1, 2], SamplingParams(max_tokens=2), arrival_s=0.5)
-    engine.add_request("c", [1, 2], SamplingParams(max_tokens=2), arrival_s=0.5)
+    engine.add_request(NewRequest("b", [1, 2], SamplingParams(max_tokens=2)), arrival_s=0.5)
+    engine.add_request(NewRequest("c", [1, 2], SamplingParams(max_tokens=2)), arrival_s=0.5)
     plan = engine.schedule()  # full batch: starts at once
     assert {c.request_id for c in plan.chunks} == {"a", "b", "c"}
     engine.complete(plan, runner.execute(plan))
     run_to_end(engine, clock)
-    engine.add_request("d", [1, 2], SamplingParams(max_tokens=2), arrival_s=clock.now_s)
+    engine.add_request(NewRequest("d", [1, 2], SamplingParams(max_tokens=2)), arrival_s=clock.now_s)
     assert engine.schedule().is_empty
     clock.now_s += 1.0
     assert [c.request_id for c in engine.schedule().chunks] == ["d"]
@@ -217,7 +223,7 @@ def test_dynamic_batching_waits_for_full_batch_or_timeout() -> None:
 def test_aborts_free_every_block_in_every_state() -> None:
     engine, runner, clock = make_engine(chunk_size=8, max_num_seqs=2)
     for i in range(4):
-        engine.add_request(f"r{i}", list(range(1, 20)), SamplingParams(max_tokens=50))
+        engine.add_request(NewRequest(f"r{i}", list(range(1, 20)), SamplingParams(max_tokens=50)))
     clock.now_s += 0.01
     engine.step()
     in_flight_plan = engine.schedule()  # r0's second chunk is planned but its output not back yet
@@ -262,7 +268,9 @@ def test_stop_conditions() -> None:
 
 def test_request_timestamps_are_recorded() -> None:
     engine, _, clock = make_engine()
-    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True), arrival_s=0.0)
+    engine.add_request(
+        NewRequest("a", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True)), arrival_s=0.0
+    )
     metrics = None
     while engine.has_unfinished:
         clock.now_s += 0.5
@@ -285,11 +293,11 @@ def test_request_timestamps_are_recorded() -> None:
 )
 def test_bad_requests_are_refused_and_others_keep_running(kwargs: dict, field: str) -> None:
     engine, _, clock = make_engine()
-    engine.add_request("busy", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.add_request(NewRequest("busy", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)))
     args = dict(request_id="bad", prompt_token_ids=[1], params=SamplingParams())
     args.update(kwargs)
     with pytest.raises(ValueError, match=field):
-        engine.add_request(**args)
+        engine.add_request(NewRequest(**args))
     run_to_end(engine, clock)
     assert engine.scheduler.block_manager.num_free_blocks == 256
 

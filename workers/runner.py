@@ -1,13 +1,17 @@
 """The model runner: one stage of a model on one device, with its share of the paged KV cache.
 
     runner = ModelRunner(ModelConfig("/tmp/tiny"), CacheConfig())          # all layers
-    output = runner.execute(plan)                                          # a StepOutput
+    runner.submit(plan)
+    output = runner.collect()                                              # a StepOutput
 
-A pipeline stage holds a layer range: ``forward_stage(plan, hidden)`` returns hidden states for the
-next stage, and on the last stage the sampled tokens.
+As an engine's runner it holds every layer (``depth`` 1: ``collect`` computes the plan). A pipeline
+stage holds a layer range: ``forward_stage(plan, hidden)`` returns hidden states for the next stage, and
+on the last stage the sampled tokens.
 """
 
 from __future__ import annotations
+
+import collections
 
 import torch
 from transformers import PretrainedConfig
@@ -37,6 +41,8 @@ def kv_capacity_blocks(
     if cache.num_blocks is not None:
         return cache.num_blocks
     if device.type == "cuda":
+        # Blocks PyTorch's caching allocator holds but no tensor uses are free for the KV pool.
+        torch.cuda.empty_cache()
         free_bytes, _ = torch.cuda.mem_get_info(device)
         budget = int((free_bytes - weight_bytes_to_load) * cache.gpu_memory_fraction)
     else:
@@ -56,7 +62,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def empty_stage(
+    hf_config: PretrainedConfig, start: int, end: int, dtype: torch.dtype, device: torch.device
+) -> DecoderStage:
+    """Layers ``[start, end)`` with uninitialised weights of ``dtype`` on ``device``, ready to load.
+
+    Built on the meta device, so a large checkpoint is not first filled with random weights, and cast
+    there: materialising in fp32 and then casting would peak at 6 bytes a parameter for a bf16 model and
+    leave 4 of them in PyTorch's caching allocator, where the KV pool's sizing would not count them free.
+    """
+    with torch.device("meta"):
+        stage = DecoderStage(hf_config, start, end).to(dtype)
+    return stage.to_empty(device=device)
+
+
 class ModelRunner:
+    depth = 1
+    """Plans in flight at once: this runner computes each plan when it is collected."""
+
     def __init__(
         self,
         model: ModelConfig,
@@ -70,6 +93,7 @@ class ModelRunner:
             keep_freed_memory()
         start, end = layer_range or (0, self.hf_config.num_hidden_layers)
         self.stage = self._load_stage(model.model_dir, start, end)
+        self._pending: collections.deque[StepPlan] = collections.deque()
         self.block_size = cache.block_size
         self.sliding_window = sliding_window_of(self.hf_config)
         self.num_blocks = cache.num_blocks or self._num_blocks_for_budget(cache)
@@ -103,10 +127,7 @@ class ModelRunner:
         return self.stage.is_last
 
     def _load_stage(self, model_dir: str, start: int, end: int) -> DecoderStage:
-        # Build on the meta device so large checkpoints are not first filled with random weights.
-        with torch.device("meta"):
-            stage = DecoderStage(self.hf_config, start, end)
-        stage = stage.to_empty(device=self.device).to(self.dtype)
+        stage = empty_stage(self.hf_config, start, end, self.dtype, self.device)
         params = dict(stage.named_parameters())
         targets: dict[str, list[str]] = {}
         for name in params:
@@ -151,8 +172,12 @@ class ModelRunner:
         logits = self.stage.lm_head(hidden[torch.tensor(rows, device=self.device)]).float()  # (N, V)
         return StepOutput(plan.step_id, tuple(sample(logits, plan.sampling_chunks)))
 
-    def execute(self, plan: StepPlan) -> StepOutput:
-        """Run a whole-model runner (first and last stage at once) on a plan."""
-        output = self.forward_stage(plan)
-        assert isinstance(output, StepOutput), "execute() needs a runner that holds every layer"
+    # ---- the engine's Runner interface (a runner that holds every layer) --------------------------
+
+    def submit(self, plan: StepPlan) -> None:
+        self._pending.append(plan)
+
+    def collect(self) -> StepOutput:
+        output = self.forward_stage(self._pending.popleft())
+        assert isinstance(output, StepOutput), "an engine's ModelRunner holds every layer"
         return output

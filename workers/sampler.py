@@ -1,4 +1,4 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with reproducible per-request seeds."""
+"""Token sampling: penalties, then greedy or temperature / top-k / top-p, with reproducible per-request seeds."""
 
 from __future__ import annotations
 
@@ -27,8 +27,35 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def penalize(logits: torch.Tensor, chunk: ScheduledChunk) -> torch.Tensor:
+    """Apply a request's penalties to its (V,) logits, as its logits processors would."""
+    params = chunk.sampling
+    assert params is not None
+    history = torch.tensor(chunk.history_token_ids, dtype=torch.long, device=logits.device)
+    if params.repetition_penalty != 1.0:
+        # transformers' RepetitionPenaltyLogitsProcessor: every token seen, prompt included, once.
+        seen = logits.gather(0, history)
+        seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
+        logits = logits.scatter(0, history, seen)
+    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+        # OpenAI's: output tokens only; frequency per occurrence, presence once.
+        output = history[chunk.num_prompt_tokens :]
+        counts = torch.zeros_like(logits).scatter_add_(0, output, torch.ones_like(output, dtype=logits.dtype))
+        logits = (
+            logits
+            - params.frequency_penalty * counts
+            - params.presence_penalty * (counts > 0).to(logits.dtype)
+        )
+    return logits
+
+
 def sample(logits: torch.Tensor, chunks: tuple[ScheduledChunk, ...]) -> list[int]:
     """logits (N, V) float32, one row per sampling chunk -> one token id per row."""
+    penalized = [row for row, chunk in enumerate(chunks) if chunk.sampling and chunk.sampling.has_penalties]
+    if penalized:
+        logits = logits.clone()
+        for row in penalized:
+            logits[row] = penalize(logits[row], chunks[row])
     tokens = logits.argmax(-1).tolist()
     for row, chunk in enumerate(chunks):
         params = chunk.sampling

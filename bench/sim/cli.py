@@ -14,7 +14,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from tools.commands import engine_config_from_args
     from workers.checkpoint import load_tokenizer
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads)
     config = engine_config_from_args(args)
     workload = sharegpt_requests(load_tokenizer(args.model), args.num_requests, seed=args.seed)
     model = profile_engine(config, workload)
@@ -31,6 +31,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from bench.workload import azure_requests, gamma_arrivals, sharegpt_requests, with_arrivals
     from cluster.router import BinRouter
     from pipeline.config import SchedulerConfig
+    from tools.config_flags import config_from_flags
 
     cost_model = StepCostModel.load(args.profile)
     if args.workload == "sharegpt":
@@ -47,13 +48,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         lengths[len(lengths) * i // args.num_bins] for i in range(1, args.num_bins)
     ]  # equal mass, oracle
     router = BinRouter.build(edges, num_pools=args.num_pools or args.num_bins)
-    scheduler = SchedulerConfig(
-        policy=args.policy,
-        chunk_size=args.chunk_size,
-        max_num_seqs=args.max_num_seqs,
-        queue_order=args.queue_order,
-        group_by_bin=args.policy in ("static", "dynamic"),
-    )
+    scheduler = config_from_flags(SchedulerConfig, args)
     sim = ClusterSimulator(SimConfig(scheduler=scheduler, num_replicas=args.num_replicas), cost_model, router)
     requests = [SimRequest(r.arrival_s, len(r.prompt_token_ids), r.output_tokens) for r in workload]
     summary = summarize(sim.run(requests))
@@ -66,8 +61,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.config import QUEUE_ORDERS, SCHEDULER_POLICIES
+    from pipeline.config import SchedulerConfig
     from tools.commands import add_engine_args
+    from tools.config_flags import add_config_flags
 
     p = subparsers.add_parser("profile", help="measure engine step times and fit the simulator's cost model")
     add_engine_args(p)
@@ -84,10 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=10.0, help="arrivals per second (sharegpt)")
     p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gaps; 1 is Poisson")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiplies Azure trace timestamps")
-    p.add_argument("--policy", choices=SCHEDULER_POLICIES, default="sarathi")
-    p.add_argument("--queue-order", choices=QUEUE_ORDERS, default="ssjf")
-    p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    add_config_flags(p.add_argument_group("SchedulerConfig"), SchedulerConfig)
+    # A simulated cluster serves as the deployed one does: SSJF in each replica; batches from one bin.
+    p.set_defaults(queue_order="ssjf", group_by_bin=True)
     p.add_argument("--num-replicas", type=int, default=1)
     p.add_argument("--num-bins", type=int, default=1)
     p.add_argument("--num-pools", type=int, default=None, help="default: one pool per bin")
