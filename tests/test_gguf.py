@@ -165,17 +165,17 @@ def test_conversion_is_idempotent(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
 
 
-def test_serving_defaults_come_from_the_flags(tmp_path: Path) -> None:
+def test_serving_defaults_come_from_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
     argv = ["convert-gguf", str(tmp_path / "tiny.gguf"), str(tmp_path / "model"), "--temperature", "0.5"]
     assert main([*argv, "--top-p", "0.8", "--repetition-penalty", "1.2"]) == 0
     generation = json.loads((tmp_path / "model" / "generation_config.json").read_text())
-    assert (generation["temperature"], generation["top_p"], generation["repetition_penalty"]) == (
-        0.5,
-        0.8,
-        1.2,
-    )
+    assert generation["temperature"] == 0.5 and generation["top_p"] == 0.8
+    assert generation["repetition_penalty"] == 1.2
     assert generation["do_sample"] is True and generation["eos_token_id"] == 0
+    # The same file again with other defaults is not "already done": it says what differs.
+    assert "holds this model with other serving defaults" in usage_error(argv, capsys)
+    assert "top_p: must be in (0, 1]" in usage_error([*argv, "--top-p", "0"], capsys)
 
 
 def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

