@@ -51,10 +51,14 @@ def _run_engine(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
 def _run_hf(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
     """transformers' continuous batching (the machinery behind ``generate_batch``), with per-request
     output lengths: ``generate_batch`` itself takes one ``max_new_tokens`` for all requests."""
-    import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(config.model.model_dir, dtype=torch.float32).eval()
+    from workers.runner import resolve_device, resolve_dtype
+
+    # The engine's device and dtype (float32 on CPU, bfloat16 on CUDA unless configured otherwise).
+    device = resolve_device(config.model.device)
+    dtype = resolve_dtype(config.model.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(config.model.model_dir, dtype=dtype).to(device).eval()
     generation_config = GenerationConfig(
         do_sample=False,
         eos_token_id=-1,

@@ -146,9 +146,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-hf", action="store_true", help="run only this engine")
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_offline)
+    from bench import gpu_check, roofline
     from bench import pipeline as pipeline_bench
 
     pipeline_bench.register(bench_sub)
+    roofline.register(bench_sub)
+    gpu_check.register(bench_sub)
     bench_serve.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
