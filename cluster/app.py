@@ -1,4 +1,5 @@
-"""The Serve application: a gRPC ingress, the global length predictor and one engine pool per bin group.
+"""The Serve application: an ingress (gRPC and the OpenAI HTTP API), the global length predictor and one
+engine pool per bin group.
 
 A Serve config names it by import path and passes ``args`` (parsed by ``cluster.config.AppConfig``):
 
@@ -7,7 +8,8 @@ A Serve config names it by import path and passes ``args`` (parsed by ``cluster.
         import_path: cluster.app:build_app
         args: {model: {model_dir: .models/tiny-llama}, router: {num_bins: 2}, parallel: {pp_size: 2}}
 
-The gRPC proxy itself is Serve's, configured in the same file (``grpc_options``; see ``deploy/``).
+The gRPC and HTTP proxies are Serve's, configured in the same file (``grpc_options``, ``http_options``;
+see ``deploy/``): one Serve config serves both APIs, through the same ingress deployment.
 Deployment names are fixed so operators and tests can reach them: ``ingress``, ``length-predictor`` and
 ``engine-pool-0 .. engine-pool-{num_pools-1}``.
 """

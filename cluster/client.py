@@ -30,27 +30,43 @@ FINISH_REASON_NAMES = {
 
 
 def make_request(
-    prompt: str,
+    prompt: str = "",
     max_tokens: int | None = None,
-    temperature: float = 0.0,
+    temperature: float | None = None,
     top_p: float | None = None,
-    top_k: int = 0,
+    top_k: int | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
     request_id: str = "",
+    *,
+    messages: Sequence[tuple[str, str]] = (),
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
 ) -> pb.GenerateRequest:
-    """A request proto; ``None`` leaves an optional field unset (the server's default)."""
+    """A request proto: a ``prompt``, or ``messages`` as (role, content) pairs. ``None`` leaves an
+    optional field unset: the deployment's serving default (``ModelInfo.sampling_defaults``)."""
     request = pb.GenerateRequest(
-        prompt=prompt, temperature=temperature, top_k=top_k, stop=list(stop), ignore_eos=ignore_eos
+        prompt=prompt,
+        messages=[pb.ChatMessage(role=role, content=content) for role, content in messages],
+        stop=list(stop),
+        ignore_eos=ignore_eos,
+        request_id=request_id,
     )
-    request.request_id = request_id
-    if max_tokens is not None:
-        request.max_tokens = max_tokens
-    if top_p is not None:
-        request.top_p = top_p
-    if seed is not None:
-        request.seed = seed
+    optional = dict(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+    )
+    for name, value in optional.items():
+        if value is not None:
+            setattr(request, name, value)
     return request
 
 
@@ -80,13 +96,17 @@ class TimedResponse:
 
 
 class GenerationClient:
-    def __init__(self, address: str, application: str | None = None) -> None:
+    def __init__(self, address: str, application: str | None = None, api_key: str | None = None) -> None:
         """``address`` is ``HOST:PORT`` of Serve's gRPC proxy; ``application`` picks the Serve application
-        when the cluster runs several (Serve's ``application`` metadata)."""
+        when the cluster runs several (Serve's ``application`` metadata); ``api_key`` is sent as
+        ``authorization: Bearer <key>`` when the deployment requires one."""
         self.address = address
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = pb_grpc.GenerationStub(self.channel)
-        self.metadata = (("application", application),) if application else None
+        metadata = [("application", application)] if application else []
+        if api_key:
+            metadata.append(("authorization", f"Bearer {api_key}"))
+        self.metadata = tuple(metadata) or None
 
     async def __aenter__(self) -> GenerationClient:
         return self

@@ -11,7 +11,8 @@
     router:    RouterConfig     num_bins, num_pools
     predictor: PredictorConfig  path, max_batch_size, batch_wait_timeout_s, num_cpus
     pools:     PoolConfig       replicas and autoscaling bounds, queue limit, resources (each pool)
-    ingress:   IngressConfig    request limits, replicas, resources
+    ingress:   IngressConfig    request limits, API key, replicas, resources
+    sampling:  SamplingDefaultsConfig  what a request that leaves a field unset gets (over the model's)
 
 A wrong field is a ``ValueError`` naming it with its section (``scheduler.chunk_size: must be in [1, inf],
 got 0``); an unknown field names the known ones. No ray or torch imports: the CLI and tests use this alone.
@@ -113,10 +114,25 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class IngressConfig:
+    """Request limits and access, checked at the ingress for gRPC and HTTP alike (INVALID_ARGUMENT / 400
+    naming the limit), before anything is tokenized or predicted."""
+
     max_output_tokens: int = 4096
-    """Largest ``max_tokens`` a request may ask for."""
+    """Largest ``max_tokens`` a request may ask for (and the default's cap)."""
     max_stop_strings: int = 16
     """Most ``stop`` strings per request."""
+    max_stop_string_chars: int = 256
+    """Longest ``stop`` string, in characters."""
+    max_prompt_chars: int = 262_144
+    """Longest prompt, in characters (a conversation: its messages' contents together); checked before
+    tokenizing, so a huge body costs no tokenizer time."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt in tokens (a conversation: as rendered); ``None``: the context length minus one."""
+    max_messages: int = 256
+    """Most messages in a conversation."""
+    api_key: str | None = None
+    """Callers must send ``authorization: Bearer <api_key>`` (gRPC metadata, HTTP header). ``None``: the
+    ``BINSERVE_API_KEY`` environment variable of the ingress replica, if set; else no key is needed."""
     num_replicas: int = 1
     num_cpus: float = 0.5
     max_ongoing_requests: int = 2048
@@ -125,9 +141,48 @@ class IngressConfig:
     def __post_init__(self) -> None:
         check_range("max_output_tokens", self.max_output_tokens, 1)
         check_range("max_stop_strings", self.max_stop_strings, 0)
+        check_range("max_stop_string_chars", self.max_stop_string_chars, 1)
+        check_range("max_prompt_chars", self.max_prompt_chars, 1)
+        if self.max_prompt_tokens is not None:
+            check_range("max_prompt_tokens", self.max_prompt_tokens, 1)
+        check_range("max_messages", self.max_messages, 1)
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key: must be a non-blank string, or null for none")
         check_range("num_replicas", self.num_replicas, 1)
         check_range("num_cpus", self.num_cpus, 0.0)
         check_range("max_ongoing_requests", self.max_ongoing_requests, 1)
+
+
+@dataclass(frozen=True)
+class SamplingDefaultsConfig:
+    """The deployment's serving defaults: what a request that leaves a field unset gets. A field left
+    ``null`` here falls back to the model's ``generation_config.json`` (temperature, top_p, top_k,
+    repetition_penalty when it samples), else to greedy with no penalty. A request overrides per field."""
+
+    max_tokens: int | None = None
+    """``None``: as many as the context and ``ingress.max_output_tokens`` allow."""
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None:
+            check_range("max_tokens", self.max_tokens, 1)
+        if self.temperature is not None:
+            check_range("temperature", self.temperature, 0.0, 2.0)
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None:
+            check_range("top_k", self.top_k, 0)
+        if self.repetition_penalty is not None and not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty: must be in (0, 2], got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                check_range(name, value, -2.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -137,12 +192,23 @@ class AppConfig:
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     pools: PoolConfig = field(default_factory=PoolConfig)
     ingress: IngressConfig = field(default_factory=IngressConfig)
+    sampling: SamplingDefaultsConfig = field(default_factory=SamplingDefaultsConfig)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None) -> AppConfig:
         """Parse a Serve application's ``args`` (see the module docstring)."""
         args = _mapping("args", args)
-        sections = ("model", "cache", "scheduler", "parallel", "router", "predictor", "pools", "ingress")
+        sections = (
+            "model",
+            "cache",
+            "scheduler",
+            "parallel",
+            "router",
+            "predictor",
+            "pools",
+            "ingress",
+            "sampling",
+        )
         _reject_unknown("args", args, sections)
         if "model" not in args:
             raise ValueError("args.model: required (a section with at least model_dir)")
@@ -159,6 +225,7 @@ class AppConfig:
             predictor=_parse(PredictorConfig, args.get("predictor"), "predictor"),
             pools=_parse(PoolConfig, args.get("pools"), "pools"),
             ingress=_parse(IngressConfig, args.get("ingress"), "ingress"),
+            sampling=_parse(SamplingDefaultsConfig, args.get("sampling"), "sampling"),
         )
 
     def __post_init__(self) -> None:

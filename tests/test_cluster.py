@@ -8,10 +8,11 @@ policy) are checked first, without Ray.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,9 +22,13 @@ import pytest
 import yaml
 
 from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC, PredictedTokensPolicy
+from cluster.chat import ChatMessage
 from cluster.client import GenerationClient, make_request
 from cluster.config import IngressConfig
-from cluster.ingress import TextStream, sampling_params_of, status_of
+from cluster.errors import Unauthenticated
+from cluster.ingress import input_of, status_of
+from cluster.intake import GenerationInput, Intake, SamplingDefaults
+from cluster.text_stream import TextStream
 from pipeline.driver import EngineDeadError, QueueFullError
 from pipeline.request import SamplingParams
 from proto.binserve.v1 import generation_pb2 as pb
@@ -45,18 +50,27 @@ PROMPTS = [
     "middleware, templates, sessions and a database layer; discuss testing and deployment too.",
 ]
 MAX_TOKENS = 20
+MAX_MESSAGES = 8
 
 
 # ---- pure: validation, detokenization, error mapping, autoscaling -----------------------------------
 
 
+@pytest.fixture(scope="module")
+def tiny_intake(tiny_llama: str) -> Intake:
+    from workers.checkpoint import load_tokenizer
+
+    return Intake(load_tokenizer(tiny_llama), IngressConfig(), SamplingDefaults(), max_model_len=4096)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        (dict(prompt=""), r"prompt: must be a non-empty string"),
+        (dict(prompt=""), r"prompt, messages: exactly one of them must be given, got neither"),
+        (dict(messages=[("user", "hi")]), r"prompt, messages: exactly one of them must be given, got both"),
         (dict(max_tokens=0), r"max_tokens: must be in \[1, 4096\], got 0"),
         (dict(max_tokens=5000), r"max_tokens: must be in \[1, 4096\], got 5000"),
-        (dict(temperature=-0.5), r"temperature: must be in \[0.0, inf\], got -0.5"),
+        (dict(temperature=-0.5), r"temperature: must be in \[0.0, 2.0\], got -0.5"),
         (dict(temperature=math.nan), r"temperature: must be a finite number"),
         (dict(top_p=0.0), r"top_p: must be in \(0, 1\], got 0.0"),
         (dict(top_p=1.5), r"top_p: must be in \(0, 1\], got 1.5"),
@@ -64,19 +78,40 @@ MAX_TOKENS = 20
         (dict(seed=-3), r"seed: must be in \[0, 9223372036854775807\], got -3"),
         (dict(stop=["ok", ""]), r"stop\[1\]: must be a non-empty string"),
         (dict(stop=["s"] * 17), r"stop: at most 16 strings, got 17"),
+        (dict(repetition_penalty=3.0), r"repetition_penalty: must be in \(0, 2\], got 3.0"),
     ],
 )
-def test_each_bad_field_is_named(fields: dict, message: str) -> None:
+def test_each_bad_field_of_the_proto_is_named(tiny_intake: Intake, fields: dict, message: str) -> None:
     request = make_request(**{"prompt": "hi", **fields})
     with pytest.raises(ValueError, match=message):
-        sampling_params_of(request, IngressConfig())
+        tiny_intake.prepare(input_of(request))
 
 
-def test_unset_fields_take_the_documented_defaults() -> None:
-    params = sampling_params_of(make_request("hi"), IngressConfig())
-    assert params == SamplingParams(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=None)
-    params = sampling_params_of(make_request("hi", max_tokens=3, top_p=0.5, seed=0), IngressConfig())
-    assert (params.max_tokens, params.top_p, params.seed) == (3, 0.5, 0)
+def test_unset_proto_fields_are_unset_for_the_intake_and_set_ones_pass_through() -> None:
+    assert input_of(make_request("hi")) == GenerationInput(prompt="hi")
+    request = make_request(
+        "",
+        max_tokens=3,
+        temperature=0.0,
+        top_p=0.5,
+        top_k=0,
+        seed=0,
+        messages=[("system", "s"), ("user", "u")],
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=-0.5,
+    )
+    assert input_of(request) == GenerationInput(
+        messages=(ChatMessage("system", "s"), ChatMessage("user", "u")),
+        max_tokens=3,
+        temperature=0.0,
+        top_p=0.5,
+        top_k=0,
+        seed=0,
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=-0.5,
+    )  # an explicit 0 is kept, not replaced by a default
 
 
 def test_failures_map_to_the_status_a_caller_can_act_on() -> None:
@@ -84,6 +119,7 @@ def test_failures_map_to_the_status_a_caller_can_act_on() -> None:
     assert status_of(QueueFullError("queue is full"))[0] is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_of(EngineDeadError("dead"))[0] is grpc.StatusCode.UNAVAILABLE
     assert status_of(RuntimeError("a bug")) is None  # Serve answers INTERNAL
+    assert status_of(Unauthenticated("authorization: no"))[0] is grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +186,9 @@ def test_a_pool_scaled_to_zero_comes_back_when_requests_wait() -> None:
 @dataclass(frozen=True)
 class Cluster:
     address: str
+    """HOST:PORT of the gRPC proxy."""
+    http_url: str
+    """Base URL of the HTTP proxy (the OpenAI API under /v1)."""
     model_dir: str
 
     def pool(self, pool_id: int):
@@ -166,8 +205,10 @@ class Cluster:
         return await self.pool(pool_id).stats.remote()
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_llama: str) -> Iterator[Cluster]:
+@contextlib.contextmanager
+def serving(model_dir: str, configure: Callable[[dict], None] = lambda raw: None) -> Iterator[Cluster]:
+    """deploy/serve-local.yaml made small, on loopback and free ports, the way ``binserve serve`` deploys
+    it; ``configure`` edits the raw Serve config first. Everything is shut down afterwards."""
     import ray
     from ray import serve
     from ray.serve._private.constants import SERVE_NAMESPACE
@@ -176,25 +217,41 @@ def cluster(tiny_llama: str) -> Iterator[Cluster]:
     from tools.serve_cli import deploy, free_port
 
     raw = yaml.safe_load(SERVE_LOCAL.read_text())
-    grpc_port = free_port()
-    raw["http_options"] = {"host": "127.0.0.1", "port": free_port()}
+    grpc_port, http_port = free_port(), free_port()
+    raw["http_options"] = {"host": "127.0.0.1", "port": http_port}
     raw["grpc_options"]["port"] = grpc_port
     args = raw["applications"][0]["args"]
-    args["model"]["model_dir"] = tiny_llama
+    args["model"]["model_dir"] = model_dir
+    args["model"]["max_model_len"] = 4096
     args["cache"]["kv_cache_bytes"] = 8 * 2**20
     # One stage per replica here (the pipeline has its own tests; two would need six logical CPUs), and a
     # small batch so requests queue and SSJF decides who goes next.
     args["parallel"]["pp_size"] = 1
     args["scheduler"].update(max_num_seqs=4, chunk_size=64)
     args["pools"].update(max_queued_requests=MAX_QUEUED_REQUESTS, num_cpus=0.5)
-    args["ingress"]["max_output_tokens"] = MAX_OUTPUT_TOKENS
+    args["ingress"].update(max_output_tokens=MAX_OUTPUT_TOKENS, max_messages=MAX_MESSAGES)
+    configure(raw)
     ray.init(num_cpus=4, include_dashboard=False, namespace=SERVE_NAMESPACE, log_to_driver=False)
     try:
         deploy(ServeDeploySchema.model_validate(raw), timeout_s=300)
-        yield Cluster(address=f"127.0.0.1:{grpc_port}", model_dir=tiny_llama)
+        yield Cluster(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", model_dir)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_llama: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with a ChatML template, so the served path can render conversations."""
+    from tests.test_chat import make_chat_model
+
+    return make_chat_model(tiny_llama, tmp_path_factory.mktemp("chat") / "tiny-chat")
+
+
+@pytest.fixture(scope="module")
+def cluster(chat_model: str) -> Iterator[Cluster]:
+    with serving(chat_model) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -320,11 +377,11 @@ def test_inside_a_replica_shorter_predicted_jobs_are_served_first(cluster: Clust
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        (dict(prompt=""), r"prompt: must be a non-empty string"),
+        (dict(prompt=""), r"prompt, messages: exactly one of them must be given, got neither"),
         (dict(max_tokens=0), r"max_tokens: must be in \[1, 3000\], got 0"),
         (dict(max_tokens=3001), r"max_tokens: must be in \[1, 3000\], got 3001"),
         (dict(top_p=2.0), r"top_p: must be in \(0, 1\], got 2.0"),
-        (dict(temperature=-1.0), r"temperature: must be in \[0.0, inf\], got -1.0"),
+        (dict(temperature=-1.0), r"temperature: must be in \[0.0, 2.0\], got -1.0"),
         (dict(top_k=-2), r"top_k: must be in \[0, inf\], got -2"),
         (dict(stop=[""]), r"stop\[0\]: must be a non-empty string"),
         (dict(prompt="word " * 5000), r"prompt: \d+ tokens, must be at most 4095"),
@@ -491,3 +548,84 @@ def test_the_proxy_offers_server_reflection(cluster: Cluster) -> None:
     with grpc.insecure_channel(cluster.address) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert "binserve.v1.Generation" in services  # grpcurl and grpcui can discover the API
+
+
+# ---- chat over gRPC -------------------------------------------------------------------------------------
+
+CONVERSATION = [
+    ("system", "You are terse."),
+    ("user", "Hi!"),
+    ("assistant", "Hello."),
+    ("user", "Name a prime."),
+]
+
+
+def test_model_info_says_the_model_has_a_chat_template_and_its_defaults(cluster: Cluster) -> None:
+    async def main():
+        async with GenerationClient(cluster.address) as client:
+            return await client.model_info()
+
+    info = run(main())
+    assert info.has_chat_template
+    # The tiny model has no generation_config.json: greedy, no penalty; max_tokens up to the context.
+    defaults = info.sampling_defaults
+    assert (defaults.temperature, defaults.top_p, defaults.repetition_penalty, defaults.max_tokens) == (
+        0.0,
+        1.0,
+        1.0,
+        0,
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_messages_are_answered_as_the_rendered_prompt(cluster: Cluster, tokenizer, stream: bool) -> None:
+    from cluster.chat import render_chat
+    from workers.checkpoint import load_tokenizer
+
+    rendered = render_chat(load_tokenizer(cluster.model_dir), [ChatMessage(*m) for m in CONVERSATION])
+    assert rendered.endswith("<|im_start|>assistant\n")
+
+    async def main():
+        chat = make_request(messages=CONVERSATION, max_tokens=MAX_TOKENS, temperature=0.0)
+        plain = make_request(rendered, max_tokens=MAX_TOKENS, temperature=0.0)
+        return await asyncio.gather(call(cluster.address, chat, stream), call(cluster.address, plain, stream))
+
+    chat, plain = run(main())
+    assert list(chat.token_ids) == list(plain.token_ids) and chat.text == plain.text
+    assert chat.usage.num_prompt_tokens == len(tokenizer(rendered, add_special_tokens=False).input_ids)
+    assert chat.usage.num_output_tokens == len(chat.token_ids) > 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(prompt="hi", messages=[("user", "hi")]), r"prompt, messages: exactly one .* got both"),
+        (
+            dict(messages=[("user", "hi"), ("robot", "x")]),
+            r"messages\[1\]\.role: must be one of system, user",
+        ),
+        (dict(messages=[("user", "")]), r"messages\[0\]\.content: must be a non-empty string"),
+        (dict(messages=[("user", "hi")] * 9), r"messages: must hold 1 to 8 messages, got 9"),
+        (
+            dict(messages=[("user", "word " * 5000)]),
+            r"messages: the rendered prompt is \d+ tokens, must be at most 4095 \(max_model_len 4096",
+        ),
+    ],
+)
+def test_bad_chat_input_is_invalid_argument_and_others_are_still_served(
+    cluster: Cluster, offline_greedy, fields: dict, message: str
+) -> None:
+    async def bad():
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await call(cluster.address, make_request(**{"max_tokens": 4, **fields}), stream=True)
+        return failure.value
+
+    async def main():
+        good = make_request(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0)
+        return await asyncio.gather(bad(), call(cluster.address, good, stream=True), bad())
+
+    first, good, second = run(main())
+    for failure in (first, second):
+        assert failure.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert re.search(message, failure.details()), failure.details()
+    assert list(good.token_ids) == offline_greedy[0]

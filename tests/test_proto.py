@@ -79,6 +79,10 @@ def test_the_service_has_unary_streaming_and_info_rpcs() -> None:
                 "stop",
                 "ignore_eos",
                 "request_id",
+                "messages",
+                "repetition_penalty",
+                "presence_penalty",
+                "frequency_penalty",
             },
         ),
         (
@@ -94,20 +98,44 @@ def test_the_service_has_unary_streaming_and_info_rpcs() -> None:
                 "bin",
             },
         ),
-        (pb.ModelInfo, {"model", "max_model_len", "num_bins", "bin_boundaries", "pool_of_bin", "pp_size"}),
+        (
+            pb.ModelInfo,
+            {
+                "model",
+                "max_model_len",
+                "num_bins",
+                "bin_boundaries",
+                "pool_of_bin",
+                "pp_size",
+                "has_chat_template",
+                "sampling_defaults",
+            },
+        ),
+        (pb.ChatMessage, {"role", "content"}),
     ],
 )
 def test_messages_carry_the_documented_fields(message, fields: set[str]) -> None:
     assert fields <= set(message.DESCRIPTOR.fields_by_name)
 
 
-def test_optional_fields_distinguish_unset_from_zero() -> None:
+OPTIONAL_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+@pytest.mark.parametrize("name", OPTIONAL_FIELDS)
+def test_optional_fields_distinguish_unset_from_zero(name: str) -> None:
     request = pb.GenerateRequest(prompt="x")
-    assert (
-        not request.HasField("max_tokens") and not request.HasField("top_p") and not request.HasField("seed")
-    )
-    request.max_tokens = 0
-    assert request.HasField("max_tokens")  # an explicit 0 is refused, not replaced by the default
+    assert not request.HasField(name)  # unset: the deployment's serving default
+    setattr(request, name, 0)
+    assert request.HasField(name)  # an explicit 0 is used (or refused), not replaced by the default
 
 
 def test_the_ingress_implements_every_rpc_by_name() -> None:

@@ -3,7 +3,9 @@
     binserve serve --config deploy/serve-local.yaml                 # a local Ray cluster; Ctrl-C stops it
     binserve serve --config deploy/serve-gpu.yaml --address auto --detach   # deploy to a running cluster
     binserve client generate --address 127.0.0.1:9000 --prompt "Hello" --max-tokens 16 --stream
+    binserve client generate --address 127.0.0.1:9000 --chat --prompt "What is Ray?"   # a user message
     binserve client info --address 127.0.0.1:9000
+    curl http://127.0.0.1:8000/v1/models                                 # the OpenAI-compatible HTTP API
 
 A Serve config is deployed the way ``serve run CONFIG`` does it (Serve's controller builds every
 application from its ``import_path`` and ``args``, honouring per-deployment overrides), so the YAML
@@ -16,16 +18,19 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+API_KEY_ENV = "BINSERVE_API_KEY"  # cluster.auth reads the same variable on the server
 DEFAULT_NUM_CPUS = 8
 """Logical CPUs of a local cluster: deploy/serve-local.yaml reserves 5 (two 2-stage pools, the predictor,
 the ingress); more than the cores is fine, the tiny model leaves its stages mostly idle."""
@@ -66,9 +71,33 @@ def load_serve_config(
         raise ValueError(f"config: {path}: {exc}") from None
 
 
+def check_paths(config) -> None:
+    """Every application's model and predictor directories exist here, or a ``ValueError`` says which
+    path is missing and how to create it (else Serve would only report a failed ``ingress``)."""
+    for app in config.applications:
+        args = app.args or {}
+        model_dir = (args.get("model") or {}).get("model_dir")
+        if isinstance(model_dir, str) and not (Path(model_dir) / "config.json").is_file():
+            what = "does not exist" if not Path(model_dir).exists() else "has no config.json"
+            raise ValueError(
+                f"applications[{app.name}].args.model.model_dir: {model_dir} {what}. Create it with "
+                f"`binserve prepare-model smollm2-135m-instruct {model_dir}` (or `make model`), "
+                f"`binserve convert-gguf FILE.gguf {model_dir}` for your own GGUF, or "
+                f"`binserve make-tiny-model {model_dir}` for the tests' tiny random model"
+            )
+        predictor = (args.get("predictor") or {}).get("path")
+        if isinstance(predictor, str) and not Path(predictor).is_dir():
+            raise ValueError(
+                f"applications[{app.name}].args.predictor.path: {predictor} does not exist. Train one with "
+                f"`binserve train-predictor --data FILE --tokenizer MODEL_DIR --out {predictor}`, or remove "
+                "predictor.path to use the default predictor shipped in the repository"
+            )
+
+
 def deploy(config, timeout_s: float = 600.0) -> None:
-    """Start Serve (proxies with the config's HTTP and gRPC options) on the connected Ray cluster, deploy
-    the config's applications and wait until they are RUNNING."""
+    """Start Serve (proxies with the config's HTTP and gRPC options, the controller with its
+    ``controller_options``) on the connected Ray cluster, deploy the config's applications and wait until
+    they are RUNNING."""
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
 
@@ -76,6 +105,8 @@ def deploy(config, timeout_s: float = 600.0) -> None:
         http_options=config.http_options.model_dump(),
         grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
         proxy_location=config.proxy_location,
+        # Its runtime_env env_vars reach the proxies it starts: e.g. RAY_SERVE_GRPC_MAX_MESSAGE_SIZE.
+        controller_options=config.controller_options,
     )
     client.deploy_apps(config, _blocking=False)
     wait_until_running([app.name for app in config.applications], timeout_s)
@@ -98,12 +129,19 @@ def wait_until_running(app_names: list[str], timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def start_local_ray(num_cpus: int = DEFAULT_NUM_CPUS) -> None:
-    """A local Ray cluster of ``num_cpus`` logical CPUs, without the dashboard."""
+def start_local_ray(num_cpus: int = DEFAULT_NUM_CPUS, metrics_export_port: int | None = None) -> None:
+    """A local Ray cluster of ``num_cpus`` logical CPUs, without the dashboard; with
+    ``metrics_export_port``, Ray's Prometheus endpoint (``binserve_*`` series included) listens there."""
     import ray
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=SERVE_NAMESPACE, log_to_driver=False)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        namespace=SERVE_NAMESPACE,
+        log_to_driver=False,
+        _metrics_export_port=metrics_export_port,
+    )
 
 
 def free_port() -> int:
@@ -112,25 +150,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class ServeAddresses:
+    grpc: str
+    """HOST:PORT of Serve's gRPC proxy."""
+    http: str
+    """Base URL of Serve's HTTP proxy (the OpenAI API is under ``/v1``)."""
+
+
 @contextlib.contextmanager
-def serving_locally(
-    config_path: str | Path, model_dir: str, num_cpus: int = DEFAULT_NUM_CPUS
-) -> Iterator[str]:
-    """Start a local Ray cluster in this process, deploy a Serve config on free ports and yield the gRPC
-    address; shut it all down afterwards. This process is then the cluster's driver, so it can also
-    reach the deployments through handles (``serve.get_deployment_handle``)."""
+def serving_locally_at(
+    config_path: str | Path,
+    model_dir: str,
+    num_cpus: int = DEFAULT_NUM_CPUS,
+    metrics_export_port: int | None = None,
+) -> Iterator[ServeAddresses]:
+    """Start a local Ray cluster in this process, deploy a Serve config on free ports and yield both
+    proxies' addresses; shut it all down afterwards. This process is then the cluster's driver, so it can
+    also reach the deployments through handles (``serve.get_deployment_handle``)."""
     import ray
     from ray import serve
 
-    grpc_port = free_port()
-    config = load_serve_config(config_path, model_dir=model_dir, grpc_port=grpc_port, http_port=free_port())
-    start_local_ray(num_cpus)
+    grpc_port, http_port = free_port(), free_port()
+    config = load_serve_config(config_path, model_dir=model_dir, grpc_port=grpc_port, http_port=http_port)
+    check_paths(config)
+    start_local_ray(num_cpus, metrics_export_port)
     try:
         deploy(config)
-        yield f"127.0.0.1:{grpc_port}"
+        yield ServeAddresses(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def serving_locally(
+    config_path: str | Path,
+    model_dir: str,
+    num_cpus: int = DEFAULT_NUM_CPUS,
+    metrics_export_port: int | None = None,
+) -> Iterator[str]:
+    """``serving_locally_at``, yielding the gRPC address only."""
+    with serving_locally_at(config_path, model_dir, num_cpus, metrics_export_port) as addresses:
+        yield addresses.grpc
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -146,7 +208,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         resolve_paths=args.address is None,
     )
     if args.address is None:
-        start_local_ray(args.num_cpus)
+        check_paths(config)  # on another cluster the paths are the nodes', not this host's
+        start_local_ray(args.num_cpus, args.metrics_export_port)
     else:
         ray.init(address=args.address, namespace=SERVE_NAMESPACE)
     # A supervisor's SIGTERM stops it as cleanly as Ctrl-C.
@@ -154,8 +217,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         deploy(config, timeout_s=args.timeout)
         ray_address = ray.get_runtime_context().gcs_address
+        http = config.http_options
         print(
-            f"binserve is serving gRPC on port {config.grpc_options.port}, Ray at {ray_address}"
+            f"binserve is serving gRPC on port {config.grpc_options.port} and the OpenAI-compatible HTTP "
+            f"API at http://{http.host}:{http.port}/v1, Ray at {ray_address}"
             + ("" if args.detach else " (Ctrl-C stops it)"),
             flush=True,
         )
@@ -193,7 +258,7 @@ async def _client_generate(args: argparse.Namespace) -> int:
     from cluster.client import GenerationClient, make_request
 
     request = make_request(
-        args.prompt,
+        "" if args.chat else args.prompt,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -201,8 +266,12 @@ async def _client_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop or (),
         ignore_eos=args.ignore_eos,
+        messages=[("user", args.prompt)] if args.chat else (),
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
     )
-    async with GenerationClient(args.address, args.application) as client:
+    async with GenerationClient(args.address, args.application, args.api_key) as client:
         if args.stream and not args.json:
             async for message in client.generate_stream(request, timeout_s=args.timeout):
                 print(message.text, end="", flush=True)
@@ -232,7 +301,7 @@ async def _client_info(args: argparse.Namespace) -> int:
 
     from cluster.client import GenerationClient
 
-    async with GenerationClient(args.address, args.application) as client:
+    async with GenerationClient(args.address, args.application, args.api_key) as client:
         info = await client.model_info(timeout_s=args.timeout)
     print(
         json.dumps(
@@ -261,6 +330,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, default=None, help="override grpc_options.port")
     p.add_argument("--http-port", type=int, default=None, help="override http_options.port")
     p.add_argument("--num-cpus", type=int, default=DEFAULT_NUM_CPUS, help="CPUs of the local cluster")
+    p.add_argument(
+        "--metrics-export-port",
+        type=int,
+        default=None,
+        help="the local cluster's Prometheus endpoint (binserve_* metrics); on a running cluster, the "
+        "port given to `ray start --metrics-export-port`",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the applications")
     p.add_argument("--detach", action="store_true", help="deploy and exit, leaving the applications running")
     p.set_defaults(func=cmd_serve)
@@ -272,12 +348,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--address", required=True, help="HOST:PORT of Serve's gRPC proxy")
         p.add_argument("--application", default=None, help="Serve application name (several on one cluster)")
         p.add_argument("--timeout", type=float, default=None, help="call deadline, seconds")
+        p.add_argument(
+            "--api-key",
+            default=os.environ.get(API_KEY_ENV),
+            help=f"sent as `authorization: Bearer KEY` (default: ${API_KEY_ENV})",
+        )
         if name == "generate":
             p.add_argument("--prompt", required=True)
+            p.add_argument("--chat", action="store_true", help="send the prompt as a user message")
+            # Unset sampling fields take the deployment's serving defaults (`client info` shows them).
             p.add_argument("--max-tokens", type=int, default=None)
-            p.add_argument("--temperature", type=float, default=0.0)
+            p.add_argument("--temperature", type=float, default=None, help="0: greedy")
             p.add_argument("--top-p", type=float, default=None)
-            p.add_argument("--top-k", type=int, default=0)
+            p.add_argument("--top-k", type=int, default=None)
+            p.add_argument("--repetition-penalty", type=float, default=None)
+            p.add_argument("--presence-penalty", type=float, default=None)
+            p.add_argument("--frequency-penalty", type=float, default=None)
             p.add_argument("--seed", type=int, default=None)
             p.add_argument("--stop", action="append", help="a stop string (repeatable)")
             p.add_argument("--ignore-eos", action="store_true")

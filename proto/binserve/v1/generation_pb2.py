@@ -24,25 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"proto/binserve/v1/generation.proto\x12\x0b\x62inserve.v1\"\xdd\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\tB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"=\n\x05Usage\x12\x19\n\x11num_prompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11num_output_tokens\x18\x02 \x01(\x05\"\xfe\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.binserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.binserve.v1.Usage\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x0f\n\x07total_s\x18\x07 \x01(\x01\x12\x1f\n\x17predicted_output_tokens\x18\x08 \x01(\x05\x12\x0b\n\x03\x62in\x18\t \x01(\x05\x12\x11\n\tpredict_s\x18\n \x01(\x01\"\x12\n\x10ModelInfoRequest\"\xeb\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x10\n\x08num_bins\x18\x04 \x01(\x05\x12\x16\n\x0e\x62in_boundaries\x18\x05 \x03(\x05\x12\x13\n\x0bpool_of_bin\x18\x06 \x03(\x05\x12\x11\n\tnum_pools\x18\x07 \x01(\x05\x12\x18\n\x10scheduler_policy\x18\x08 \x01(\t\x12\x13\n\x0bqueue_order\x18\t \x01(\t\x12\x12\n\nchunk_size\x18\n \x01(\x05\x12\x0f\n\x07pp_size\x18\x0b \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xed\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.binserve.v1.GenerateRequest\x1a\x1d.binserve.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.binserve.v1.GenerateRequest\x1a\x1d.binserve.v1.GenerateResponse0\x01\x12\x45\n\x0cGetModelInfo\x12\x1d.binserve.v1.ModelInfoRequest\x1a\x16.binserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"proto/binserve/v1/generation.proto\x12\x0b\x62inserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcf\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\n \x03(\x0b\x32\x18.binserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x01H\x07\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"=\n\x05Usage\x12\x19\n\x11num_prompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11num_output_tokens\x18\x02 \x01(\x05\"\xfe\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.binserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.binserve.v1.Usage\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x0f\n\x07total_s\x18\x07 \x01(\x01\x12\x1f\n\x17predicted_output_tokens\x18\x08 \x01(\x05\x12\x0b\n\x03\x62in\x18\t \x01(\x05\x12\x11\n\tpredict_s\x18\n \x01(\x01\"\x12\n\x10ModelInfoRequest\"\xc0\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x10\n\x08num_bins\x18\x04 \x01(\x05\x12\x16\n\x0e\x62in_boundaries\x18\x05 \x03(\x05\x12\x13\n\x0bpool_of_bin\x18\x06 \x03(\x05\x12\x11\n\tnum_pools\x18\x07 \x01(\x05\x12\x18\n\x10scheduler_policy\x18\x08 \x01(\t\x12\x13\n\x0bqueue_order\x18\t \x01(\t\x12\x12\n\nchunk_size\x18\n \x01(\x05\x12\x0f\n\x07pp_size\x18\x0b \x01(\x05\x12\x19\n\x11has_chat_template\x18\x0c \x01(\x08\x12\x38\n\x11sampling_defaults\x18\r \x01(\x0b\x32\x1d.binserve.v1.SamplingDefaults\"\xaa\x01\n\x10SamplingDefaults\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xed\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.binserve.v1.GenerateRequest\x1a\x1d.binserve.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.binserve.v1.GenerateRequest\x1a\x1d.binserve.v1.GenerateResponse0\x01\x12\x45\n\x0cGetModelInfo\x12\x1d.binserve.v1.ModelInfoRequest\x1a\x16.binserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.binserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=853
-  _globals['_FINISHREASON']._serialized_end=973
-  _globals['_GENERATEREQUEST']._serialized_start=52
-  _globals['_GENERATEREQUEST']._serialized_end=273
-  _globals['_USAGE']._serialized_start=275
-  _globals['_USAGE']._serialized_end=336
-  _globals['_GENERATERESPONSE']._serialized_start=339
-  _globals['_GENERATERESPONSE']._serialized_end=593
-  _globals['_MODELINFOREQUEST']._serialized_start=595
-  _globals['_MODELINFOREQUEST']._serialized_end=613
-  _globals['_MODELINFO']._serialized_start=616
-  _globals['_MODELINFO']._serialized_end=851
-  _globals['_GENERATION']._serialized_start=976
-  _globals['_GENERATION']._serialized_end=1213
+  _globals['_FINISHREASON']._serialized_start=1399
+  _globals['_FINISHREASON']._serialized_end=1519
+  _globals['_CHATMESSAGE']._serialized_start=51
+  _globals['_CHATMESSAGE']._serialized_end=95
+  _globals['_GENERATEREQUEST']._serialized_start=98
+  _globals['_GENERATEREQUEST']._serialized_end=561
+  _globals['_USAGE']._serialized_start=563
+  _globals['_USAGE']._serialized_end=624
+  _globals['_GENERATERESPONSE']._serialized_start=627
+  _globals['_GENERATERESPONSE']._serialized_end=881
+  _globals['_MODELINFOREQUEST']._serialized_start=883
+  _globals['_MODELINFOREQUEST']._serialized_end=901
+  _globals['_MODELINFO']._serialized_start=904
+  _globals['_MODELINFO']._serialized_end=1224
+  _globals['_SAMPLINGDEFAULTS']._serialized_start=1227
+  _globals['_SAMPLINGDEFAULTS']._serialized_end=1397
+  _globals['_GENERATION']._serialized_start=1522
+  _globals['_GENERATION']._serialized_end=1759
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,122 @@
+"""One request's path after intake, shared by both APIs: predict, route, stream the engine's tokens back.
+
+    service = GenerationService(intake, predictor, router, pools)
+    async for chunk in service.generate(GenerationInput(prompt="Hello", max_tokens=8)):
+        chunk.text, chunk.token_ids          # the new text and tokens; the last chunk has finish_reason
+        chunk.final                          # usage and timings, on the last chunk only
+
+    intake (check, defaults, render, tokenize) -> predict the output length (the global predictor
+    deployment, batched) -> route: length -> bin -> engine pool -> detokenize, cut at stop strings
+
+The gRPC methods and the HTTP routes each translate these chunks into their wire format, so the two
+APIs give the same text for the same request. Leaving the iteration early (a stop string, a cancelled
+call, a client that disconnects) cancels the engine call, which aborts the request and frees its KV
+blocks.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from ray.serve.handle import DeploymentHandle
+
+from cluster.intake import GenerationInput, Intake
+from cluster.router import BinRouter
+from cluster.text_stream import TextStream
+from pipeline.request import FinishReason, NewRequest
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where the request went, on every chunk."""
+
+    request_id: str
+    predicted_output_tokens: int
+    bin_id: int
+
+
+@dataclass(frozen=True)
+class FinalStats:
+    num_prompt_tokens: int
+    num_output_tokens: int
+    ttft_s: float
+    """Seconds from the ingress receiving the request to its first output token."""
+    total_s: float
+    predict_s: float
+    """Seconds spent waiting for the length prediction."""
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    text: str
+    """The text the new tokens release (possibly empty while a stop string or a character is pending)."""
+    token_ids: tuple[int, ...]
+    routing: Routing
+    finish_reason: FinishReason | None = None
+    final: FinalStats | None = None
+    """Set on the last chunk, with ``finish_reason``."""
+
+
+class GenerationService:
+    def __init__(
+        self,
+        intake: Intake,
+        predictor: DeploymentHandle,
+        router: BinRouter,
+        pools: Sequence[DeploymentHandle],
+    ) -> None:
+        if len(pools) != router.num_pools:
+            raise ValueError(f"pools: {len(pools)} engine pools given, the router needs {router.num_pools}")
+        self.intake = intake
+        self.predictor = predictor
+        self.router = router
+        self.pools = [pool.options(stream=True) for pool in pools]
+
+    async def generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
+        """The request's chunks; the last carries the finish reason, usage and timings. Bad input raises
+        ``ValueError`` before anything is predicted; engine failures raise from the first chunk on."""
+        arrival_s = time.perf_counter()
+        prepared = self.intake.prepare(request)
+        predict_start_s = time.perf_counter()
+        predicted_output_tokens = await self.predictor.predict.remote(prepared.predictor_text)
+        predict_s = time.perf_counter() - predict_start_s
+        route = self.router.route(predicted_output_tokens)
+        routing = Routing(prepared.request_id or uuid.uuid4().hex, predicted_output_tokens, route.bin_id)
+        text = TextStream(self.intake.tokenizer, prepared.stop)
+        outputs = self.pools[route.pool_id].generate.remote(
+            NewRequest(
+                routing.request_id,
+                prepared.prompt_token_ids,
+                prepared.params,
+                predicted_output_tokens,
+                route.bin_id,
+            )
+        )
+        first_token_s: float | None = None
+        is_engine_done = False
+        try:
+            async for output in outputs:
+                first_token_s = first_token_s or time.perf_counter()
+                is_engine_done = output.finish_reason is not None
+                delta = text.push(output.new_token_ids)
+                if is_engine_done:
+                    delta += text.finish()
+                finish_reason = FinishReason.STOP if text.is_stopped else output.finish_reason
+                if finish_reason is None:
+                    yield GenerationChunk(delta, output.new_token_ids, routing)
+                    continue
+                final = FinalStats(
+                    num_prompt_tokens=len(prepared.prompt_token_ids),
+                    num_output_tokens=output.num_output_tokens,
+                    ttft_s=first_token_s - arrival_s,
+                    total_s=time.perf_counter() - arrival_s,
+                    predict_s=predict_s,
+                )
+                yield GenerationChunk(delta, output.new_token_ids, routing, finish_reason, final)
+                return
+        finally:
+            if not is_engine_done:
+                outputs.cancel()  # a stop string, a cancelled call or a disconnect: abort, free the blocks
