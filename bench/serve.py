@@ -10,7 +10,11 @@ they include the gRPC proxy, the ingress (tokenize, predict, route) and the engi
 It also measures what the ingress path costs (with ``--config``, which makes this process the cluster's
 driver, or ``--ray-address``): the same prompts sent one at a time through gRPC and straight to the
 engine replica of the same bin (``EnginePool.generate`` through a handle), compared on time to first
-token and time between tokens.
+token and time between tokens. And what the HTTP API costs over gRPC (with ``--config``, or
+``--http-url``): the same prompts, one at a time, streamed through the OpenAI API (``/v1/completions``,
+the official ``openai`` client) and through gRPC, alternating which goes first, in the same run:
+
+    binserve bench serve --config deploy/serve-local.yaml --num-requests 20 --http-overhead-calls 40
 """
 
 from __future__ import annotations
@@ -136,8 +140,7 @@ async def measure_overhead(
     from ray import serve
 
     from cluster.app import pool_name
-    from cluster.engine_pool import EngineRequest
-    from pipeline.request import SamplingParams
+    from pipeline.request import NewRequest, SamplingParams
 
     async with GenerationClient(address) as client:
         info = await client.model_info()
@@ -150,7 +153,7 @@ async def measure_overhead(
             proto = make_request(request.prompt, max_tokens=num_output_tokens, ignore_eos=True)
             via_ingress = await client.generate_timed(proto, stream=True)
             reply = via_ingress.response
-            direct = EngineRequest(
+            direct = NewRequest(
                 f"overhead-{i}-{time.monotonic_ns()}",
                 request.prompt_token_ids,
                 SamplingParams(max_tokens=num_output_tokens, ignore_eos=True),
@@ -188,6 +191,61 @@ async def measure_overhead(
     }
 
 
+async def measure_http_overhead(
+    address: str, http_url: str, requests: Sequence[WorkloadRequest], num_output_tokens: int = 32
+) -> dict[str, Any]:
+    """The HTTP API's cost over gRPC: each prompt streamed once through each API, one call at a time,
+    ``num_output_tokens`` forced greedy tokens, the API going first alternating; paired differences of
+    time to first token and of the whole call, at the client."""
+    import openai
+
+    http = openai.AsyncOpenAI(base_url=f"{http_url.rstrip('/')}/v1", api_key="unused", max_retries=0)
+    model_id = (await http.models.list()).data[0].id
+
+    async def via_http(prompt: str) -> tuple[float, float]:
+        start_s, first_s = time.perf_counter(), None
+        stream = await http.completions.create(
+            model=model_id,
+            prompt=prompt,
+            max_tokens=num_output_tokens,
+            temperature=0.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        async for _ in stream:
+            first_s = first_s or time.perf_counter()
+        return first_s - start_s, time.perf_counter() - start_s
+
+    async with GenerationClient(address) as client:
+
+        async def via_grpc(prompt: str) -> tuple[float, float]:
+            proto = make_request(prompt, max_tokens=num_output_tokens, temperature=0.0, ignore_eos=True)
+            timed = await client.generate_timed(proto, stream=True)
+            return timed.ttft_s, timed.latency_s
+
+        await via_grpc(requests[0].prompt)  # warm both paths' connections
+        await via_http(requests[0].prompt)
+        rows = []
+        for i, request in enumerate(requests):
+            if i % 2 == 0:
+                grpc_row, http_row = await via_grpc(request.prompt), await via_http(request.prompt)
+            else:
+                http_row, grpc_row = await via_http(request.prompt), await via_grpc(request.prompt)
+            rows.append((*grpc_row, *http_row))
+    await http.close()
+    grpc_ttft, grpc_total, http_ttft, http_total = (list(col) for col in zip(*rows, strict=True))
+    return {
+        "num_calls": len(rows),
+        "num_output_tokens": num_output_tokens,
+        "p50_ttft_grpc_s": percentile(grpc_ttft, 50),
+        "p50_ttft_http_s": percentile(http_ttft, 50),
+        "p50_ttft_overhead_s": percentile([h - g for g, h in zip(grpc_ttft, http_ttft, strict=True)], 50),
+        "p50_total_grpc_s": percentile(grpc_total, 50),
+        "p50_total_http_s": percentile(http_total, 50),
+        "p50_total_overhead_s": percentile([h - g for g, h in zip(grpc_total, http_total, strict=True)], 50),
+    }
+
+
 def load_workload(
     model_dir: str,
     num_requests: int,
@@ -211,7 +269,9 @@ def load_workload(
     ]
 
 
-def run_bench(address: str, requests: Sequence[WorkloadRequest], args: argparse.Namespace) -> dict[str, Any]:
+def run_bench(
+    address: str, requests: Sequence[WorkloadRequest], args: argparse.Namespace, http_url: str | None = None
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     with tqdm(total=len(requests), desc="binserve over gRPC", unit="req") as bar:
@@ -231,6 +291,9 @@ def run_bench(address: str, requests: Sequence[WorkloadRequest], args: argparse.
     if args.overhead_calls > 0 and (args.config is not None or args.ray_address is not None):
         sample = requests[: args.overhead_calls]
         result["ingress_overhead"] = asyncio.run(measure_overhead(address, sample, args.application))
+    if args.http_overhead_calls > 0 and http_url is not None:
+        sample = [requests[i % len(requests)] for i in range(args.http_overhead_calls)]
+        result["http_overhead"] = asyncio.run(measure_http_overhead(address, http_url, sample))
     return result
 
 
@@ -250,10 +313,18 @@ def print_result(result: dict[str, Any]) -> None:
             f"{o['p50_predict_s'] * 1e3:.1f} ms); TBT {o['mean_tbt_via_ingress_s'] * 1e3:.2f} ms vs "
             f"{o['mean_tbt_direct_s'] * 1e3:.2f} ms"
         )
+    if "http_overhead" in result:
+        h = result["http_overhead"]
+        print(
+            f"HTTP API over gRPC ({h['num_calls']} calls each, same prompts, same run): TTFT p50 "
+            f"{h['p50_ttft_http_s'] * 1e3:.1f} ms vs {h['p50_ttft_grpc_s'] * 1e3:.1f} ms (overhead p50 "
+            f"{h['p50_ttft_overhead_s'] * 1e3:.1f} ms); whole call p50 {h['p50_total_http_s'] * 1e3:.1f} ms vs "
+            f"{h['p50_total_grpc_s'] * 1e3:.1f} ms (overhead p50 {h['p50_total_overhead_s'] * 1e3:.1f} ms)"
+        )
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from tools.serve_cli import serving_locally
+    from tools.serve_cli import serving_locally_at
 
     if (args.address is None) == (args.config is None):
         raise ValueError(
@@ -270,15 +341,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.rate != float("inf"):
         requests = with_arrivals(requests, poisson_arrivals(len(requests), args.rate, args.seed))
     if args.config is not None:
-        with serving_locally(args.config, args.model_dir) as address:
-            result = run_bench(address, requests, args)
+        with serving_locally_at(args.config, args.model_dir) as addresses:
+            result = run_bench(addresses.grpc, requests, args, addresses.http)
     else:
         if args.ray_address is not None:
             import ray
             from ray.serve._private.constants import SERVE_NAMESPACE
 
             ray.init(address=args.ray_address, namespace=SERVE_NAMESPACE, log_to_driver=False)
-        result = run_bench(args.address, requests, args)
+        result = run_bench(args.address, requests, args, args.http_url)
     print_result(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -323,5 +394,16 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         help="sequential calls measuring the ingress overhead (0: skip)",
     )
     p.add_argument("--application", default="binserve", help="the Serve application's name")
+    p.add_argument(
+        "--http-url",
+        default=None,
+        help="with --address: the HTTP proxy's URL, to measure the HTTP API's cost",
+    )
+    p.add_argument(
+        "--http-overhead-calls",
+        type=int,
+        default=20,
+        help="sequential calls through each API measuring the HTTP API's cost over gRPC (0: skip)",
+    )
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_serve)
