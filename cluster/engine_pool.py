@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 from ray import serve
 
 from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
+from cluster.metrics import EngineMetrics, EngineSnapshot
 from pipeline.config import EngineConfig
 from pipeline.driver import EngineDriver
 from pipeline.engine import RequestOutput
@@ -92,7 +95,14 @@ def build_driver(config: EngineConfig, max_queued_requests: int) -> EngineDriver
 
 @serve.deployment
 class EnginePool:
-    def __init__(self, config: EngineConfig, pool_id: int, max_queued_requests: int) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        pool_id: int,
+        max_queued_requests: int,
+        metrics_interval_s: float | None = 1.0,
+    ) -> None:
+        """``metrics_interval_s``: how often the replica's gauges are sampled; None exports no metrics."""
         import torch
 
         # One intra-op thread per stage unless configured: OpenMP threads spinning against each other
@@ -100,9 +110,16 @@ class EnginePool:
         torch.set_num_threads(config.parallel.torch_threads)
         self.pool_id = pool_id
         self.driver = build_driver(config, max_queued_requests)
-        self.driver.start()
         self._num_requests_by_bin: collections.Counter[int] = collections.Counter()
         self._num_cancelled_requests = 0
+        self.metrics: EngineMetrics | None = None
+        if metrics_interval_s is not None:
+            self.metrics = EngineMetrics()
+            self.driver.engine.add_step_observer(self.metrics.observe_step)
+            threading.Thread(
+                target=self._report_metrics, args=(metrics_interval_s,), name="metrics", daemon=True
+            ).start()
+        self.driver.start()
 
     async def generate(self, request: NewRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; the last has ``finish_reason`` set. ``ValueError`` (bad input),
@@ -110,6 +127,8 @@ class EnginePool:
         self._num_requests_by_bin[request.bin_id] += 1
         try:
             async for output in self.driver.generate(request):
+                if output.metrics is not None and self.metrics is not None:
+                    self.metrics.observe_finished(output.metrics, output.finish_reason)
                 yield output
         except (asyncio.CancelledError, GeneratorExit):
             self._num_cancelled_requests += 1  # the driver has aborted the request
@@ -127,6 +146,34 @@ class EnginePool:
             num_cancelled_requests=self._num_cancelled_requests,
             pp_size=self.driver.engine.runner.depth,
         )
+
+    def _report_metrics(self, interval_s: float) -> None:
+        """Sample the replica's state into the gauges until the driver stops (a daemon thread)."""
+        runner = self.driver.engine.runner
+        stats = getattr(runner, "stats", None)  # a pipeline of stage actors reports its bubbles
+        previous = stats() if stats else None
+        while not self.driver.is_stopped:
+            time.sleep(interval_s)
+            scheduler = self.driver.engine.scheduler
+            bubble_fraction, utilisation = None, ()
+            if stats is not None:
+                current = stats()
+                window = current.since(previous)
+                previous = current
+                if window.active_s > 0:
+                    bubble_fraction, utilisation = window.bubble_fraction, window.stage_utilisation
+            self.metrics.report(
+                EngineSnapshot(
+                    num_kv_blocks=scheduler.block_manager.num_blocks,
+                    num_free_kv_blocks=scheduler.block_manager.num_free_blocks,
+                    num_running=len(scheduler.running),
+                    num_waiting=len(scheduler.waiting),
+                    num_preemptions=scheduler.num_preemptions,
+                    outstanding_predicted_tokens=self.driver.outstanding_predicted_tokens(),
+                    bubble_fraction=bubble_fraction,
+                    stage_utilisation=utilisation,
+                )
+            )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook for custom autoscaling metrics, pushed to the controller periodically."""

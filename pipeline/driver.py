@@ -71,6 +71,10 @@ class EngineDriver:
             self._thread.join(timeout=30)
 
     @property
+    def is_stopped(self) -> bool:
+        return self._stopping
+
+    @property
     def is_healthy(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
 

@@ -118,6 +118,10 @@ class Completion:
     metrics: RequestMetrics
 
 
+StepObserver = Callable[[StepPlan, float], None]
+"""Called with each completed plan and the seconds it took (for metrics); runs on the engine's thread."""
+
+
 class Engine:
     def __init__(
         self, runner: Runner, scheduler: Scheduler, clock: Callable[[], float] = time.monotonic
@@ -125,7 +129,14 @@ class Engine:
         self.runner = runner
         self.scheduler = scheduler
         self.clock = clock
-        self._in_flight: collections.deque[StepPlan] = collections.deque()
+        self._in_flight: collections.deque[tuple[StepPlan, float]] = (
+            collections.deque()
+        )  # (plan, submit time)
+        self._last_collected_s = 0.0
+        self._step_observers: list[StepObserver] = []
+
+    def add_step_observer(self, observer: StepObserver) -> None:
+        self._step_observers.append(observer)
 
     @property
     def has_unfinished(self) -> bool:
@@ -191,10 +202,22 @@ class Engine:
             if plan.is_empty:
                 break
             self.runner.submit(plan)
-            self._in_flight.append(plan)
+            self._in_flight.append((plan, time.perf_counter()))
         if not self._in_flight:
             return None
-        return self.complete(self._in_flight.popleft(), self.runner.collect())
+        return self._collect()
+
+    def _collect(self) -> list[RequestOutput]:
+        plan, submitted_s = self._in_flight.popleft()
+        output = self.runner.collect()
+        now_s = time.perf_counter()
+        # A plan's step time: from when the runner could start on it (its submission, or the previous
+        # plan's completion in a pipeline) to its completion.
+        step_s = now_s - max(submitted_s, self._last_collected_s)
+        self._last_collected_s = now_s
+        for observer in self._step_observers:
+            observer(plan, step_s)
+        return self.complete(plan, output)
 
     def step(self) -> list[RequestOutput]:
         """``advance`` for callers that need not tell an idle engine from a step without new tokens."""
@@ -218,7 +241,7 @@ class Engine:
             if self.advance() is None:
                 time.sleep(0.0005)  # e.g. dynamic batching waiting for its timeout
         while self._in_flight:  # plans of requests other callers added: apply them, leave nothing behind
-            self.complete(self._in_flight.popleft(), self.runner.collect())
+            self._collect()
         return [
             Completion(
                 request_id=r.request_id,

@@ -92,6 +92,8 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the newest is preempted first
         self.requests: dict[str, Request] = {}
         self._num_watermark_blocks = int(num_blocks * config.watermark_fraction)
+        self.num_preemptions = 0
+        """Preemptions since the scheduler started (each frees a request's KV for a later recompute)."""
         self._next_step_id = 0
         self._in_flight: dict[int, list[Request]] = {}  # step id -> its requests, in chunk order
 
@@ -208,6 +210,7 @@ class Scheduler:
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.running.remove(request)
         self.waiting.add(request)

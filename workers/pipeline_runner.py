@@ -81,6 +81,15 @@ class PipelineStats:
     def stage_utilisation(self) -> tuple[float, ...]:
         return tuple(busy / self.active_s if self.active_s > 0 else 0.0 for busy in self.stage_busy_s)
 
+    def since(self, earlier: PipelineStats) -> PipelineStats:
+        """The stats of the window between ``earlier`` and these (both cumulative)."""
+        return PipelineStats(
+            self.num_micro_batches - earlier.num_micro_batches,
+            self.active_s - earlier.active_s,
+            tuple(a - b for a, b in zip(self.stage_busy_s, earlier.stage_busy_s, strict=True)),
+            self.max_in_flight,
+        )
+
 
 def uses_gpus(config: EngineConfig) -> bool:
     device = config.model.device
