@@ -17,7 +17,7 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 
 def _registrars() -> list[Registrar]:
     from bench.sim import cli as sim_cli
-    from tools import commands, model_cli, serve_cli
+    from tools import commands, model_cli, serve_cli, status
     from tools.predictor import cli as predictor_cli
 
     return [
@@ -26,6 +26,7 @@ def _registrars() -> list[Registrar]:
         predictor_cli.register,
         sim_cli.register,
         serve_cli.register,
+        status.register,
     ]
 
 
