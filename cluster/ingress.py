@@ -18,6 +18,7 @@ that disconnects cancels the method, which aborts the engine request and frees i
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 
 import grpc
@@ -131,9 +132,10 @@ class GenerationIngress:
         text, token_ids = [], []
         try:
             self._authorize(grpc_context)
-            async for chunk in self.service.generate(input_of(request)):
-                text.append(chunk.text)
-                token_ids.extend(chunk.token_ids)
+            async with aclosing(self.service.generate(input_of(request))) as chunks:
+                async for chunk in chunks:
+                    text.append(chunk.text)
+                    token_ids.extend(chunk.token_ids)
         except Exception as exc:
             _set_status(exc, grpc_context)
             raise
@@ -148,8 +150,11 @@ class GenerationIngress:
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             self._authorize(grpc_context)
-            async for chunk in self.service.generate(input_of(request)):
-                yield message_of(chunk)
+            # Closed explicitly: a cancelled call stops this generator at its yield, and the engine request
+            # must be aborted now, not whenever the inner generator is collected.
+            async with aclosing(self.service.generate(input_of(request))) as chunks:
+                async for chunk in chunks:
+                    yield message_of(chunk)
         except Exception as exc:
             _set_status(exc, grpc_context)
             raise

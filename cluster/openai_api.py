@@ -180,4 +180,4 @@ def _described(exc: BaseException) -> tuple[str, ErrorKind | None]:
 
 
 def _sse(event: dict[str, Any]) -> str:
-    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"

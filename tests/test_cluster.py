@@ -114,6 +114,30 @@ def test_unset_proto_fields_are_unset_for_the_intake_and_set_ones_pass_through()
     )  # an explicit 0 is kept, not replaced by a default
 
 
+def test_serve_names_a_missing_model_or_predictor_directory_and_how_to_create_it(tmp_path: Path) -> None:
+    from tools.serve_cli import check_paths, load_serve_config
+
+    missing = tmp_path / "no-model"
+    config = load_serve_config(SERVE_LOCAL, model_dir=str(missing))
+    with pytest.raises(ValueError) as failure:
+        check_paths(config)
+    message = str(failure.value)
+    assert f"args.model.model_dir: {missing} does not exist" in message
+    assert f"binserve prepare-model smollm2-135m-instruct {missing}" in message
+    raw = yaml.safe_load(SERVE_LOCAL.read_text())
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    raw["applications"][0]["args"]["model"]["model_dir"] = str(model_dir)
+    raw["applications"][0]["args"]["predictor"]["path"] = str(tmp_path / "no-predictor")
+    config_path = tmp_path / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ValueError, match=r"args.predictor.path: .*no-predictor does not exist. Train one with"
+    ):
+        check_paths(load_serve_config(config_path))
+
+
 def test_failures_map_to_the_status_a_caller_can_act_on() -> None:
     assert status_of(ValueError("prompt: bad"))[0] is grpc.StatusCode.INVALID_ARGUMENT
     assert status_of(QueueFullError("queue is full"))[0] is grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -13,8 +13,12 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+from ray.serve.exceptions import BackPressureError
 
 from cluster.client import GenerationClient, make_request
+from cluster.errors import Unauthenticated, UnknownModel
+from cluster.openai_api import error_response
+from pipeline.driver import EngineDeadError, QueueFullError
 from tests.test_chat import make_chat_model
 from tests.test_cluster import (
     MAX_QUEUED_REQUESTS,
@@ -33,6 +37,26 @@ MESSAGES = [
 GREEDY = dict(model=MODEL_ID, temperature=0.0, max_tokens=24)
 LONG = dict(max_tokens=3000, extra_body={"ignore_eos": True})
 """Thousands of forced tokens: seconds of work for the tiny model, so a request is still running."""
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (ValueError("top_p: must be in (0, 1], got 5"), 400, None),
+        (Unauthenticated("authorization: a valid API key is required"), 401, "invalid_api_key"),
+        (UnknownModel("model: 'gpt-4o' is not served here"), 404, "model_not_found"),
+        (QueueFullError("queue is full: 16 unfinished requests"), 429, "queue_full"),
+        (BackPressureError(num_queued_requests=16, max_queued_requests=16), 429, "queue_full"),
+        (EngineDeadError("engine is unhealthy"), 503, "engine_unavailable"),
+        (RuntimeError("a bug"), 500, "internal_error"),
+    ],
+)
+def test_failures_map_to_openais_status_and_error_body(exc: Exception, status: int, code: str | None) -> None:
+    response = error_response(exc)
+    body = json.loads(response.body)["error"]
+    assert response.status_code == status and body["code"] == code
+    assert body["param"] == ("top_p" if status == 400 else None)
+    assert body["message"] == (str(exc) if status != 500 else "internal error: RuntimeError")
 
 
 @pytest.fixture(scope="module")
