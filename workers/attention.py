@@ -37,9 +37,10 @@ class PrefillChunk:
 class DecodeGroup:
     """Decodes of similar context length, attended in one SDPA call."""
 
-    rows: torch.Tensor  # (n,) long: their rows among the step's first ``num_decodes`` tokens
+    rows: torch.Tensor | None  # (n,) long: their rows among the step's first ``num_decodes`` tokens;
+    # None when the group is all of them in order (a single group), so no select or scatter is needed
     block_tables: torch.Tensor  # (n, max_blocks) long, padded with block 0
-    mask: torch.Tensor  # (n, 1, 1, max_blocks * block_size) bool: real (and in-window) keys
+    mask: torch.Tensor  # (n, 1, 1, max_blocks * block_size) float: 0 for real (in-window) keys, else -inf
 
 
 # Decodes are split into up to this many groups by context length, so a short request is not padded
@@ -51,24 +52,30 @@ _MIN_DECODES_PER_GROUP = 8
 def _decode_groups(
     decodes: list[ScheduledChunk], block_size: int, sliding_window: int | None, device: torch.device
 ) -> tuple[DecodeGroup, ...]:
-    order = sorted(range(len(decodes)), key=lambda i: decodes[i].end_pos)
     num_groups = max(1, min(_MAX_DECODE_GROUPS, len(decodes) // _MIN_DECODES_PER_GROUP))
+    order = list(range(len(decodes)))
+    if num_groups > 1:
+        order.sort(key=lambda i: decodes[i].end_pos)
     groups = []
     for g in range(num_groups):
         rows = order[g * len(order) // num_groups : (g + 1) * len(order) // num_groups]
-        lens = torch.tensor([decodes[i].end_pos for i in rows])
-        max_blocks = -(-int(lens.max()) // block_size)
-        tables = torch.zeros(len(rows), max_blocks, dtype=torch.long)
-        for j, i in enumerate(rows):
-            ids = decodes[i].block_ids[: -(-decodes[i].end_pos // block_size)]
-            tables[j, : len(ids)] = torch.tensor(ids)
+        lens = [decodes[i].end_pos for i in rows]
+        max_blocks = -(-max(lens) // block_size)
+        used = [decodes[i].block_ids[: -(-n // block_size)] for i, n in zip(rows, lens, strict=True)]
+        # One tensor from padded lists: a torch.tensor call per request would cost more than its row.
+        tables = torch.tensor([list(ids) + [0] * (max_blocks - len(ids)) for ids in used], dtype=torch.long)
         key_pos = torch.arange(max_blocks * block_size)
-        mask = key_pos[None, :] < lens[:, None]  # (n, L)
+        lens_t = torch.tensor(lens)[:, None]
+        keep = key_pos[None, :] < lens_t  # (n, L)
         if sliding_window is not None:
-            mask &= key_pos[None, :] > (lens[:, None] - 1 - sliding_window)
+            keep &= key_pos[None, :] > (lens_t - 1 - sliding_window)
+        # The additive float mask SDPA would derive from a boolean one in every layer's call, made once.
+        mask = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))
         groups.append(
             DecodeGroup(
-                torch.tensor(rows, device=device), tables.to(device), mask[:, None, None, :].to(device)
+                None if num_groups == 1 else torch.tensor(rows, device=device),
+                tables.to(device),
+                mask[:, None, None, :].to(device),
             )
         )
     return tuple(groups)
@@ -129,15 +136,19 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
     cache[1].view(heads, -1, dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
-def _gather(cache_part: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """(Hkv, B, S, D) blocks picked by ``block_table`` (nb,) or (N, nb) -> (Hkv, nb*S, D) or (N, Hkv, nb*S, D).
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the blocks ``block_table`` (nb,) or (N, nb) picks from ``cache`` (2, Hkv, B, S, D):
+    each (Hkv, nb*S, D) or (N, Hkv, nb*S, D).
 
-    ``index_select`` on the flattened table is about twice as fast on CPU as advanced indexing."""
-    heads, _, size, dim = cache_part.shape
-    blocks = cache_part.index_select(1, block_table.reshape(-1))  # (Hkv, N * nb, S, D)
+    One ``index_select`` fetches keys and values together (on the flattened table: about twice as fast
+    on CPU as advanced indexing)."""
+    _, heads, num_blocks, size, dim = cache.shape
+    blocks = cache.view(2 * heads, num_blocks, size, dim).index_select(1, block_table.reshape(-1))
     if block_table.dim() == 1:
-        return blocks.view(heads, -1, dim)
-    return blocks.view(heads, block_table.shape[0], -1, dim).transpose(0, 1)
+        kv = blocks.view(2, heads, -1, dim)
+    else:
+        kv = blocks.view(2, heads, block_table.shape[0], -1, dim).transpose(1, 2)
+    return kv[0], kv[1]
 
 
 def paged_attention(
@@ -153,14 +164,18 @@ def paged_attention(
     out = torch.empty_like(q)
     num_kv_heads, head_dim = cache.shape[1], q.shape[-1]
     for group in meta.decode_groups:
-        n = group.rows.shape[0]
-        keys = _gather(cache[0], group.block_tables)  # (n, Hkv, L, D)
-        values = _gather(cache[1], group.block_tables)
+        n = group.block_tables.shape[0]
+        keys, values = _gather(cache, group.block_tables)  # (n, Hkv, L, D) each
         # Grouped-query trick: the G query heads that share a KV head act as G queries of length one,
         # so keys and values are never repeated per query head.
-        query = q.index_select(0, group.rows).view(n, num_kv_heads, -1, head_dim)  # (n, Hkv, G, D)
-        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask, scale=scale)
-        out.index_copy_(0, group.rows, attn.reshape(n, -1, head_dim))
+        query = q[:n] if group.rows is None else q.index_select(0, group.rows)
+        query = query.view(n, num_kv_heads, -1, head_dim)  # (n, Hkv, G, D)
+        mask = group.mask.to(q.dtype)  # SDPA takes a float mask only in the query's dtype
+        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+        if group.rows is None:
+            out[:n] = attn.view(n, -1, head_dim)
+        else:
+            out.index_copy_(0, group.rows, attn.reshape(n, -1, head_dim))
     for chunk in meta.prefills:
         query = q[chunk.token_start : chunk.token_end].transpose(0, 1)  # (H, q, D)
         if chunk.mask is None:
@@ -171,8 +186,8 @@ def paged_attention(
             )
         else:
             kv_len = chunk.mask.shape[1]
-            keys = _gather(cache[0], chunk.block_table)[:, :kv_len]  # (Hkv, kv, D)
-            values = _gather(cache[1], chunk.block_table)[:, :kv_len]
+            keys, values = _gather(cache, chunk.block_table)  # (Hkv, nb*S, D) each
+            keys, values = keys[:, :kv_len], values[:, :kv_len]
             attn = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=chunk.mask, scale=scale, enable_gqa=True
             )
