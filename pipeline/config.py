@@ -116,6 +116,12 @@ class SchedulerConfig:
     """Static and dynamic batches are drawn from one bin only (Multi-Bin batching in one replica)."""
     batch_wait_timeout_s: float = 0.05
     """Dynamic batching: start a partial batch once its oldest request has waited this long."""
+    reserve_predicted_output: bool = False
+    """Admission also reserves KV blocks for each request's predicted remaining output (times 1 plus
+    ``predicted_output_margin``), not only its prompt, so memory pressure causes fewer recompute
+    preemptions. A reservation never exceeds the pool, so a lone request is always admitted."""
+    predicted_output_margin: float = 0.25
+    """Safety margin on predicted output lengths when ``reserve_predicted_output`` is on."""
     watermark_fraction: float = 0.01
     """Share of the KV pool that admitting a new request must leave free while others run, so newly
     admitted prompts do not at once force running decodes into preemption."""
@@ -130,6 +136,7 @@ class SchedulerConfig:
         check_range("aging_threshold_s", self.aging_threshold_s, 0.0)
         check_range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0)
         check_range("watermark_fraction", self.watermark_fraction, 0.0, 0.5)
+        check_range("predicted_output_margin", self.predicted_output_margin, 0.0, 10.0)
 
 
 @dataclass(frozen=True)

@@ -85,12 +85,7 @@ class EngineDriver:
 
     def outstanding_predicted_tokens(self) -> int:
         """Predicted output tokens still to generate across this replica (an autoscaling signal)."""
-        total = 0
-        for request in list(self.engine.scheduler.requests.values()):
-            predicted = request.predicted_output_tokens or request.params.max_tokens
-            # A request that outlives its prediction still holds a slot: count at least one token.
-            total += max(1, predicted - request.num_output_tokens)
-        return total
+        return sum(r.predicted_remaining_tokens for r in list(self.engine.scheduler.requests.values()))
 
     # ---- callers (any asyncio loop) -------------------------------------------------------------
 

@@ -78,3 +78,6 @@ class StepOutput:
     step_id: int
     sampled_token_ids: tuple[int, ...]
     """One token per chunk of ``plan.sampling_chunks``, in that order."""
+    refined_output_tokens: tuple[int | None, ...] = ()
+    """With a length probe on the last stage: each sampled request's whole output length as predicted
+    from its hidden state now, in the same order (None where the probe did not run); else empty."""

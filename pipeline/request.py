@@ -121,6 +121,8 @@ class Request:
     is_in_flight: bool = False
     """Part of a micro-batch that has been planned but whose output has not come back yet."""
     num_preemptions: int = 0
+    refined_output_tokens: int | None = None
+    """The whole output's length as predicted while decoding (a probe on the model's hidden states)."""
     admitted_s: float | None = None
     """When the request first got KV blocks (end of its queueing delay)."""
     token_times_s: list[float] = field(default_factory=list)
@@ -171,8 +173,21 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     @property
+    def predicted_total_output_tokens(self) -> int:
+        """The best guess of this request's whole output: the refined prediction made while it decoded,
+        else the prompt-only one, else ``max_tokens``."""
+        for guess in (self.refined_output_tokens, self.predicted_output_tokens):
+            if guess is not None:
+                return guess
+        return self.params.max_tokens
+
+    @property
+    def predicted_remaining_tokens(self) -> int:
+        """Output tokens still to come by that guess; at least 1 while unfinished (a request that outlived
+        its prediction still holds a slot)."""
+        return max(1, self.predicted_total_output_tokens - self.num_output_tokens)
+
+    @property
     def sort_length(self) -> int:
-        """SSJF key: the predicted output length, or ``max_tokens`` when nothing was predicted."""
-        if self.predicted_output_tokens is None:
-            return self.params.max_tokens
-        return self.predicted_output_tokens
+        """SSJF key: the predicted remaining output (shortest remaining first)."""
+        return self.predicted_remaining_tokens

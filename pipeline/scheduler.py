@@ -10,7 +10,8 @@ Liveness (no state with unfinished requests stops making progress, at any pipeli
 
 - Admission reserves a new request's whole prompt, beyond what the running prefills still need to
   finish theirs and a watermark, not only its first chunk; so admitted prefills can complete.
-- Growth that finds the pool dry preempts the newest idle request admitted *after* the one growing.
+- Growth that finds the pool dry preempts an idle request admitted *after* the one growing (the one
+  with the longest predicted remaining output, the newest among equals).
   The oldest running request can therefore always take what it needs once the micro-batches in flight
   return, and the pool holds at least one whole sequence (``Engine`` checks it), so it finishes.
 
@@ -19,6 +20,7 @@ With pipeline parallelism several plans are in flight; a request is in at most o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pipeline.block_manager import BlockManager
@@ -167,16 +169,26 @@ class Scheduler:
             plan.take(request, num_tokens)
 
     def _can_admit(self, request: Request) -> bool:
-        """Whether the whole prompt fits beside what running prefills still need, and the watermark."""
-        manager = self.block_manager
-        num_reserved = sum(
-            manager.num_missing_blocks(r, r.num_tokens) for r in self.running if not r.is_decoding
-        )
+        """Whether the request's reservation fits beside the running requests' and the watermark."""
+        num_reserved = sum(self._num_reserved_blocks(r) for r in self.running)
         if self.running:
             num_reserved += self._num_watermark_blocks
-        return (
-            manager.num_missing_blocks(request, request.num_tokens) <= manager.num_free_blocks - num_reserved
-        )
+        return self._num_reserved_blocks(request) <= self.block_manager.num_free_blocks - num_reserved
+
+    def _num_reserved_blocks(self, request: Request) -> int:
+        """Blocks a request is still owed: the rest of its prompt (all of it after a preemption) and, with
+        ``reserve_predicted_output``, its predicted remaining output with the margin; never beyond the pool.
+        Running decodes are owed nothing unless their output is reserved."""
+        config = self.config
+        if config.reserve_predicted_output:
+            margin = 1.0 + config.predicted_output_margin
+            num_tokens = request.num_tokens + math.ceil(request.predicted_remaining_tokens * margin)
+        elif request.is_decoding:
+            return 0
+        else:
+            num_tokens = request.num_tokens
+        num_missing = self.block_manager.num_missing_blocks(request, min(num_tokens, self.max_model_len))
+        return min(num_missing, self.block_manager.num_blocks)
 
     def admit(self, request: Request, now_s: float) -> None:
         """Move a waiting request to running (its blocks are grown by whoever schedules it)."""
@@ -190,20 +202,23 @@ class Scheduler:
         """Grow ``request`` to ``num_tokens`` positions, preempting the newest idle requests admitted after
         it if needed; False (nothing changed but preemptions) when that is not enough yet."""
         while not self.block_manager.can_grow(request, num_tokens):
-            victim = self._newest_idle_after(request)
+            victim = self._victim_after(request)
             if victim is None:
                 return False
             self._preempt(victim, plan)
         self.block_manager.grow(request, num_tokens)
         return True
 
-    def _newest_idle_after(self, request: Request) -> Request | None:
-        for victim in reversed(self.running):
-            if victim is request:
-                return None
-            if victim.block_ids and not victim.is_in_flight:
-                return victim
-        return None
+    def _victim_after(self, request: Request) -> Request | None:
+        """The idle request holding blocks, admitted after ``request``, with the longest predicted
+        remaining output (the newest among equals); None if there is none."""
+        position = next(i for i, r in enumerate(self.running) if r is request)
+        candidates = [
+            (r.predicted_remaining_tokens, i, r)
+            for i, r in enumerate(self.running[position + 1 :], start=position + 1)
+            if r.block_ids and not r.is_in_flight
+        ]
+        return max(candidates, key=lambda c: c[:2])[2] if candidates else None
 
     def _preempt(self, request: Request, plan: PlanBuilder) -> None:
         """Free the request's KV and send it back to wait; it recomputes its whole prefix later."""
@@ -222,14 +237,18 @@ class Scheduler:
         """Apply a step's sampled tokens; finish requests that hit a stop condition."""
         requests = self._in_flight.pop(plan.step_id, [])
         sampled = iter(output.sampled_token_ids)
+        refined = iter(output.refined_output_tokens or (None,) * len(output.sampled_token_ids))
         updates: list[TokenUpdate] = []
         for chunk, request in zip(plan.chunks, requests, strict=True):
             token_id = next(sampled) if chunk.sampling is not None else None
+            refined_output_tokens = next(refined) if chunk.sampling is not None else None
             if request.is_finished:
                 continue  # aborted while its micro-batch was in flight
             request.is_in_flight = False
             if token_id is None:
                 continue
+            if refined_output_tokens is not None:
+                request.refined_output_tokens = refined_output_tokens
             request.token_ids.append(token_id)
             request.token_times_s.append(now_s)
             reason = self._stop_reason(request, token_id)

@@ -11,16 +11,26 @@ is collected, so the engine schedules the next plans before the earlier ones' to
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
-from pipeline.plan import StepOutput, StepPlan
+from pipeline.plan import ScheduledChunk, StepOutput, StepPlan
 
 
 class FakeRunner:
-    def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 1000, depth: int = 1) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        vocab_size: int = 1000,
+        depth: int = 1,
+        probe: Callable[[ScheduledChunk], int | None] | None = None,
+    ) -> None:
+        """``probe``: a stand-in length probe, the refined whole-output length for a sampled chunk."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.depth = depth
+        self.probe = probe
         self.slots: dict[int, int] = {}
         self.plans: list[StepPlan] = []
         self._pending: collections.deque[StepPlan] = collections.deque()
@@ -44,7 +54,10 @@ class FakeRunner:
             if chunk.sampling is not None:
                 prefix = [self.slots[self._slot(chunk.block_ids, p)] for p in range(chunk.end_pos)]
                 sampled.append(next_token(prefix, self.vocab_size))
-        return StepOutput(plan.step_id, tuple(sampled))
+        if self.probe is None:
+            return StepOutput(plan.step_id, tuple(sampled))
+        refined = tuple(self.probe(chunk) for chunk in plan.sampling_chunks)
+        return StepOutput(plan.step_id, tuple(sampled), refined)
 
 
 def next_token(prefix: list[int], vocab_size: int) -> int:

@@ -120,6 +120,7 @@ def scenarios(draw: st.DrawFn) -> tuple:
         group_by_bin=draw(st.booleans()),
         aging_threshold_s=draw(st.sampled_from([0.0, 0.05, 30.0])),
         watermark_fraction=draw(st.sampled_from([0.0, 0.01, 0.2])),
+        reserve_predicted_output=draw(st.booleans()),
     )
     depth = draw(st.integers(1, 4))
     return workload, config, num_blocks, block_size, max_model_len, depth

@@ -321,3 +321,71 @@ def test_plan_is_frozen() -> None:
     plan = StepPlan(0, ())
     with pytest.raises(AttributeError):
         plan.step_id = 1  # type: ignore[misc]
+
+
+def test_refined_predictions_choose_the_preemption_victim() -> None:
+    """Three requests fill a 6-block pool; the oldest's growth must preempt one of the two newer ones: the
+    one with the longest predicted remaining output, by the prompt-only prediction or, once the probe has
+    run, by the refined one."""
+
+    def first_preempted(probe) -> str:
+        runner = FakeRunner(6, 4, probe=probe)
+        clock = Clock()
+        config = SchedulerConfig(chunk_size=64, max_prefill_chunks=3, watermark_fraction=0.0)
+        scheduler = Scheduler(config, 6, 4, 64, (EOS,))
+        engine = Engine(runner, scheduler, clock=clock)
+        for name, predicted in (("old", 50), ("short", 10), ("long", 100)):
+            params = SamplingParams(max_tokens=8, ignore_eos=True)
+            engine.add_request(
+                NewRequest(name, (1, 2, 3, 4, 5, 6, 7), params, predicted), arrival_s=clock.now_s
+            )
+            clock.now_s += 0.01
+        while engine.has_unfinished:
+            engine.step()
+            preempted = [p for plan in runner.plans for p in plan.preempted_ids]
+            if preempted:
+                return preempted[0]
+        raise AssertionError("nothing was preempted")
+
+    assert first_preempted(probe=None) == "long"
+    # The probe says "short" will in fact run for 500 tokens: it becomes the victim.
+    assert first_preempted(probe=lambda chunk: 500 if chunk.request_id == "short" else None) == "short"
+
+
+def test_ssjf_orders_by_refined_remaining_output() -> None:
+    from pipeline.policies import SSJFQueue
+    from pipeline.request import Request
+
+    queue = SSJFQueue(aging_threshold_s=1e9)
+    a = Request.of(NewRequest("a", (1,), SamplingParams(max_tokens=100), predicted_output_tokens=10), 0.0)
+    b = Request.of(NewRequest("b", (1,), SamplingParams(max_tokens=100), predicted_output_tokens=40), 0.0)
+    for request in (a, b):
+        queue.add(request)
+    assert [r.request_id for r in queue.ordered(1.0)] == ["a", "b"]
+    a.refined_output_tokens = 80  # decoding showed "a" to be long: 80 - 0 remaining
+    b.token_ids += [5] * 30  # "b" has produced 30 of its predicted 40: 10 remaining
+    assert [r.request_id for r in queue.ordered(1.0)] == ["b", "a"]
+
+
+def test_admission_by_predicted_length_avoids_preemption_and_never_reserves_beyond_the_pool() -> None:
+    def run(reserve: bool, predicted: int) -> int:
+        engine, _, clock = make_engine(
+            num_blocks=16,
+            block_size=4,
+            chunk_size=64,
+            reserve_predicted_output=reserve,
+            watermark_fraction=0.0,
+        )
+        for i in range(2):
+            params = SamplingParams(max_tokens=24, ignore_eos=True)
+            engine.add_request(NewRequest(f"r{i}", tuple(range(1, 17)), params, predicted), arrival_s=0.0)
+        run_to_end(engine, clock)
+        assert engine.scheduler.block_manager.num_free_blocks == 16
+        return engine.scheduler.num_preemptions
+
+    # Two 16-token prompts growing to 40 tokens each need 20 blocks of 16: today's admission (the prompt
+    # alone) admits both and preempts; reserving the predicted output admits the second only later.
+    assert run(reserve=False, predicted=24) > 0
+    assert run(reserve=True, predicted=24) == 0
+    # A prediction far beyond the pool still lets a request in (its reservation is capped at the pool).
+    assert run(reserve=True, predicted=10**6) == 0
