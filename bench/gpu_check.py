@@ -77,7 +77,9 @@ def _prompt_ids(tokenizer, num_prompts: int) -> list[list[int]]:  # noqa: ANN001
     texts = CHAT_PROMPTS[:num_prompts]
     if getattr(tokenizer, "chat_template", None):
         return [
-            tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], add_generation_prompt=True, return_dict=False
+            )
             for t in texts
         ]
     return [tokenizer(t).input_ids for t in texts]  # the tiny model has no chat template
@@ -102,15 +104,17 @@ def check_parity(model_dir: str, dtype: str, device: str, plan: CheckPlan) -> di
         cache=CacheConfig(kv_cache_bytes=256 * 2**20),
     )
     llm = LLM(config)
-    greedy = SamplingParams(max_tokens=plan.parity_tokens, temperature=0.0)
+    greedy = SamplingParams(max_tokens=plan.parity_tokens, temperature=0.0, repetition_penalty=1.0)
     ours = [tuple(c.output_token_ids) for c in llm.engine.generate(prompts, greedy)]
     del llm
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(torch_device).eval()
-    # A full GenerationConfig, so a checkpoint's sampling defaults do not leak into the reference.
+    # A full GenerationConfig, so a checkpoint's sampling defaults (SmolLM2's repetition_penalty 1.1)
+    # do not leak into the reference.
     generation = GenerationConfig(
         max_new_tokens=plan.parity_tokens,
         do_sample=False,
+        repetition_penalty=1.0,
         eos_token_id=model.config.eos_token_id,
         pad_token_id=model.config.pad_token_id,
     )
