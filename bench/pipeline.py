@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench import write_report
 from bench.workload import WorkloadRequest, sharegpt_requests
 from pipeline.config import EngineConfig
 from pipeline.engine import Completion
@@ -193,10 +193,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
         **run_pipeline_bench(config, requests, one_process=args.one_process, num_rounds=args.rounds),
     }
     report["load_average_at_end"] = os.getloadavg()[0]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

@@ -17,6 +17,7 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from cluster.app import AUTOSCALING_POLICY, SERVICER_FUNCTION, pool_options
 from cluster.autoscaling import PredictedTokensPolicy
 from cluster.config import AppConfig
+from cluster.grpc_proxy import INSTALL_FUNCTION
 from tools.serve_cli import load_serve_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -35,6 +36,7 @@ def test_serve_configs_validate_with_serves_schema_and_ours(name: str) -> None:
     raw = serve_config_of(name)
     config = ServeDeploySchema.model_validate(raw)
     assert SERVICER_FUNCTION in config.grpc_options.grpc_servicer_functions
+    assert INSTALL_FUNCTION in config.grpc_options.grpc_servicer_functions
     for app_raw, app in zip(raw["applications"], config.applications, strict=True):
         ServeApplicationSchema.model_validate(app_raw)
         assert app.import_path == "cluster.app:build_app"

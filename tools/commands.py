@@ -80,6 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from bench import write_report
     from bench.offline import run_offline_bench
 
     _set_threads(args.torch_threads)
@@ -92,10 +93,7 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
         data_path=args.data,
         skip_hf=args.skip_hf,
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 
@@ -146,13 +144,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-hf", action="store_true", help="run only this engine")
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_offline)
-    from bench import gpu_check, roofline
+    from bench import gpu_check, reliability, roofline
     from bench import pipeline as pipeline_bench
 
     pipeline_bench.register(bench_sub)
     roofline.register(bench_sub)
     gpu_check.register(bench_sub)
     bench_serve.register(bench_sub)
+    reliability.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
     p.add_argument(

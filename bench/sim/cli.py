@@ -25,6 +25,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from bench import write_report
     from bench.metrics import summarize
     from bench.sim.cost_model import StepCostModel
     from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
@@ -54,9 +55,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     summary = summarize(sim.run(requests))
     report = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "summary": summary.as_dict()}
     print(json.dumps(summary.as_dict(), indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(args.json, report)
     return 0
 
 
