@@ -16,9 +16,11 @@ A ``ValueError``'s message starts with the field it names (``top_p: must be in (
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import re
 
+import grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
@@ -59,6 +61,25 @@ def classify(exc: BaseException) -> tuple[ErrorKind, str] | None:
         if isinstance(cause, types):
             return kind, str(cause)
     return None
+
+
+GRPC_STATUS = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_name(exc: BaseException | None) -> str:
+    """A call's outcome as a gRPC status name, for either API (the request counter's ``code`` tag)."""
+    if exc is None:
+        return "OK"
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    classified = classify(exc)
+    return "INTERNAL" if classified is None else GRPC_STATUS[classified[0]].name
 
 
 def field_of(message: str) -> str | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ray.serve.handle import DeploymentHandle
 
 from cluster.intake import GenerationInput, Intake
+from cluster.metrics import IngressMetrics
 from cluster.router import BinRouter
 from cluster.text_stream import TextStream
 from pipeline.request import FinishReason, NewRequest
@@ -67,6 +68,7 @@ class GenerationService:
         predictor: DeploymentHandle,
         router: BinRouter,
         pools: Sequence[DeploymentHandle],
+        metrics: IngressMetrics | None = None,
     ) -> None:
         if len(pools) != router.num_pools:
             raise ValueError(f"pools: {len(pools)} engine pools given, the router needs {router.num_pools}")
@@ -74,6 +76,7 @@ class GenerationService:
         self.predictor = predictor
         self.router = router
         self.pools = [pool.options(stream=True) for pool in pools]
+        self.metrics = metrics
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
         """The request's chunks; the last carries the finish reason, usage and timings. Bad input raises
@@ -83,6 +86,8 @@ class GenerationService:
         predict_start_s = time.perf_counter()
         predicted_output_tokens = await self.predictor.predict.remote(prepared.predictor_text)
         predict_s = time.perf_counter() - predict_start_s
+        if self.metrics is not None:
+            self.metrics.observe_prediction(predict_s)
         route = self.router.route(predicted_output_tokens)
         routing = Routing(prepared.request_id or uuid.uuid4().hex, predicted_output_tokens, route.bin_id)
         text = TextStream(self.intake.tokenizer, prepared.stop)

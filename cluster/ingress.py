@@ -11,7 +11,8 @@ generator. Serve's HTTP proxy sends HTTP requests to the FastAPI app this deploy
     (``cluster/generation.py``)
 
 Failures map to codes through ``cluster/errors.py``: INVALID_ARGUMENT / 400, UNAUTHENTICATED / 401,
-RESOURCE_EXHAUSTED / 429, UNAVAILABLE / 503. A cancelled call, an expired deadline or an HTTP client
+RESOURCE_EXHAUSTED / 429, UNAVAILABLE / 503; each call is counted by API, outcome and bin
+(``binserve_requests_total``, ``cluster/metrics.py``). A cancelled call, an expired deadline or an HTTP client
 that disconnects cancels the method, which aborts the engine request and frees its KV blocks.
 """
 
@@ -29,9 +30,10 @@ from ray.serve.handle import DeploymentHandle
 from cluster.auth import ApiKey
 from cluster.chat import ChatMessage
 from cluster.config import AppConfig
-from cluster.errors import ErrorKind, classify
+from cluster.errors import GRPC_STATUS, classify, status_name
 from cluster.generation import GenerationChunk, GenerationService
 from cluster.intake import GenerationInput, Intake, SamplingDefaults
+from cluster.metrics import IngressMetrics
 from cluster.router import BinRouter
 from pipeline.request import FinishReason
 from proto.binserve.v1 import generation_pb2 as pb
@@ -40,13 +42,6 @@ _FINISH_REASONS = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
-}
-_GRPC_STATUS = {
-    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorKind.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 _OPTIONAL_FIELDS = (
     "max_tokens",
@@ -77,7 +72,7 @@ def input_of(request: pb.GenerateRequest) -> GenerationInput:
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The gRPC status for a failure the caller can act on; ``None`` for a bug (INTERNAL)."""
     classified = classify(exc)
-    return None if classified is None else (_GRPC_STATUS[classified[0]], classified[1])
+    return None if classified is None else (GRPC_STATUS[classified[0]], classified[1])
 
 
 def message_of(chunk: GenerationChunk) -> pb.GenerateResponse:
@@ -117,28 +112,33 @@ class GenerationIngress:
         router = BinRouter.build(boundaries, config.router.resolved_num_pools)
         defaults = SamplingDefaults.resolve(model_dir, config.sampling)
         intake = Intake(load_tokenizer(model_dir), config.ingress, defaults, self.max_model_len)
-        self.service = GenerationService(intake, predictor, router, pools)
+        self.metrics = IngressMetrics()
+        self.service = GenerationService(intake, predictor, router, pools, self.metrics)
 
     def __serve_build_asgi_app__(self):  # Serve calls it once, after __init__
         from cluster.openai_api import build_openai_app
 
-        return build_openai_app(self.service, self.model_id, self.api_key, self.max_model_len)
+        return build_openai_app(self.service, self.model_id, self.api_key, self.max_model_len, self.metrics)
 
     # ---- the RPCs -------------------------------------------------------------------------------------
 
     async def Generate(  # noqa: N802 (Serve calls the method named like the RPC)
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext | None = None
     ) -> pb.GenerateResponse:
-        text, token_ids = [], []
+        text, token_ids, failure, bin_id = [], [], None, None
         try:
             self._authorize(grpc_context)
             async with aclosing(self.service.generate(input_of(request))) as chunks:
                 async for chunk in chunks:
                     text.append(chunk.text)
                     token_ids.extend(chunk.token_ids)
-        except Exception as exc:
+                    bin_id = chunk.routing.bin_id
+        except BaseException as exc:
+            failure = exc
             _set_status(exc, grpc_context)
             raise
+        finally:
+            self.metrics.observe_request("grpc", status_name(failure), bin_id)
         message = message_of(chunk)
         del message.token_ids[:]
         message.token_ids.extend(token_ids)
@@ -148,16 +148,21 @@ class GenerationIngress:
     async def GenerateStream(  # noqa: N802
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext | None = None
     ) -> AsyncIterator[pb.GenerateResponse]:
+        failure, bin_id = None, None
         try:
             self._authorize(grpc_context)
             # Closed explicitly: a cancelled call stops this generator at its yield, and the engine request
             # must be aborted now, not whenever the inner generator is collected.
             async with aclosing(self.service.generate(input_of(request))) as chunks:
                 async for chunk in chunks:
+                    bin_id = chunk.routing.bin_id
                     yield message_of(chunk)
-        except Exception as exc:
+        except BaseException as exc:
+            failure = exc
             _set_status(exc, grpc_context)
             raise
+        finally:
+            self.metrics.observe_request("grpc", status_name(failure), bin_id)
 
     async def GetModelInfo(  # noqa: N802
         self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext | None = None

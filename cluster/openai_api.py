@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,8 +28,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from cluster.auth import ApiKey
-from cluster.errors import ErrorKind, UnknownModel, classify, field_of
+from cluster.errors import ErrorKind, UnknownModel, classify, field_of, status_name
 from cluster.generation import GenerationChunk, GenerationService
+from cluster.metrics import IngressMetrics
 from cluster.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -62,7 +64,11 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 def build_openai_app(
-    service: GenerationService, model_id: str, api_key: ApiKey, max_model_len: int
+    service: GenerationService,
+    model_id: str,
+    api_key: ApiKey,
+    max_model_len: int,
+    metrics: IngressMetrics | None = None,
 ) -> FastAPI:
     app = FastAPI(title="binserve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
@@ -120,6 +126,10 @@ def build_openai_app(
     async def completions(body: CompletionRequest, request: Request):
         return await respond("text", body, request)
 
+    def observe(failure: BaseException | None, bin_id: int | None) -> None:
+        if metrics is not None:
+            metrics.observe_request("http", status_name(failure), bin_id)
+
     async def respond(kind: Kind, body: ChatCompletionRequest | CompletionRequest, request: Request):
         # Every failure is answered here: Serve installs its own handlers (503) for some of them.
         try:
@@ -128,17 +138,19 @@ def build_openai_app(
             chunks = service.generate(body.to_input())
             first = await anext(chunks)
             if not body.stream:
-                try:
+                async with aclosing(chunks):
                     collected = [first] + [c async for c in chunks]
-                finally:
-                    await chunks.aclose()
+                observe(None, first.routing.bin_id)
                 return completion(kind, model_id, collected)
-        except Exception as exc:
+        except BaseException as exc:
+            observe(exc, None)
+            if not isinstance(exc, Exception):
+                raise  # a disconnect (cancellation) has nobody to answer
             if classify(exc) is None:
                 logger.exception("request failed")
             return error_response(exc)
         render = _sse_renderer(kind, model_id, body.include_usage)
-        return StreamingResponse(_events(first, chunks, render), media_type="text/event-stream")
+        return StreamingResponse(_events(first, chunks, render, observe), media_type="text/event-stream")
 
     return app
 
@@ -159,7 +171,9 @@ async def _events(
     first: GenerationChunk,
     chunks: AsyncIterator[GenerationChunk],
     render: Callable[[GenerationChunk, bool], str],
+    observe: Callable[[BaseException | None, int | None], None],
 ) -> AsyncIterator[str]:
+    failure: BaseException | None = None
     try:
         yield render(first, True)
         async for chunk in chunks:
@@ -168,9 +182,14 @@ async def _events(
                 yield render(chunk, False)
         yield "data: [DONE]\n\n"
     except Exception as exc:  # the engine died mid-stream: the status is sent already, say it in-band
+        failure = exc
         _, body = error_body(*_described(exc))
         yield _sse(body)
+    except BaseException as exc:  # a disconnect
+        failure = exc
+        raise
     finally:
+        observe(failure, first.routing.bin_id)
         await chunks.aclose()  # a disconnect: abort the engine request now, not when collected
 
 
