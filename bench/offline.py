@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from bench.workload import WorkloadRequest, sharegpt_requests
 from pipeline.config import EngineConfig
 from pipeline.request import NewRequest, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import ContinuousBatchingConfig
 
 
 def _run_engine(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
@@ -48,6 +53,16 @@ def _run_engine(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
     }
 
 
+def _hf_batching_config(device: torch.device) -> ContinuousBatchingConfig | None:
+    """transformers sizes its KV cache (and attention masks) from the device's free memory, 90% by default.
+    On a CPU that is the host's RAM, shared with everything else on the machine: SmolLM2 at 64 requests
+    took 14 GB there and the bench was OOM-killed on a 24 GB machine. A third of the free memory still
+    holds every running request of these workloads; on CUDA transformers' own default stands."""
+    from transformers import ContinuousBatchingConfig
+
+    return ContinuousBatchingConfig(max_memory_percent=0.3) if device.type == "cpu" else None
+
+
 def _run_hf(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
     """transformers' continuous batching (the machinery behind ``generate_batch``), with per-request
     output lengths: ``generate_batch`` itself takes one ``max_new_tokens`` for all requests."""
@@ -68,7 +83,10 @@ def _run_hf(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
     num_output = 0
     with (
         model.continuous_batching_context_manager(
-            generation_config=generation_config, block=True, timeout=5
+            generation_config=generation_config,
+            continuous_batching_config=_hf_batching_config(device),
+            block=True,
+            timeout=5,
         ) as manager,
         tqdm(total=len(requests), desc="transformers CB", unit="req") as bar,
     ):
