@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from cluster.auth import ApiKey
-from cluster.errors import ErrorKind, UnknownModel, classify, field_of, status_name
+from cluster.errors import ErrorKind, Unauthenticated, UnknownModel, classify, field_of, status_name
 from cluster.generation import GenerationChunk, GenerationService
 from cluster.metrics import IngressMetrics
 from cluster.openai_protocol import (
@@ -94,46 +94,43 @@ def build_openai_app(
 
     @app.exception_handler(HTTPException)
     async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None}}
-        return JSONResponse({"error": {**body["error"], "code": None}}, status_code=exc.status_code)
+        error = {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}
+        return JSONResponse({"error": error}, status_code=exc.status_code)
+
+    if api_key.is_required:
+        app.add_middleware(_RequireKey, api_key=api_key, on_refused=lambda exc: observe(exc, None))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        try:
-            api_key.check(request.headers.get("authorization"))
-        except Exception as exc:
-            return error_response(exc)
+    async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model:path}")
-    async def model(model: str, request: Request):
+    async def model(model: str):
         try:
-            api_key.check(request.headers.get("authorization"))
             check_model(model)
-        except Exception as exc:
+        except UnknownModel as exc:
             return error_response(exc)
         return model_card()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await respond("chat", body, request)
+    async def chat_completions(body: ChatCompletionRequest):
+        return await respond("chat", body)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await respond("text", body, request)
+    async def completions(body: CompletionRequest):
+        return await respond("text", body)
 
     def observe(failure: BaseException | None, bin_id: int | None) -> None:
         if metrics is not None:
             metrics.observe_request("http", status_name(failure), bin_id)
 
-    async def respond(kind: Kind, body: ChatCompletionRequest | CompletionRequest, request: Request):
+    async def respond(kind: Kind, body: ChatCompletionRequest | CompletionRequest):
         # Every failure is answered here: Serve installs its own handlers (503) for some of them.
         try:
-            api_key.check(request.headers.get("authorization"))
             check_model(body.model)
             chunks = service.generate(body.to_input())
             first = await anext(chunks)
@@ -153,6 +150,27 @@ def build_openai_app(
         return StreamingResponse(_events(first, chunks, render, observe), media_type="text/event-stream")
 
     return app
+
+
+class _RequireKey:
+    """Pure ASGI middleware (it must not buffer streams or swallow disconnects): checks the key of every
+    ``/v1/`` request before its body is read, so a caller without the key learns nothing about the API."""
+
+    def __init__(self, app, api_key: ApiKey, on_refused: Callable[[Unauthenticated], None]) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.on_refused = on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            authorization = dict(scope["headers"]).get(b"authorization")
+            try:
+                self.api_key.check(None if authorization is None else authorization.decode("latin-1"))
+            except Unauthenticated as exc:
+                self.on_refused(exc)
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _sse_renderer(kind: Kind, model_id: str, include_usage: bool) -> Callable[[GenerationChunk, bool], str]:

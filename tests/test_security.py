@@ -111,6 +111,9 @@ def test_http_without_the_key_is_401_and_with_it_200(app: Cluster) -> None:
         assert failure.value.status_code == 401 and failure.value.body["code"] == "invalid_api_key"
     response = httpx.post(f"{app.http_url}/v1/completions", json={"prompt": "Hello"})  # no header at all
     assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    # The key is checked before the body: a bad body without the key says nothing about the API.
+    response = httpx.post(f"{app.http_url}/v1/chat/completions", json={"messages": "not a list"})
+    assert response.status_code == 401
     assert httpx.get(f"{app.http_url}/health").status_code == 200  # load balancers probe without a key
     client = openai_client(app, API_KEY)
     assert [m.id for m in client.models.list()] == ["tiny-chat"]
