@@ -67,15 +67,18 @@ async def wait_for_no_blocks(num_pools: int, timeout_s: float = 30.0) -> float |
     return None
 
 
-def actor_pids(class_substring: str) -> list[int]:
-    """PIDs of alive actors whose class name contains ``class_substring`` (engine replicas, stages)."""
-    from ray.util.state import list_actors
+def engine_pids(num_pools: int) -> tuple[list[int], list[int]]:
+    """The engine replicas' processes and their stage actors' (one replica per pool is asked)."""
+    from ray import serve
 
-    return [
-        a.pid
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if class_substring in a.class_name
-    ]
+    from cluster.app import pool_name
+
+    replicas, stages = [], []
+    for pool_id in range(num_pools):
+        stats = serve.get_deployment_handle(pool_name(pool_id), app_name=APP_NAME).stats.remote().result()
+        replicas.append(stats.pids[0])
+        stages.extend(stats.pids[1:])
+    return replicas, stages
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -102,7 +105,7 @@ class OverloadReport:
 
 
 async def overload(address: str, num_calls: int, num_pools: int, max_tokens: int = 8) -> OverloadReport:
-    rss_before = rss_bytes(actor_pids("engine-pool") + actor_pids("StageWorker"))
+    rss_before = rss_bytes(sum(await asyncio.to_thread(engine_pids, num_pools), []))
     refusals, completions, others = [], [], Counter()
 
     async with GenerationClient(address) as client:
@@ -121,7 +124,7 @@ async def overload(address: str, num_calls: int, num_pools: int, max_tokens: int
 
         await asyncio.gather(*(call(i) for i in range(num_calls)))
     await wait_for_no_blocks(num_pools)
-    rss_after = rss_bytes(actor_pids("engine-pool") + actor_pids("StageWorker"))
+    rss_after = rss_bytes(sum(await asyncio.to_thread(engine_pids, num_pools), []))
     return OverloadReport(
         num_calls=num_calls,
         num_completed=len(completions),
@@ -208,7 +211,7 @@ class KillReport:
 
 
 async def kill_under_load(
-    address: str, target: str, num_streams: int = 4, recovery_timeout_s: float = 120.0
+    address: str, target: str, num_pools: int, num_streams: int = 4, recovery_timeout_s: float = 120.0
 ) -> KillReport:
     """``target``: ``stage`` (one pipeline stage actor) or ``replica`` (one engine replica), SIGKILLed
     while ``num_streams`` long streams are in flight."""
@@ -217,7 +220,8 @@ async def kill_under_load(
         started = [asyncio.Event() for _ in range(num_streams)]
 
         async def stream(i: int) -> None:
-            request = make_request(PROMPTS[i % len(PROMPTS)], max_tokens=5000, ignore_eos=True)
+            # Long enough to be in flight when the kill comes (ingress limits allow 1,024 in serve-local).
+            request = make_request(PROMPTS[i % len(PROMPTS)], max_tokens=1000, ignore_eos=True)
             try:
                 async for _ in client.generate_stream(request, timeout_s=recovery_timeout_s):
                     started[i].set()
@@ -228,9 +232,10 @@ async def kill_under_load(
 
         tasks = [asyncio.create_task(stream(i)) for i in range(num_streams)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=60)
-        pids = await asyncio.to_thread(actor_pids, "StageWorker" if target == "stage" else "engine-pool")
+        replicas, stages = await asyncio.to_thread(engine_pids, num_pools)
+        pids = stages if target == "stage" else replicas
         if not pids:
-            raise ValueError(f"target: no alive {target} actor to kill")
+            raise ValueError(f"target: no {target} process to kill (a stage needs pp_size > 1)")
         os.kill(pids[0], signal.SIGKILL)
         killed_s = time.monotonic()
         await asyncio.gather(*tasks)
@@ -268,7 +273,7 @@ async def run_all(address: str, num_pools: int, queue_capacity: int, small: bool
     report["cancel_storm"] = asdict(await cancel_storm(address, 20 if small else 100, num_pools))
     print(f"cancel storm: {report['cancel_storm']}", flush=True)
     for target in ("stage", "replica"):
-        report[f"kill_{target}"] = asdict(await kill_under_load(address, target))
+        report[f"kill_{target}"] = asdict(await kill_under_load(address, target, num_pools))
         print(f"kill {target}: {report[f'kill_{target}']}", flush=True)
     report["load_average_at_end"] = os.getloadavg()[0]
     return report

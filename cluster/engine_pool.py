@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -49,6 +50,8 @@ class EngineStats:
     """Calls cancelled before their request finished (a cancelled stream, a deadline, a stop string)."""
     pp_size: int
     """Pipeline stages (micro-batches in flight) of this replica's runner."""
+    pids: tuple[int, ...]
+    """Processes of this replica: the replica itself, then its stage actors (fault checks kill them)."""
 
 
 def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) -> dict[str, Any]:
@@ -145,6 +148,7 @@ class EnginePool:
             num_requests_by_bin=dict(self._num_requests_by_bin),
             num_cancelled_requests=self._num_cancelled_requests,
             pp_size=self.driver.engine.runner.depth,
+            pids=(os.getpid(), *getattr(self.driver.engine.runner, "stage_pids", ())),
         )
 
     def _report_metrics(self, interval_s: float) -> None:

@@ -129,6 +129,8 @@ class PipelineRunner:
         self.num_blocks = num_blocks
         self.vocab_size = vocab_size
         self.depth = len(stages)
+        self.stage_pids: tuple[int, ...] = ()
+        """The stage actors' processes (set by ``create``; fault checks kill them)."""
         self.step_timeout_s = step_timeout_s
         # On GPU hosts there are cores to spare and a blocking read has the lowest latency.
         self._poll_interval_s = None if use_gpu else 0.0005
@@ -183,7 +185,9 @@ class PipelineRunner:
             num_blocks = min(capacities)
             cache = dataclasses.replace(config.cache, num_blocks=num_blocks)
             [vocab_size, *_] = ray.get([s.load.remote(cache) for s in stages])
-            return cls(stages, ranges, num_blocks, vocab_size, use_gpu, step_timeout_s, owned)
+            runner = cls(stages, ranges, num_blocks, vocab_size, use_gpu, step_timeout_s, owned)
+            runner.stage_pids = tuple(ray.get([s.pid.remote() for s in stages]))
+            return runner
         except BaseException:
             for stage in stages:
                 ray.kill(stage)

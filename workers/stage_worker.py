@@ -16,6 +16,7 @@ then loads them all with the minimum.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -67,6 +68,9 @@ class StageWorker:
         return kv_capacity_blocks(
             hf_config, end - start, cache, device, dtype, weight_bytes_to_load=weight_bytes
         )
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def load(self, cache: CacheConfig) -> int:
         """Load the weights and allocate the KV pool; returns the vocabulary size (for the engine)."""
