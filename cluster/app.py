@@ -82,7 +82,10 @@ def build_application(config: AppConfig, predictor: Application | None = None) -
         ).bind(config.predictor)
     pools = [
         EnginePool.options(name=pool_name(pool_id), **pool_options(config.engine, config.pools)).bind(
-            config.engine, pool_id, config.pools.max_queued_requests
+            config.engine,
+            pool_id,
+            config.pools.max_queued_requests,
+            config.metrics.interval_s if config.metrics.enabled else None,
         )
         for pool_id in range(config.router.resolved_num_pools)
     ]

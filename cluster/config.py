@@ -13,6 +13,7 @@
     pools:     PoolConfig       replicas and autoscaling bounds, queue limit, resources (each pool)
     ingress:   IngressConfig    request limits, API key, replicas, resources
     sampling:  SamplingDefaultsConfig  what a request that leaves a field unset gets (over the model's)
+    metrics:   MetricsConfig    export the binserve_* metrics or not, and how often replicas sample gauges
 
 A wrong field is a ``ValueError`` naming it with its section (``scheduler.chunk_size: must be in [1, inf],
 got 0``); an unknown field names the known ones. No ray or torch imports: the CLI and tests use this alone.
@@ -186,6 +187,17 @@ class SamplingDefaultsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    """Export the binserve_* metrics (``cluster/metrics.py``) through Ray's metrics system."""
+    interval_s: float = 1.0
+    """How often each engine replica samples its gauges (KV blocks, queues, bubbles)."""
+
+    def __post_init__(self) -> None:
+        check_range("interval_s", self.interval_s, 0.05, 3600.0)
+
+
+@dataclass(frozen=True)
 class AppConfig:
     engine: EngineConfig
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -193,6 +205,7 @@ class AppConfig:
     pools: PoolConfig = field(default_factory=PoolConfig)
     ingress: IngressConfig = field(default_factory=IngressConfig)
     sampling: SamplingDefaultsConfig = field(default_factory=SamplingDefaultsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None) -> AppConfig:
@@ -208,6 +221,7 @@ class AppConfig:
             "pools",
             "ingress",
             "sampling",
+            "metrics",
         )
         _reject_unknown("args", args, sections)
         if "model" not in args:
@@ -226,6 +240,7 @@ class AppConfig:
             pools=_parse(PoolConfig, args.get("pools"), "pools"),
             ingress=_parse(IngressConfig, args.get("ingress"), "ingress"),
             sampling=_parse(SamplingDefaultsConfig, args.get("sampling"), "sampling"),
+            metrics=_parse(MetricsConfig, args.get("metrics"), "metrics"),
         )
 
     def __post_init__(self) -> None:

@@ -112,7 +112,7 @@ class GenerationIngress:
         router = BinRouter.build(boundaries, config.router.resolved_num_pools)
         defaults = SamplingDefaults.resolve(model_dir, config.sampling)
         intake = Intake(load_tokenizer(model_dir), config.ingress, defaults, self.max_model_len)
-        self.metrics = IngressMetrics()
+        self.metrics = IngressMetrics(enabled=config.metrics.enabled)
         self.service = GenerationService(intake, predictor, router, pools, self.metrics)
 
     def __serve_build_asgi_app__(self):  # Serve calls it once, after __init__

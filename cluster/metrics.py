@@ -208,13 +208,18 @@ class EngineMetrics:
 class IngressMetrics:
     _NAMES = ("binserve_requests_total", "binserve_predictor_latency_seconds")
 
-    def __init__(self) -> None:
-        self.series = _Series(self._NAMES)
+    def __init__(self, enabled: bool = True) -> None:
+        """``enabled=False``: every observation is a no-op (``metrics.enabled: false`` in the config)."""
+        self.series = _Series(self._NAMES) if enabled else None
 
     def observe_request(self, api: str, code: str, bin_id: int | None) -> None:
         """One answered call: ``code`` is the gRPC status name (OK, INVALID_ARGUMENT, ...)."""
+        if self.series is None:
+            return
         tags = {"api": api, "code": code, "bin": "none" if bin_id is None else str(bin_id)}
         self.series["binserve_requests_total"].inc(tags=tags)
 
     def observe_prediction(self, seconds: float) -> None:
+        if self.series is None:
+            return
         self.series["binserve_predictor_latency_seconds"].observe(seconds)

@@ -100,7 +100,7 @@ ARGS = {"model": {"model_dir": "/m"}}
     [
         ({}, r"args.model: required"),
         ({"model": {}}, r"model.model_dir: required"),
-        ({**ARGS, "routr": {}}, r"args.routr: unknown field; known fields: cache, ingress, model"),
+        ({**ARGS, "routr": {}}, r"args.routr: unknown field; known fields: cache, ingress, metrics, model"),
         (
             {**ARGS, "router": {"num_bin": 2}},
             r"router.num_bin: unknown field; known fields: num_bins, num_pools",
