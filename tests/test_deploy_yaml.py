@@ -43,9 +43,9 @@ def test_serve_configs_validate_with_serves_schema_and_ours(name: str) -> None:
         AppConfig.from_args(app.args)  # the application's own checks on its args
 
 
-def test_local_config_is_the_tiny_model_on_cpu_in_two_bins_and_two_stages() -> None:
+def test_local_config_is_smollm2_on_cpu_in_two_bins_and_two_stages() -> None:
     config = AppConfig.from_args(serve_config_of("serve-local.yaml")["applications"][0]["args"])
-    assert config.engine.model.model_dir == ".models/tiny-llama"
+    assert config.engine.model.model_dir == ".models/smollm2-135m-instruct"  # the default real model
     assert config.engine.model.device == "cpu"
     assert config.router.num_bins == 2 and config.engine.parallel.pp_size == 2
     assert config.engine.scheduler.queue_order == "ssjf"
