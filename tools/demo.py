@@ -6,8 +6,9 @@
    Serve's gRPC proxy, the ingress, the global length predictor and two engine pools (one per bin),
    each replica a two-stage pipeline scheduling SSJF-first with SARATHI batches.
 3. Sends a few dozen concurrent gRPC requests, half unary and half streamed, at Poisson arrivals: chat
-   questions of mixed lengths, rendered with the model's chat template, sampled (temperature 0.7,
-   top_p 0.9, a seed each) until the model ends its answer or the token cap.
+   questions of mixed lengths as ``messages`` (rendered by the ingress with the model's chat template),
+   sampled with the model's serving defaults (temperature 0.7, top_p 0.9, repetition_penalty 1.1) and a
+   seed each, until the model ends its answer or the token cap.
 4. Prints each request's bin, predicted and actual output tokens, TTFT and TBT, then the answers and a
    summary, and shuts the cluster down.
 """
@@ -29,8 +30,6 @@ MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MODEL_DIR = f".models/{MODEL_NAME}"
 RATE_PER_S = 4.0
 MAX_OUTPUT_TOKENS = 256
-TEMPERATURE = 0.7
-TOP_P = 0.9
 ANSWER_CHARS = 160
 QUESTIONS = [
     "Hello! Who are you?",
@@ -61,20 +60,6 @@ def _prepare_model(model_dir: Path) -> None:
     convert_gguf(packaged_gguf(MODEL_NAME), model_dir, on_step=lambda step: print(step, flush=True))
 
 
-def _chat_prompts(model_dir: Path) -> list[str]:
-    """Each question as one user turn, rendered with the model's chat template (its default system prompt
-    included) as transformers' ``apply_chat_template(..., add_generation_prompt=True)`` renders it."""
-    from workers.checkpoint import load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
-        )
-        for q in QUESTIONS
-    ]
-
-
 async def _send_all(
     address: str,
     prompts: Sequence[str],
@@ -96,7 +81,9 @@ async def _send_all(
         async def one(i: int, prompt: str) -> ServedRequest:
             await asyncio.sleep(max(0.0, start_s + arrivals_s[i] - time.perf_counter()))
             request = WorkloadRequest(prompt, (), MAX_OUTPUT_TOKENS, arrivals_s[i])
-            proto = make_request(prompt, MAX_OUTPUT_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, seed=i)
+            # A user turn; the ingress renders it with the model's chat template, and the sampling fields
+            # left unset take the model's serving defaults (generation_config.json).
+            proto = make_request(messages=[("user", prompt)], max_tokens=MAX_OUTPUT_TOKENS, seed=i)
             is_stream = i % 2 == 1
             try:
                 served = ServedRequest(
@@ -194,10 +181,10 @@ def run_demo(args: argparse.Namespace) -> int:
     with serving_locally(SERVE_LOCAL, str(model_dir)) as address:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this driver's handle chatter
         print(f"serving gRPC on {address} after {time.perf_counter() - start_s:.0f} s", flush=True)
-        prompts = _chat_prompts(model_dir)
+        prompts = QUESTIONS
         print(
             f"sending {len(prompts)} chat questions at {RATE_PER_S:.0f}/s, half of them streamed "
-            f"(temperature {TEMPERATURE}, top_p {TOP_P}, at most {MAX_OUTPUT_TOKENS} tokens each)"
+            f"(the model's sampling defaults, at most {MAX_OUTPUT_TOKENS} tokens each)"
         )
         with tqdm(total=len(prompts), unit="req", desc="requests") as bar:
             num_tokens = [0]
