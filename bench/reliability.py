@@ -205,8 +205,9 @@ class KillReport:
     target: str
     num_in_flight: int
     codes: dict[str, int]
-    """How the in-flight calls ended."""
-    seconds_until_all_ended: float
+    """How the in-flight calls ended (calls on another pool than the killed process finish OK)."""
+    seconds_until_failed_calls_ended: float | None
+    """From the kill to the last of the failed calls' errors reaching the client."""
     seconds_until_served_again: float | None
 
 
@@ -216,6 +217,7 @@ async def kill_under_load(
     """``target``: ``stage`` (one pipeline stage actor) or ``replica`` (one engine replica), SIGKILLed
     while ``num_streams`` long streams are in flight."""
     codes: Counter[str] = Counter()
+    failed_at_s: list[float] = []
     async with GenerationClient(address) as client:
         started = [asyncio.Event() for _ in range(num_streams)]
 
@@ -227,6 +229,7 @@ async def kill_under_load(
                     started[i].set()
                 codes["OK"] += 1
             except grpc.aio.AioRpcError as exc:
+                failed_at_s.append(time.monotonic())
                 started[i].set()
                 codes[exc.code().name] += 1
 
@@ -239,7 +242,7 @@ async def kill_under_load(
         os.kill(pids[0], signal.SIGKILL)
         killed_s = time.monotonic()
         await asyncio.gather(*tasks)
-        ended_s = time.monotonic() - killed_s
+        failed_s = max(failed_at_s) - killed_s if failed_at_s else None
         served_again_s = None
         while time.monotonic() - killed_s < recovery_timeout_s:
             try:
@@ -251,7 +254,7 @@ async def kill_under_load(
                 break
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(1.0)
-    return KillReport(target, num_streams, dict(codes), ended_s, served_again_s)
+    return KillReport(target, num_streams, dict(codes), failed_s, served_again_s)
 
 
 def _quantile(values: list[float], q: float) -> float | None:

@@ -138,9 +138,16 @@ class IngressConfig:
     num_cpus: float = 0.5
     max_ongoing_requests: int = 2048
     """Concurrent calls one ingress replica accepts; more wait in the proxy."""
+    max_admitted_requests: int | None = None
+    """Requests one ingress replica holds at once, from arrival to their last token; more are refused at
+    once with RESOURCE_EXHAUSTED / 429 (load shedding, so a burst cannot queue without bound in front of
+    the predictor and the pools). ``None``: what the engine pools can hold (pools x max_replicas x
+    ``pools.max_queued_requests``), split over the ingress replicas."""
 
     def __post_init__(self) -> None:
         check_range("max_output_tokens", self.max_output_tokens, 1)
+        if self.max_admitted_requests is not None:
+            check_range("max_admitted_requests", self.max_admitted_requests, 1)
         check_range("max_stop_strings", self.max_stop_strings, 0)
         check_range("max_stop_string_chars", self.max_stop_string_chars, 1)
         check_range("max_prompt_chars", self.max_prompt_chars, 1)
@@ -242,6 +249,14 @@ class AppConfig:
             sampling=_parse(SamplingDefaultsConfig, args.get("sampling"), "sampling"),
             metrics=_parse(MetricsConfig, args.get("metrics"), "metrics"),
         )
+
+    @property
+    def max_admitted_requests(self) -> int:
+        """One ingress replica's admission bound (``ingress.max_admitted_requests``, resolved)."""
+        if self.ingress.max_admitted_requests is not None:
+            return self.ingress.max_admitted_requests
+        capacity = self.router.resolved_num_pools * self.pools.max_replicas * self.pools.max_queued_requests
+        return max(1, capacity // self.ingress.num_replicas)
 
     def __post_init__(self) -> None:
         if self.engine.parallel.pp_size > 1 and self.pools.num_cpus <= 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
@@ -27,6 +28,7 @@ from cluster.intake import GenerationInput, Intake
 from cluster.metrics import IngressMetrics
 from cluster.router import BinRouter
 from cluster.text_stream import TextStream
+from pipeline.driver import QueueFullError
 from pipeline.request import FinishReason, NewRequest
 
 
@@ -69,7 +71,9 @@ class GenerationService:
         router: BinRouter,
         pools: Sequence[DeploymentHandle],
         metrics: IngressMetrics | None = None,
+        max_admitted_requests: int | None = None,
     ) -> None:
+        """``max_admitted_requests``: requests held at once; more are refused (``QueueFullError``)."""
         if len(pools) != router.num_pools:
             raise ValueError(f"pools: {len(pools)} engine pools given, the router needs {router.num_pools}")
         self.intake = intake
@@ -77,10 +81,26 @@ class GenerationService:
         self.router = router
         self.pools = [pool.options(stream=True) for pool in pools]
         self.metrics = metrics
+        self.max_admitted_requests = max_admitted_requests
+        self.num_admitted = 0
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
         """The request's chunks; the last carries the finish reason, usage and timings. Bad input raises
         ``ValueError`` before anything is predicted; engine failures raise from the first chunk on."""
+        if self.max_admitted_requests is not None and self.num_admitted >= self.max_admitted_requests:
+            # Shed load at once: a burst beyond what the pools can queue would otherwise wait unbounded
+            # in front of the predictor and the pools' handles.
+            raise QueueFullError(f"ingress: {self.num_admitted} requests in flight, the most it admits")
+        self.num_admitted += 1  # one event loop: no lock needed
+        try:
+            # Closed explicitly when the caller leaves early, so the engine request is aborted now.
+            async with aclosing(self._generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self.num_admitted -= 1
+
+    async def _generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
         arrival_s = time.perf_counter()
         prepared = self.intake.prepare(request)
         predict_start_s = time.perf_counter()

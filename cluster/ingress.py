@@ -113,7 +113,9 @@ class GenerationIngress:
         defaults = SamplingDefaults.resolve(model_dir, config.sampling)
         intake = Intake(load_tokenizer(model_dir), config.ingress, defaults, self.max_model_len)
         self.metrics = IngressMetrics(enabled=config.metrics.enabled)
-        self.service = GenerationService(intake, predictor, router, pools, self.metrics)
+        self.service = GenerationService(
+            intake, predictor, router, pools, self.metrics, config.max_admitted_requests
+        )
 
     def __serve_build_asgi_app__(self):  # Serve calls it once, after __init__
         from cluster.openai_api import build_openai_app

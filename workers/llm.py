@@ -18,7 +18,6 @@ from pipeline.engine import Completion, Engine, Runner
 from pipeline.request import SamplingParams
 from pipeline.scheduler import Scheduler
 from workers.checkpoint import eos_token_ids, load_config, load_tokenizer
-from workers.pipeline_runner import PipelineRunner, build_pipeline_runner
 from workers.runner import ModelRunner
 
 
@@ -50,12 +49,17 @@ class TextCompletion:
 
 
 class LLM:
-    def __init__(self, config: EngineConfig, runner: ModelRunner | PipelineRunner | None = None) -> None:
+    def __init__(self, config: EngineConfig, runner: Runner | None = None) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.model_dir)
         if runner is None:
             is_pipeline = config.parallel.pp_size > 1
-            runner = build_pipeline_runner(config) if is_pipeline else ModelRunner(config.model, config.cache)
+            if is_pipeline:  # Ray is imported only for a pipeline: one process needs none
+                from workers.pipeline_runner import build_pipeline_runner
+
+                runner = build_pipeline_runner(config)
+            else:
+                runner = ModelRunner(config.model, config.cache)
         self.runner = runner
         # generate() keeps runner.depth plans in flight: pp_size micro-batches through a pipeline.
         self.engine = build_engine(config, runner)
@@ -77,5 +81,6 @@ class LLM:
 
     def shutdown(self) -> None:
         """End the stage actors of a pipelined LLM (a no-op for one process)."""
-        if isinstance(self.runner, PipelineRunner):
-            self.runner.shutdown()
+        shutdown = getattr(self.runner, "shutdown", None)  # a pipeline's stage actors
+        if shutdown is not None:
+            shutdown()
