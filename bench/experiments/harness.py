@@ -275,3 +275,13 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
+
+
+def sharegpt_workload(tokenizer, params) -> list[WorkloadRequest]:
+    """An experiment's ShareGPT requests; ``params`` carries num_requests, seed, max_prompt_tokens and
+    max_output_tokens (every experiment's ``Params`` does)."""
+    from bench.workload import sharegpt_requests
+
+    return sharegpt_requests(
+        tokenizer, params.num_requests, params.seed, params.max_prompt_tokens, params.max_output_tokens
+    )

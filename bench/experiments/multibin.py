@@ -35,13 +35,13 @@ from bench.experiments.harness import (
     new_figure,
     provenance,
     save_figure,
+    sharegpt_workload,
     target,
 )
 from bench.metrics import summarize
 from bench.replay import replay
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
-from bench.workload import sharegpt_requests
 from cluster.router import BinRouter
 from pipeline.config import SchedulerConfig
 
@@ -135,13 +135,7 @@ def uniform_requests(params: Params, k: int) -> list[SimRequest]:
 
 def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
     engines = Engines(params.model_dir)
-    workload = sharegpt_requests(
-        engines.tokenizer,
-        params.num_requests,
-        params.seed,
-        params.max_prompt_tokens,
-        params.max_output_tokens,
-    )
+    workload = sharegpt_workload(engines.tokenizer, params)
     estimates = length_estimates(workload, predictor)
     cost_model = StepCostModel.load(params.profile)
     gpu_cost_model = StepCostModel.load(params.gpu_profile)

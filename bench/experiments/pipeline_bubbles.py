@@ -21,8 +21,8 @@ from bench.experiments.harness import (
     new_figure,
     provenance,
     save_figure,
+    sharegpt_workload,
 )
-from bench.workload import sharegpt_requests
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
 TITLE = "Pipeline parallelism: bubbles at pp 2"
@@ -82,13 +82,7 @@ def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
         ),
         parallel=ParallelConfig(pp_size=params.pp_size, torch_threads=1),
     )
-    requests = sharegpt_requests(
-        load_tokenizer(params.checkpoint_dir),
-        params.num_requests,
-        params.seed,
-        params.max_prompt_tokens,
-        params.max_output_tokens,
-    )
+    requests = sharegpt_workload(load_tokenizer(params.checkpoint_dir), params)
     report = run_pipeline_bench(config, requests, one_process=False)
     rows = [
         {

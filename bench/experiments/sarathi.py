@@ -25,11 +25,12 @@ from bench.experiments.harness import (
     new_figure,
     provenance,
     save_figure,
+    sharegpt_workload,
     target,
 )
 from bench.metrics import summarize
 from bench.replay import replay
-from bench.workload import poisson_arrivals, sharegpt_requests, with_arrivals
+from bench.workload import poisson_arrivals, with_arrivals
 from pipeline.config import SchedulerConfig
 
 TITLE = "SARATHI: chunked prefills vs whole-prompt prefills"
@@ -77,13 +78,7 @@ def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
     engines = Engines(
         params.model_dir, max_model_len=params.max_prompt_tokens + params.max_output_tokens + 16
     )
-    workload = sharegpt_requests(
-        engines.tokenizer,
-        params.num_requests,
-        params.seed,
-        params.max_prompt_tokens,
-        params.max_output_tokens,
-    )
+    workload = sharegpt_workload(engines.tokenizer, params)
     capacity_per_s = None
     rate_per_s = params.rate_per_s
     if rate_per_s is None:

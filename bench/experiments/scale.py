@@ -29,11 +29,12 @@ from bench.experiments.harness import (
     new_figure,
     provenance,
     save_figure,
+    sharegpt_workload,
 )
 from bench.metrics import MetricsSummary, Slo, find_capacity, summarize
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
-from bench.workload import WorkloadRequest, poisson_arrivals, sharegpt_requests
+from bench.workload import WorkloadRequest, poisson_arrivals
 from cluster.router import BinRouter
 from pipeline.config import SchedulerConfig
 from workers.checkpoint import load_tokenizer
@@ -175,13 +176,7 @@ def capacity_row(
 
 def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
     cost_model = StepCostModel.load(params.profile)
-    workload = sharegpt_requests(
-        load_tokenizer(params.tokenizer_dir),
-        params.num_requests,
-        params.seed,
-        params.max_prompt_tokens,
-        params.max_output_tokens,
-    )
+    workload = sharegpt_workload(load_tokenizer(params.tokenizer_dir), params)
     estimates = length_estimates(workload, predictor)
     cases = [
         (Slo(s.p99_ttft_s, s.p99_tbt_s), s.policy, routing)

@@ -28,11 +28,12 @@ from bench.experiments.harness import (
     prediction_quality,
     provenance,
     save_figure,
+    sharegpt_workload,
     target,
 )
 from bench.metrics import summarize
 from bench.replay import replay
-from bench.workload import poisson_arrivals, sharegpt_requests, with_arrivals
+from bench.workload import poisson_arrivals, with_arrivals
 from pipeline.config import SchedulerConfig
 
 TITLE = "SSJF vs FCFS: job completion time"
@@ -72,13 +73,7 @@ def schedulers(params: Params) -> dict[str, SchedulerConfig]:
 
 def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
     engines = Engines(params.model_dir)
-    workload = sharegpt_requests(
-        engines.tokenizer,
-        params.num_requests,
-        params.seed,
-        params.max_prompt_tokens,
-        params.max_output_tokens,
-    )
+    workload = sharegpt_workload(engines.tokenizer, params)
     if params.rate_per_s is not None:
         workload = with_arrivals(workload, poisson_arrivals(len(workload), params.rate_per_s, params.seed))
     estimates = length_estimates(workload, predictor)
