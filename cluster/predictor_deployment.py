@@ -1,11 +1,15 @@
 """The global length predictor: one Serve deployment that every ingress replica asks for output lengths.
 
-    predictor = LengthPredictorDeployment.bind(PredictorConfig())        # the default shipped predictor
+    predictor = LengthPredictorDeployment.bind(PredictorConfig(), model_dir)  # the default shipped predictor
     predicted_output_tokens = await handle.predict.remote("Write a haiku about paged attention.")
 
 Concurrent calls are batched (``@serve.batch``): the encoder runs once per batch, which is what makes a
 per-request prediction cheap. The bin boundaries come from the same predictor (equal-mass intervals of
 its training length distribution), so predictions and bins always agree.
+
+Given the served model's directory, the replica warns at start-up when the predictor learned another
+model's (or tokenizer's) lengths, and a predictor whose encoder is the served model's first layers loads
+them from there.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from cluster.config import PredictorConfig
 
 @serve.deployment
 class LengthPredictorDeployment:
-    def __init__(self, config: PredictorConfig) -> None:
+    def __init__(self, config: PredictorConfig, model_dir: str | None = None) -> None:
         import torch
 
         from cluster.predictor import LengthPredictor
 
         torch.set_num_threads(1)
-        self.predictor = LengthPredictor.load(config.path) if config.path else LengthPredictor.load()
+        self.predictor = LengthPredictor.load(config.path, model_dir=model_dir)
+        if model_dir is not None:
+            self.predictor.check_served_model(model_dir)
         self.predict.set_max_batch_size(config.max_batch_size)
         self.predict.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 

@@ -6,14 +6,34 @@ import ``cluster.predictor`` (and its pure-Python ``lengths`` module) without lo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.predictor.lengths import Prediction
+from cluster.predictor.served_model import ServedModel, warn_if_mismatched
+
+DEFAULT_DIR = Path(__file__).parent / "default"
+"""SmolLM2-135M-Instruct's own output lengths under the deployment's default sampling."""
+CHATGPT_DIR = Path(__file__).parent / "chatgpt"
+"""ChatGPT's answer lengths (the ShareGPT responses) in the tiny model's tokens: forced-length experiments."""
 
 if TYPE_CHECKING:
     from cluster.predictor.predictor import LengthPredictor
 
-__all__ = ["LengthPredictor", "Prediction"]
+__all__ = ["CHATGPT_DIR", "DEFAULT_DIR", "LengthPredictor", "Prediction", "check_predictor_for_model"]
+
+
+def check_predictor_for_model(predictor_dir: str | Path | None, model_dir: str | Path) -> str | None:
+    """Warn when the predictor in ``predictor_dir`` (None: the default) learned another model's lengths
+    than ``model_dir``'s; returns the warning or None. Reads only ``predictor.json`` (no torch), so the
+    command line can call it before deploying (``binserve serve``)."""
+    import json
+
+    metadata_path = Path(predictor_dir or DEFAULT_DIR) / "predictor.json"
+    if not metadata_path.is_file():
+        raise ValueError(f"predictor: no predictor.json in {metadata_path.parent}")
+    trained_for = json.loads(metadata_path.read_text()).get("served_model")
+    return warn_if_mismatched(ServedModel(**trained_for) if trained_for else None, model_dir)
 
 
 def __getattr__(name: str) -> object:

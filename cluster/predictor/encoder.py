@@ -56,6 +56,13 @@ class PromptEncoder(nn.Module):
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def pooled_size(self) -> int:
+        return HIDDEN_SIZE
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids=input_ids)  # (B, T, H)
+
     def tokenize(self, prompts: list[str]) -> TokenizedPrompts:
         pieces = self.tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
         body = self.max_prompt_tokens - 2
@@ -91,7 +98,7 @@ class PromptEncoder(nn.Module):
         return hidden
 
     @staticmethod
-    def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) -> (B, H), the mean over real (unpadded) tokens."""
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1)

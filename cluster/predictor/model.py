@@ -1,9 +1,15 @@
 """The length model: the prompt encoder, an MLP head, and the label space the head predicts in.
 
-The head sees the mean-pooled encoder output and the prompt's (untruncated) length. Two heads:
+The head sees the pooled encoder output and the prompt's (untruncated) length. Two heads:
 
-- ``regression``: one output, the standardised ``log1p(output_tokens)``; trained with a Huber loss,
-  since ShareGPT lengths have a long tail that a squared loss would chase.
+- ``regression``: output 0 is the standardised ``log1p(output_tokens)`` of the served model; trained with
+  a Huber loss (ShareGPT lengths have a long tail that a squared loss would chase) plus, with
+  ``rank_loss_weight``, a pairwise ranking loss (RankNet's logistic loss over every pair of a batch whose
+  lengths differ), since SSJF needs the order more than the tokens. The Huber term keeps output 0 a
+  calibrated length in tokens, which bins, autoscaling and admission need. With ``num_aux_outputs`` 1,
+  output 1 predicts ChatGPT's answer length (the ShareGPT response) from the same hidden layer: an
+  auxiliary task with ten times the labels, which shapes the hidden layer when the served model's own
+  labels are few. Only output 0 is ever read at serving time.
 - ``buckets``: one logit per length bucket (training quantiles p25/p50/p75/p99); trained with cross
   entropy. Its length estimate is the probability-weighted mean log length of the buckets.
 """
@@ -15,10 +21,13 @@ import math
 import torch
 from torch import nn
 
-from cluster.predictor.encoder import HIDDEN_SIZE, PromptEncoder
+from cluster.predictor.encoder import PromptEncoder
+from cluster.predictor.served_encoder import ServedModelEncoder
 
 HEADS = ("regression", "buckets")
 NUM_PROMPT_FEATURES = 2
+MISSING = -1
+"""A target absent from an example (a ShareGPT pair without a served-model label, or the reverse)."""
 
 
 def prompt_features(num_prompt_tokens: list[int]) -> torch.Tensor:
@@ -30,22 +39,30 @@ def prompt_features(num_prompt_tokens: list[int]) -> torch.Tensor:
 class LengthModel(nn.Module):
     def __init__(
         self,
-        encoder: PromptEncoder,
+        encoder: PromptEncoder | ServedModelEncoder,
         head: str,
         num_buckets: int,
         num_finetune_layers: int,
         num_hidden: int,
         dropout: float,
+        num_aux_outputs: int = 0,
+        rank_loss_weight: float = 0.0,
+        aux_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head: must be one of {', '.join(HEADS)}, got {head!r}")
+        if head != "regression" and (num_aux_outputs or rank_loss_weight):
+            raise ValueError("rank_loss_weight, aux outputs: only with the regression head")
         self.encoder = encoder
         self.head_kind = head
         self.num_finetune_layers = num_finetune_layers
-        num_outputs = 1 if head == "regression" else num_buckets
+        self.num_aux_outputs = num_aux_outputs
+        self.rank_loss_weight = rank_loss_weight
+        self.aux_loss_weight = aux_loss_weight
+        num_outputs = 1 + num_aux_outputs if head == "regression" else num_buckets
         self.head = nn.Sequential(
-            nn.Linear(HIDDEN_SIZE + NUM_PROMPT_FEATURES, num_hidden),
+            nn.Linear(encoder.pooled_size + NUM_PROMPT_FEATURES, num_hidden),
             nn.GELU(),
             nn.Dropout(dropout),
             nn.Linear(num_hidden, num_outputs),
@@ -98,20 +115,40 @@ class LengthModel(nn.Module):
         hidden = self.encoder.run_layers(
             hidden, attention_mask, self.first_trained_layer, self.encoder.num_layers
         )
-        return self.head_logits(self.encoder.mean_pool(hidden, attention_mask), num_prompt_tokens)
+        return self.head_logits(self.encoder.pool(hidden, attention_mask), num_prompt_tokens)
 
     def frozen_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, H), the output of the frozen layers."""
-        hidden = self.encoder.embeddings(input_ids=input_ids)
+        hidden = self.encoder.embed(input_ids)
         return self.encoder.run_layers(hidden, attention_mask, 0, self.first_trained_layer)
 
     def loss(
-        self, logits: torch.Tensor, output_tokens: torch.Tensor, bucket_ids: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        output_tokens: torch.Tensor,
+        bucket_ids: torch.Tensor,
+        aux_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.head_kind == "regression":
-            target = (torch.log1p(output_tokens.float()) - self.log_tokens_mean) / self.log_tokens_std
-            return nn.functional.huber_loss(logits[:, 0], target, delta=1.0)
-        return nn.functional.cross_entropy(logits, bucket_ids)
+        """Targets are (B,) with ``MISSING`` where an example lacks one; a batch may hold only aux ones."""
+        has_label = output_tokens != MISSING
+        if self.head_kind == "buckets":
+            return nn.functional.cross_entropy(logits[has_label], bucket_ids[has_label])
+        loss = logits.new_zeros(())
+        if has_label.any():
+            score = logits[has_label, 0]
+            target = self.standardise(output_tokens[has_label])
+            loss = loss + nn.functional.huber_loss(score, target, delta=1.0)
+            if self.rank_loss_weight:
+                loss = loss + self.rank_loss_weight * pairwise_rank_loss(score, target)
+        if aux_tokens is not None and self.num_aux_outputs:
+            has_aux = aux_tokens != MISSING
+            if has_aux.any():
+                aux = nn.functional.huber_loss(logits[has_aux, 1], self.standardise(aux_tokens[has_aux]))
+                loss = loss + self.aux_loss_weight * aux
+        return loss
+
+    def standardise(self, output_tokens: torch.Tensor) -> torch.Tensor:
+        return (torch.log1p(output_tokens.float()) - self.log_tokens_mean) / self.log_tokens_std
 
     def decode(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log1p length estimate (B,), bucket ids (B,) for the bucket head, else None)."""
@@ -119,6 +156,16 @@ class LengthModel(nn.Module):
             return logits[:, 0] * self.log_tokens_std + self.log_tokens_mean, None
         probs = logits.softmax(dim=-1)  # (B, num_buckets)
         return probs @ self.bucket_log_tokens, probs.argmax(dim=-1)
+
+
+def pairwise_rank_loss(score: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """RankNet: the mean of ``log(1 + exp(-(s_i - s_j)))`` over the pairs with ``target_i > target_j``
+    (ties, such as two answers cut at ``max_tokens``, say nothing about order and are skipped)."""
+    score_diff = score[:, None] - score[None, :]  # (B, B): s_i - s_j
+    is_ordered = target[:, None] > target[None, :]
+    if not is_ordered.any():
+        return score.new_zeros(())
+    return nn.functional.softplus(-score_diff[is_ordered]).mean()
 
 
 def tokens_from_log(log_tokens: float) -> int:

