@@ -146,6 +146,8 @@ class CancelStormReport:
     num_deadlines: int
     num_ran_to_completion: int
     """Streams meant to be cancelled that still finished (the cancel arrived too late, or was lost)."""
+    num_refused: int
+    """Streams refused at once (RESOURCE_EXHAUSTED) because the storm exceeded the admission bound."""
     seconds_until_no_blocks: float | None
     kv_blocks_in_use_after: int
 
@@ -155,34 +157,43 @@ async def cancel_storm(address: str, num_streams: int, num_pools: int, seed: int
     enough to expire during their prefill or first tokens."""
     rng = random.Random(seed)
     completed = 0
-    cancelled = deadlines = 0
+    cancelled = deadlines = refused = 0
 
     async with GenerationClient(address) as client:
 
         async def cancelled_stream(i: int) -> None:
-            nonlocal completed, cancelled
+            nonlocal completed, cancelled, refused
             request = make_request(PROMPTS[i % len(PROMPTS)] * 20, max_tokens=200, ignore_eos=True)
             stop_after = rng.randint(0, 5)
             call = client.generate_stream(request)
             received = 0
-            async for message in call:
-                received += 1
-                if message.finish_reason:
-                    completed += 1
-                    return
-                if received > stop_after:
-                    break
+            try:
+                async for message in call:
+                    received += 1
+                    if message.finish_reason:
+                        completed += 1
+                        return
+                    if received > stop_after:
+                        break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                refused += 1
+                return
             cancelled += 1
             call.cancel()
 
         async def expiring_stream(i: int) -> None:
-            nonlocal completed, deadlines
+            nonlocal completed, deadlines, refused
             request = make_request(PROMPTS[i % len(PROMPTS)] * 40, max_tokens=200, ignore_eos=True)
             try:
                 async for message in client.generate_stream(request, timeout_s=rng.uniform(0.05, 0.5)):
                     if message.finish_reason:
                         completed += 1
             except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refused += 1
+                    return
                 if exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
                 deadlines += 1
@@ -195,6 +206,7 @@ async def cancel_storm(address: str, num_streams: int, num_pools: int, seed: int
         num_cancelled=cancelled,
         num_deadlines=deadlines,
         num_ran_to_completion=completed,
+        num_refused=refused,
         seconds_until_no_blocks=waited_s,
         kv_blocks_in_use_after=await asyncio.to_thread(kv_blocks_in_use, num_pools),
     )

@@ -79,7 +79,7 @@ def build_application(config: AppConfig, predictor: Application | None = None) -
             num_replicas=config.predictor.num_replicas,
             ray_actor_options={"num_cpus": config.predictor.num_cpus},
             max_ongoing_requests=4 * config.predictor.max_batch_size,
-        ).bind(config.predictor)
+        ).bind(config.predictor, config.engine.model.model_dir)
     pools = [
         EnginePool.options(name=pool_name(pool_id), **pool_options(config.engine, config.pools)).bind(
             config.engine,

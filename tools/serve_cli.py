@@ -92,6 +92,10 @@ def check_paths(config) -> None:
                 f"`binserve train-predictor --data FILE --tokenizer MODEL_DIR --out {predictor}`, or remove "
                 "predictor.path to use the default predictor shipped in the repository"
             )
+        if isinstance(model_dir, str):  # warns (stderr) when the predictor learned another model's lengths
+            from cluster.predictor import check_predictor_for_model
+
+            check_predictor_for_model(predictor if isinstance(predictor, str) else None, model_dir)
 
 
 def deploy(config, timeout_s: float = 600.0) -> None:
