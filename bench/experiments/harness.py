@@ -157,13 +157,14 @@ class PredictorChoice:
 
 
 def load_predictor(path: str | None = None) -> PredictorChoice:
-    """The trained predictor at ``path`` (default: the one shipped in ``cluster/predictor/default``), or
-    None and the reason it could not be loaded."""
+    """The trained predictor at ``path`` (default: the ChatGPT-length predictor in
+    ``cluster/predictor/chatgpt``, since these experiments force ShareGPT's ChatGPT answer lengths on
+    the tiny model), or None and the reason it could not be loaded."""
     try:
-        from cluster.predictor import LengthPredictor
+        from cluster.predictor import CHATGPT_DIR, LengthPredictor
 
-        where = path or "cluster/predictor/default"
-        return PredictorChoice(LengthPredictor.load(path), f"trained predictor from `{where}`")
+        predictor = LengthPredictor.load(path or CHATGPT_DIR)
+        return PredictorChoice(predictor, f"trained predictor from `{path or 'cluster/predictor/chatgpt'}`")
     except Exception as exc:  # optional here: any failure is reported in the results, not fatal
         return PredictorChoice(
             None, f"predictor unavailable ({type(exc).__name__}: {exc}); predicted rows not run"
