@@ -161,11 +161,12 @@ class EnginePool:
             scheduler = self.driver.engine.scheduler
             bubble_fraction, utilisation = None, ()
             if stats is not None:
+                # Reported every interval (Ray drops a gauge that is not set again); an interval without
+                # work has no bubbles and idle stages.
                 current = stats()
                 window = current.since(previous)
                 previous = current
-                if window.active_s > 0:
-                    bubble_fraction, utilisation = window.bubble_fraction, window.stage_utilisation
+                bubble_fraction, utilisation = window.bubble_fraction, window.stage_utilisation
             self.metrics.report(
                 EngineSnapshot(
                     num_kv_blocks=scheduler.block_manager.num_blocks,

@@ -223,3 +223,13 @@ class IngressMetrics:
         if self.series is None:
             return
         self.series["binserve_predictor_latency_seconds"].observe(seconds)
+
+
+class PredictorMetrics:
+    _NAMES = ("binserve_predictor_batch_size",)
+
+    def __init__(self) -> None:
+        self.series = _Series(self._NAMES)
+
+    def observe_batch(self, num_prompts: int) -> None:
+        self.series["binserve_predictor_batch_size"].observe(num_prompts)

@@ -19,6 +19,7 @@ import asyncio
 from ray import serve
 
 from cluster.config import PredictorConfig
+from cluster.metrics import PredictorMetrics
 
 
 @serve.deployment
@@ -32,6 +33,7 @@ class LengthPredictorDeployment:
         self.predictor = LengthPredictor.load(config.path, model_dir=model_dir)
         if model_dir is not None:
             self.predictor.check_served_model(model_dir)
+        self.metrics = PredictorMetrics()
         self.predict.set_max_batch_size(config.max_batch_size)
         self.predict.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
@@ -40,6 +42,7 @@ class LengthPredictorDeployment:
         """Predicted output tokens per prompt. Callers pass one prompt; Serve hands this a batch."""
         # The encoder blocks for milliseconds; a worker thread keeps this replica's event loop (health
         # checks, the next batch's intake) responsive meanwhile.
+        self.metrics.observe_batch(len(prompts))
         prediction = await asyncio.to_thread(self.predictor.predict, prompts)
         return [int(n) for n in prediction.output_tokens]
 
