@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from bench import write_report
+from bench.metrics import percentile
 from cluster.client import GenerationClient, make_request
 
 APP_NAME = "binserve"
@@ -130,9 +131,9 @@ async def overload(address: str, num_calls: int, num_pools: int, max_tokens: int
         num_completed=len(completions),
         num_refused=len(refusals),
         num_other=dict(others),
-        p50_refusal_s=_quantile(refusals, 0.5),
-        p99_refusal_s=_quantile(refusals, 0.99),
-        p50_completion_s=_quantile(completions, 0.5),
+        p50_refusal_s=_percentile(refusals, 50),
+        p99_refusal_s=_percentile(refusals, 99),
+        p50_completion_s=_percentile(completions, 50),
         replica_rss_before_bytes=rss_before,
         replica_rss_after_bytes=rss_after,
         kv_blocks_in_use_after=await asyncio.to_thread(kv_blocks_in_use, num_pools),
@@ -269,11 +270,9 @@ async def kill_under_load(
     return KillReport(target, num_streams, dict(codes), failed_s, served_again_s)
 
 
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def _percentile(values: list[float], q: float) -> float | None:
+    """``bench.metrics.percentile``, with None (not NaN) for no values: the report is strict JSON."""
+    return percentile(values, q) if values else None
 
 
 # ---- the command ----------------------------------------------------------------------------------------

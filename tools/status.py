@@ -63,15 +63,15 @@ def histogram_p50(now: Scrape, before: Scrape | None, name: str, key: tuple[str,
     counts = sorted((le, current[le] - previous.get(le, 0.0)) for le in current)
     if not counts or counts[-1][1] <= 0:
         return None
-    half, low = counts[-1][1] / 2, 0.0
+    half = counts[-1][1] / 2
+    # Cumulative counts: the first bucket reaching half the total holds the median (the last one does).
     for (le, cumulative), (prev_le, prev_cum) in zip(counts, [(0.0, 0.0), *counts], strict=False):
         if cumulative >= half:
             if le == float("inf"):
                 return prev_le
             span = cumulative - prev_cum
             return prev_le + (le - prev_le) * ((half - prev_cum) / span if span > 0 else 0.0)
-        low = le
-    return low
+    return None  # unreachable: the last cumulative count is the total
 
 
 def render(now: Scrape, before: Scrape | None) -> str:

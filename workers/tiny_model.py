@@ -2,8 +2,8 @@
 
     binserve make-tiny-model /tmp/tiny --arch llama --seed 0
 
-The tokenizer is a byte-level BPE (8,192 tokens) trained once on the ShareGPT texts in
-``../shared/data`` and shipped in ``workers/assets/tokenizer.json``, so token counts behave like a real
+The tokenizer is a byte-level BPE (8,192 tokens), trained once on ShareGPT texts and shipped in
+``workers/assets/tokenizer.json`` (nothing reads the texts at run time), so token counts behave like a real
 model's and nothing is downloaded. The weights are random but seeded: the same arguments always write
 the same checkpoint, which tests, the demo and the benchmarks rely on.
 """
