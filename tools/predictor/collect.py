@@ -60,6 +60,9 @@ class CollectConfig:
     the file holds a complete prefix of the order (stopping with a kill drops the longest answers)."""
     ids_file: str | None = None
     """Collect exactly these ids (one per line, or a JSONL file with ``id`` fields) instead of the order."""
+    features_dir: str | None = None
+    """Also save each request's final hidden state at a few output positions here, one
+    ``<id>.safetensors`` per prompt (``workers.length_probe.FeatureRecorder``): the length probe's data."""
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -157,7 +160,15 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         CacheConfig(kv_cache_bytes=config.kv_cache_bytes),
         SchedulerConfig(chunk_size=config.chunk_size, max_num_seqs=config.max_num_seqs),
     )
-    llm = LLM(engine_config)
+    recorder, runner = None, None
+    if config.features_dir is not None:
+        from workers.length_probe import FeatureRecorder
+        from workers.runner import ModelRunner
+
+        recorder = FeatureRecorder()
+        runner = ModelRunner(engine_config.model, engine_config.cache, length_probe=recorder)
+        Path(config.features_dir).mkdir(parents=True, exist_ok=True)
+    llm = LLM(engine_config, runner)
     engine = llm.engine
     served = ServedModel.of(checkpoint_dir(config.model_dir))
     summary = {"num_planned": len(pairs), "num_already_done": len(pairs) - len(todo), "num_skipped_long": 0}
@@ -203,6 +214,8 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
             if not output.is_finished:
                 continue
             pair = running.pop(output.request_id)
+            if recorder is not None:
+                save_features(Path(config.features_dir), pair["id"], recorder.pop(output.request_id))
             log.append(
                 pair["prompt"],
                 output_tokens=output.num_output_tokens,
@@ -222,6 +235,15 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     llm.shutdown()
     summary.update(num_collected=num_done, num_output_tokens=num_output_tokens, out=str(out))
     return summary
+
+
+def save_features(directory: Path, record_id: str, states: dict) -> None:
+    """``states``: output position -> hidden state; written before the label, so a label implies them."""
+    from safetensors.torch import save_file
+
+    tmp = directory / f".{record_id}.tmp"
+    save_file({f"at_{at}": state for at, state in states.items()}, str(tmp))
+    tmp.rename(directory / f"{record_id}.safetensors")
 
 
 LABEL_FIELDS = ("id", "output_tokens", "finish_reason", "seed", "model", "tokenizer")
