@@ -19,11 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
-from cluster.config import AppConfig, PoolConfig
+from cluster.config import AppConfig, PoolConfig, ReplicaRouting
 from cluster.engine_pool import EnginePool, replica_placement
 from cluster.ingress import GenerationIngress
 from cluster.predictor_deployment import LengthPredictorDeployment
+from cluster.replica_router import LeastPredictedWorkRouter
 from pipeline.config import EngineConfig
 
 INGRESS_NAME = "ingress"
@@ -50,6 +52,11 @@ def pool_options(engine: EngineConfig, pools: PoolConfig) -> dict[str, Any]:
         "health_check_period_s": 10.0,
         "graceful_shutdown_timeout_s": 20.0,
     }
+    if pools.replica_routing is ReplicaRouting.LEAST_PREDICTED_WORK:
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=LeastPredictedWorkRouter,
+            request_routing_stats_period_s=pools.routing_stats_period_s,
+        )
     if pools.is_autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": pools.min_replicas,
@@ -93,7 +100,10 @@ def build_application(config: AppConfig, predictor: Application | None = None) -
         name=INGRESS_NAME,
         num_replicas=config.ingress.num_replicas,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
-        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        # Load is shed at three places, cheapest first: the proxy refuses beyond its queue of
+        # max_queued_requests (no hop), the ingress beyond its admission bound, the pools beyond theirs.
+        max_ongoing_requests=config.ingress_max_ongoing_requests,
+        max_queued_requests=config.ingress.max_queued_requests,
     ).bind(config, predictor, pools)
 
 

@@ -10,7 +10,7 @@
     parallel:  ParallelConfig   pp_size, torch_threads
     router:    RouterConfig     num_bins, num_pools
     predictor: PredictorConfig  path, max_batch_size, batch_wait_timeout_s, num_cpus
-    pools:     PoolConfig       replicas and autoscaling bounds, queue limit, resources (each pool)
+    pools:     PoolConfig       replicas, autoscaling bounds, queue limit, resources, replica routing
     ingress:   IngressConfig    request limits, API key, replicas, resources
     sampling:  SamplingDefaultsConfig  what a request that leaves a field unset gets (over the model's)
     metrics:   MetricsConfig    export the binserve_* metrics or not, and how often replicas sample gauges
@@ -35,7 +35,17 @@ from pipeline.config import (
     ParallelConfig,
     SchedulerConfig,
     check_range,
+    to_enum,
 )
+
+
+class ReplicaRouting(str, enum.Enum):
+    """How a pool's callers pick one of its replicas for a request."""
+
+    LEAST_PREDICTED_WORK = "least_predicted_work"
+    """The replica with the fewest predicted tokens still to compute (``cluster/replica_router.py``)."""
+    POWER_OF_TWO = "power_of_two"
+    """Serve's default: the shorter queue of two random replicas (length-blind)."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +106,19 @@ class PoolConfig:
     otherwise (each stage actor then reserves its own: a GPU, or ``torch_threads`` CPUs)."""
     num_gpus: float = 0.0
     """GPUs of each replica actor when ``pp_size`` is 1 (1 on GPU hosts); unused with pipeline stages."""
+    replica_routing: ReplicaRouting = ReplicaRouting.LEAST_PREDICTED_WORK
+    """How a request picks one of its pool's replicas: ``least_predicted_work`` (the replica with the fewest
+    tokens still to prefill plus predicted output tokens still to generate) or ``power_of_two`` (Serve's
+    default: the shorter queue of two random replicas)."""
+    routing_stats_period_s: float = 0.5
+    """How often each replica reports its predicted work to the callers (``least_predicted_work``); between
+    reports a caller adds the requests it sent."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "replica_routing", to_enum("replica_routing", self.replica_routing, ReplicaRouting)
+        )
+        check_range("routing_stats_period_s", self.routing_stats_period_s, 0.05, 60.0)
         check_range("min_replicas", self.min_replicas, 0)
         check_range("max_replicas", self.max_replicas, max(1, self.min_replicas))
         check_range("target_outstanding_tokens", self.target_outstanding_tokens, 1)
@@ -136,8 +157,12 @@ class IngressConfig:
     ``BINSERVE_API_KEY`` environment variable of the ingress replica, if set; else no key is needed."""
     num_replicas: int = 1
     num_cpus: float = 0.5
-    max_ongoing_requests: int = 2048
-    """Concurrent calls one ingress replica accepts; more wait in the proxy."""
+    max_ongoing_requests: int | None = None
+    """Concurrent calls one ingress replica accepts; more wait in the proxy. ``None``: the admission
+    bound plus ``max_queued_requests``, so that the ingress refuses calls it cannot admit at once."""
+    max_queued_requests: int = 64
+    """Calls each proxy holds waiting for an ingress slot; beyond them the proxy refuses a call at once,
+    before it costs the ingress anything (gRPC RESOURCE_EXHAUSTED, HTTP 503: Serve's backpressure)."""
     max_admitted_requests: int | None = None
     """Requests one ingress replica holds at once, from arrival to their last token; more are refused at
     once with RESOURCE_EXHAUSTED / 429 (load shedding, so a burst cannot queue without bound in front of
@@ -158,7 +183,9 @@ class IngressConfig:
             raise ValueError("api_key: must be a non-blank string, or null for none")
         check_range("num_replicas", self.num_replicas, 1)
         check_range("num_cpus", self.num_cpus, 0.0)
-        check_range("max_ongoing_requests", self.max_ongoing_requests, 1)
+        if self.max_ongoing_requests is not None:
+            check_range("max_ongoing_requests", self.max_ongoing_requests, 1)
+        check_range("max_queued_requests", self.max_queued_requests, 1)
 
 
 @dataclass(frozen=True)
@@ -257,6 +284,13 @@ class AppConfig:
             return self.ingress.max_admitted_requests
         capacity = self.router.resolved_num_pools * self.pools.max_replicas * self.pools.max_queued_requests
         return max(1, capacity // self.ingress.num_replicas)
+
+    @property
+    def ingress_max_ongoing_requests(self) -> int:
+        """One ingress replica's concurrent calls (``ingress.max_ongoing_requests``, resolved)."""
+        if self.ingress.max_ongoing_requests is not None:
+            return self.ingress.max_ongoing_requests
+        return self.max_admitted_requests + self.ingress.max_queued_requests
 
     def __post_init__(self) -> None:
         if self.engine.parallel.pp_size > 1 and self.pools.num_cpus <= 0:

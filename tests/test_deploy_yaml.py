@@ -176,3 +176,15 @@ def test_fixed_pools_of_one_stage_take_the_model_resources_themselves() -> None:
 def test_policy_refuses_a_bad_target() -> None:
     with pytest.raises(ValueError, match=r"target_outstanding_tokens: must be an integer >= 1, got 0"):
         PredictedTokensPolicy(target_outstanding_tokens=0)
+
+
+def test_the_ingress_sheds_load_in_the_proxy_beyond_its_admission_bound() -> None:
+    """serve-local: 2 pools x 1 replica x 128 queued = 256 admitted; the proxy holds 64 more waiting for a
+    slot and refuses the rest itself (Serve's backpressure) without a hop to the ingress."""
+    config = AppConfig.from_args(serve_config_of("serve-local.yaml")["applications"][0]["args"])
+    assert config.max_admitted_requests == 256
+    assert config.ingress_max_ongoing_requests == 256 + 64
+    explicit = AppConfig.from_args({**ARGS, "ingress": {"max_ongoing_requests": 10, "max_queued_requests": 5}})
+    assert (explicit.ingress_max_ongoing_requests, explicit.ingress.max_queued_requests) == (10, 5)
+    with pytest.raises(ValueError, match=r"max_queued_requests: must be in \[1, inf\], got 0"):
+        AppConfig.from_args({**ARGS, "ingress": {"max_queued_requests": 0}})
