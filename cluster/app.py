@@ -78,9 +78,10 @@ def pool_options(engine: EngineConfig, pools: PoolConfig) -> dict[str, Any]:
 
 
 def build_application(config: AppConfig, predictor: Application | None = None) -> Application:
-    """The application for ``config``. ``predictor`` replaces the length predictor deployment: any bound
-    deployment with ``predict(prompt) -> int`` and ``bin_boundaries(num_bins) -> list[int]``."""
-    if predictor is None:
+    """The application for ``config``. ``predictor`` replaces the length predictor: any bound deployment
+    with ``predict(prompt) -> int`` and ``bin_boundaries(num_bins) -> list[int]``. Without one, the
+    predictor runs in the ingress (``predictor.placement: ingress``) or as its own deployment."""
+    if predictor is None and config.predictor.placement == "deployment":
         predictor = LengthPredictorDeployment.options(
             name=PREDICTOR_NAME,
             num_replicas=config.predictor.num_replicas,

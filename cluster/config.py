@@ -34,6 +34,7 @@ from pipeline.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    check_choice,
     check_range,
     to_enum,
 )
@@ -65,10 +66,17 @@ class RouterConfig:
         return self.num_pools or self.num_bins
 
 
+PREDICTOR_PLACEMENTS = ("ingress", "deployment")
+
+
 @dataclass(frozen=True)
 class PredictorConfig:
     path: str | None = None
     """A trained predictor directory; ``None`` loads the default predictor shipped in the repository."""
+    placement: str = "ingress"
+    """Where the prompt-only predictor runs: ``ingress`` (in each ingress replica's process: no hop) or
+    ``deployment`` (its own Serve deployment, batched with ``@serve.batch``; ``num_replicas``,
+    ``num_cpus`` and ``batch_wait_timeout_s`` apply to it)."""
     max_batch_size: int = 32
     """Most prompts predicted in one call; concurrent requests are batched up to this."""
     batch_wait_timeout_s: float = 0.005
@@ -79,6 +87,7 @@ class PredictorConfig:
     def __post_init__(self) -> None:
         if self.path is not None and not self.path:
             raise ValueError("path: must name a predictor directory or be null for the default")
+        check_choice("placement", self.placement, PREDICTOR_PLACEMENTS)
         check_range("max_batch_size", self.max_batch_size, 1, 4096)
         check_range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 10.0)
         check_range("num_replicas", self.num_replicas, 1)

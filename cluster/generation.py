@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.intake import GenerationInput, Intake
 from cluster.metrics import IngressMetrics
+from cluster.predictor_client import PredictorClient
 from cluster.router import BinRouter
 from cluster.text_stream import TextStream
 from pipeline.driver import QueueFullError
@@ -67,7 +68,7 @@ class GenerationService:
     def __init__(
         self,
         intake: Intake,
-        predictor: DeploymentHandle,
+        predictor: PredictorClient,
         router: BinRouter,
         pools: Sequence[DeploymentHandle],
         metrics: IngressMetrics | None = None,
@@ -104,7 +105,7 @@ class GenerationService:
         arrival_s = time.perf_counter()
         prepared = self.intake.prepare(request)
         predict_start_s = time.perf_counter()
-        predicted_output_tokens = await self.predictor.predict.remote(prepared.predictor_text)
+        predicted_output_tokens = await self.predictor.predict(prepared.predictor_text)
         predict_s = time.perf_counter() - predict_start_s
         if self.metrics is not None:
             self.metrics.observe_prediction(predict_s)

@@ -34,6 +34,7 @@ from cluster.errors import GRPC_STATUS, classify, status_name
 from cluster.generation import GenerationChunk, GenerationService
 from cluster.intake import GenerationInput, Intake, SamplingDefaults
 from cluster.metrics import IngressMetrics
+from cluster.predictor_client import InProcessPredictor, PredictorClient, RemotePredictor
 from cluster.router import BinRouter
 from pipeline.request import FinishReason
 from proto.binserve.v1 import generation_pb2 as pb
@@ -97,8 +98,9 @@ def message_of(chunk: GenerationChunk) -> pb.GenerateResponse:
 @serve.ingress()
 class GenerationIngress:
     async def __init__(
-        self, config: AppConfig, predictor: DeploymentHandle, pools: Sequence[DeploymentHandle]
+        self, config: AppConfig, predictor: DeploymentHandle | None, pools: Sequence[DeploymentHandle]
     ) -> None:
+        """``predictor``: the predictor deployment's handle, or None to predict in this process."""
         from workers.checkpoint import load_config, load_tokenizer
 
         model_dir = config.engine.model.model_dir
@@ -108,13 +110,17 @@ class GenerationIngress:
         self.vocab_size = hf_config.vocab_size
         self.model_id = Path(model_dir).name
         self.api_key = ApiKey.of(config.ingress)
-        boundaries = await predictor.bin_boundaries.remote(config.router.num_bins)
+        if predictor is None:
+            lengths: PredictorClient = InProcessPredictor(config.predictor, model_dir)
+        else:
+            lengths = RemotePredictor(predictor)
+        boundaries = await lengths.bin_boundaries(config.router.num_bins)
         router = BinRouter.build(boundaries, config.router.resolved_num_pools)
         defaults = SamplingDefaults.resolve(model_dir, config.sampling)
         intake = Intake(load_tokenizer(model_dir), config.ingress, defaults, self.max_model_len)
         self.metrics = IngressMetrics(enabled=config.metrics.enabled)
         self.service = GenerationService(
-            intake, predictor, router, pools, self.metrics, config.max_admitted_requests
+            intake, lengths, router, pools, self.metrics, config.max_admitted_requests
         )
 
     def __serve_build_asgi_app__(self):  # Serve calls it once, after __init__

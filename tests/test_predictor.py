@@ -229,3 +229,31 @@ def test_binserve_cli_registers_the_predictor_commands() -> None:
     parser = build_parser()
     args = parser.parse_args(["eval-predictor", "--data", "x.jsonl", "--tokenizer", "m"])
     assert args.func is predictor_cli.run_eval
+
+
+def test_in_process_predictor_batches_what_arrives_while_it_encodes() -> None:
+    """The ingress's own predictor: the prompts waiting when the encoder is free form its next batch (up
+    to max_batch_size; no waiting window); each caller gets its own prompt's prediction, as a direct
+    call gives it."""
+    import asyncio
+
+    from cluster.config import PredictorConfig
+    from cluster.predictor_client import InProcessPredictor
+
+    predictor = InProcessPredictor(PredictorConfig(max_batch_size=3))
+    batches = []
+    encode = predictor.predictor.predict
+
+    def recording(prompts):
+        batches.append(len(prompts))
+        return encode(prompts)
+
+    predictor.predictor.predict = recording
+    prompts = ["hi", "Write an essay about the sea.", "2+2?", "List ten fruits.", "Explain paged attention."]
+
+    async def run() -> list[int]:
+        return list(await asyncio.gather(*(predictor.predict(p) for p in prompts)))
+
+    assert asyncio.run(run()) == [int(n) for n in encode(prompts).output_tokens]
+    assert batches == [3, 2]  # all five arrived before the encoder started
+    assert asyncio.run(predictor.bin_boundaries(2)) == [int(b) for b in predictor.predictor.bin_boundaries(2)]
