@@ -185,18 +185,34 @@ def _fake_results() -> dict[str, dict]:
 def test_report_renders_every_section_with_provenance_and_plots(tmp_path: Path) -> None:
     results = {name: {**r, "meta": META} for name, r in _fake_results().items()}
     for name, result in results.items():
-        write_json(tmp_path / f"{name}.json", result)
-        report.EXPERIMENTS[name].plot(result, str(tmp_path / f"{name}.png"))
-        assert (tmp_path / f"{name}.png").stat().st_size > 0
+        write_json(tmp_path / "tiny-llama" / f"{name}.json", result)
+        report.EXPERIMENTS[name].plot(result, str(tmp_path / "tiny-llama" / f"{name}.png"))
+        assert (tmp_path / "tiny-llama" / f"{name}.png").stat().st_size > 0
+    # A second model's section: the real model's runs come first.
+    smollm2 = {
+        **results["ssjf"],
+        "params": {**results["ssjf"]["params"], "model_dir": "/m/smollm2-135m-instruct"},
+    }
+    write_json(tmp_path / "smollm2-135m-instruct" / "ssjf.json", smollm2)
     path = report.write_report(tmp_path, tmp_path / "RESULTS.md")
     text = path.read_text()
-    assert text.count("Test CPU, 2 cores") == 4
+    assert text.index("## smollm2-135m-instruct") < text.index("## tiny-llama")
+    assert text.count("Test CPU, 2 cores") == 5
     assert "| multibin |" not in text  # no targets given for it here
-    assert "**missed**" in text and "| sarathi |" in text
+    assert "**missed**" in text and "| sarathi | tiny-llama |" in text
     assert "| 4 | 160 (1.60x) | 144 (1.60x) | 1.6 (1.60x) | 1.6 (1.60x) |" in text
-    assert "![SSJF vs FCFS: job completion time](ssjf.png)" in text
-    assert "Not run yet: `binserve bench exp pipeline`." in text
-    assert "Not run yet: `binserve bench exp scale`." in text
+    assert "![SSJF vs FCFS: job completion time, tiny-llama](tiny-llama/ssjf.png)" in text
+    assert "Not run yet on this model: `binserve bench exp pipeline --model ...`." in text
+    verdicts = json.loads((tmp_path / "targets.json").read_text())
+    assert {v["model"] for v in verdicts} == {"smollm2-135m-instruct", "tiny-llama"}
+    for v in verdicts:
+        assert set(v) == {"experiment", "model", "goal", "reached", "threshold", "met"}
+        assert v["met"] in (True, False, None)
+    assert [v for v in verdicts if v["model"] == "smollm2-135m-instruct"] == [
+        {**v, "model": "smollm2-135m-instruct"}
+        for v in verdicts
+        if v["model"] == "tiny-llama" and v["experiment"] == "ssjf"
+    ]
 
 
 def test_pipeline_section_renders_the_pipeline_bench_rows(tmp_path: Path) -> None:

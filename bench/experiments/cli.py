@@ -36,9 +36,9 @@ def cmd_exp(args: argparse.Namespace) -> int:
         load_predictor,
         this_command,
     )
-    from bench.experiments.report import USES_PREDICTOR, params_for, run_experiment
+    from bench.experiments.report import USES_PREDICTOR, model_name, params_for, run_experiment
 
-    json_path = Path(args.json or DEFAULT_RESULTS_DIR / f"{args.name}.json")
+    json_path = Path(args.json or DEFAULT_RESULTS_DIR / model_name(args.model) / f"{args.name}.json")
     predictor = load_predictor(args.predictor) if args.name in USES_PREDICTOR else PredictorChoice(None, "")
     params = params_for(args.name, args.size, args.model, args.set)
     result = run_experiment(args.name, params, predictor, json_path, this_command())
@@ -69,7 +69,7 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     p = bench_subparsers.add_parser("exp", help="one of the papers' experiments; writes JSON and a PNG plot")
     p.add_argument("name", choices=EXPERIMENT_NAMES)
     p.add_argument("--size", choices=SIZES, default="full", help="smoke: a minute-sized run to try the code")
-    p.add_argument("--json", help=f"write the result here (default {DEFAULT_RESULTS_DIR}/NAME.json)")
+    p.add_argument("--json", help=f"write the result here (default {DEFAULT_RESULTS_DIR}/MODEL/NAME.json)")
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--predictor", help=PREDICTOR_HELP)
     p.add_argument(

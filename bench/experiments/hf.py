@@ -1,6 +1,6 @@
 """Experiment 5: this engine vs transformers' continuous batching on the same checkpoint.
 
-    binserve bench exp hf --json docs/results/hf.json
+    binserve bench exp hf             # writes docs/results/MODEL/hf.json and .png
 
 A thin wrapper over ``bench.offline.run_offline_bench`` (``binserve bench offline``): the same
 ShareGPT requests, all at once, output lengths forced in both, one process after the other.

@@ -1,6 +1,6 @@
 """Experiment 2, Multi-Bin batching (Guldogan et al., 2024): static-batching throughput with k bins.
 
-    binserve bench exp multibin --json docs/results/multibin.json
+    binserve bench exp multibin             # writes docs/results/MODEL/multibin.json and .png
 
 A burst of ShareGPT requests runs under ``static`` batching of size B with ``group_by_bin``: each batch
 is drawn from one bin of similar lengths, so it waits less for its longest member. Bins are equal-mass:

@@ -1,6 +1,6 @@
 """Experiment 4: pipeline bubbles at pp 2, SARATHI vs prefill_first micro-batches.
 
-    binserve bench exp pipeline --json docs/results/pipeline.json
+    binserve bench exp pipeline             # writes docs/results/MODEL/pipeline.json and .png
 
 A whole-prompt prefill micro-batch takes far longer than a decode micro-batch, so the stage after it
 idles (a bubble); SARATHI's equal-sized chunks keep the stages evenly loaded. The measurement itself is

@@ -1,6 +1,6 @@
 """Experiment 3, SARATHI (Agrawal et al., 2023/2024): chunked prefills with decode-maximal batches.
 
-    binserve bench exp sarathi --json docs/results/sarathi.json
+    binserve bench exp sarathi             # writes docs/results/MODEL/sarathi.json and .png
 
 A mixed workload (ShareGPT prompts, long ones included, Poisson arrivals at 90% of the capacity this
 machine measures for the same requests, unless a rate is given) on the real engine under

@@ -1,7 +1,7 @@
 """Experiment 6, at scale in the simulator: capacity of a 16-replica cluster, bins-to-pools routing vs
 plain load balancing, on a GPU-shaped step-cost profile.
 
-    binserve bench exp scale --json docs/results/scale.json
+    binserve bench exp scale             # writes docs/results/MODEL/scale.json and .png
 
 Capacity is the highest Poisson rate whose run meets a p99 TTFT / p99 TBT SLO (``find_capacity``,
 bisection). The profile ``profiles/gpu-llama3-8b-h100-estimate.json`` is a first-principles ESTIMATE

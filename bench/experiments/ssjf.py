@@ -1,6 +1,6 @@
 """Experiment 1, SSJF vs FCFS (Qiu et al., 2024): mean and p99 job completion time on the real engine.
 
-    binserve bench exp ssjf --json docs/results/ssjf.json
+    binserve bench exp ssjf             # writes docs/results/MODEL/ssjf.json and .png
 
 Three batching modes (none: one request at a time; dynamic; continuous SARATHI), each run FCFS, SSJF
 with oracle lengths and SSJF with the trained predictor's lengths, all on the same ShareGPT requests
