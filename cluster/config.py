@@ -21,6 +21,7 @@ got 0``); an unknown field names the known ones. No ray or torch imports: the CL
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import types
 import typing
@@ -67,6 +68,8 @@ class RouterConfig:
 
 
 PREDICTOR_PLACEMENTS = ("ingress", "deployment")
+DEFAULT_PROBE = "default"
+"""``model.length_probe: default``: the length probe shipped for the default model (SmolLM2)."""
 
 
 @dataclass(frozen=True)
@@ -269,8 +272,13 @@ class AppConfig:
         _reject_unknown("args", args, sections)
         if "model" not in args:
             raise ValueError("args.model: required (a section with at least model_dir)")
+        model = _parse(ModelConfig, args.get("model"), "model")
+        if model.length_probe == DEFAULT_PROBE:  # the probe shipped for the default model
+            from cluster.predictor import DEFAULT_PROBE_DIR
+
+            model = dataclasses.replace(model, length_probe=str(DEFAULT_PROBE_DIR))
         engine = EngineConfig(
-            model=_parse(ModelConfig, args.get("model"), "model"),
+            model=model,
             cache=_parse(CacheConfig, args.get("cache"), "cache"),
             # The served system orders each replica's queue shortest-predicted-job first.
             scheduler=_parse(SchedulerConfig, args.get("scheduler"), "scheduler", {"queue_order": "ssjf"}),

@@ -188,3 +188,11 @@ def test_the_ingress_sheds_load_in_the_proxy_beyond_its_admission_bound() -> Non
     assert (explicit.ingress_max_ongoing_requests, explicit.ingress.max_queued_requests) == (10, 5)
     with pytest.raises(ValueError, match=r"max_queued_requests: must be in \[1, inf\], got 0"):
         AppConfig.from_args({**ARGS, "ingress": {"max_queued_requests": 0}})
+
+
+def test_length_probe_default_names_the_shipped_probe() -> None:
+    from cluster.predictor import DEFAULT_PROBE_DIR
+
+    config = AppConfig.from_args({"model": {"model_dir": "/m", "length_probe": "default"}})
+    assert config.engine.model.length_probe == str(DEFAULT_PROBE_DIR)
+    assert AppConfig.from_args(ARGS).engine.model.length_probe is None

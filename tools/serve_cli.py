@@ -92,6 +92,13 @@ def check_paths(config) -> None:
                 f"`binserve train-predictor --data FILE --tokenizer MODEL_DIR --out {predictor}`, or remove "
                 "predictor.path to use the default predictor shipped in the repository"
             )
+        probe = (args.get("model") or {}).get("length_probe")
+        if isinstance(probe, str) and probe != "default" and not Path(probe).is_dir():
+            raise ValueError(
+                f"applications[{app.name}].args.model.length_probe: {probe} does not exist. Train one with "
+                f"`binserve predictor train-probe --labels L --features F --model MODEL_DIR --out {probe}`, "
+                "use `default` (the probe shipped for SmolLM2), or remove it to serve without one"
+            )
         if isinstance(model_dir, str):  # warns (stderr) when the predictor learned another model's lengths
             from cluster.predictor import check_predictor_for_model
 

@@ -13,6 +13,8 @@ from cluster.predictor.lengths import Prediction
 from cluster.predictor.served_model import ServedModel, warn_if_mismatched
 
 DEFAULT_DIR = Path(__file__).parent / "default"
+DEFAULT_PROBE_DIR = DEFAULT_DIR / "probe"
+"""The length probe for the default model (``workers/length_probe.py``; ``model.length_probe: default``)."""
 """SmolLM2-135M-Instruct's own output lengths under the deployment's default sampling."""
 CHATGPT_DIR = Path(__file__).parent / "chatgpt"
 """ChatGPT's answer lengths (the ShareGPT responses) in the tiny model's tokens: forced-length experiments."""
@@ -20,7 +22,14 @@ CHATGPT_DIR = Path(__file__).parent / "chatgpt"
 if TYPE_CHECKING:
     from cluster.predictor.predictor import LengthPredictor
 
-__all__ = ["CHATGPT_DIR", "DEFAULT_DIR", "LengthPredictor", "Prediction", "check_predictor_for_model"]
+__all__ = [
+    "CHATGPT_DIR",
+    "DEFAULT_DIR",
+    "DEFAULT_PROBE_DIR",
+    "LengthPredictor",
+    "Prediction",
+    "check_predictor_for_model",
+]
 
 
 def check_predictor_for_model(predictor_dir: str | Path | None, model_dir: str | Path) -> str | None:
