@@ -273,10 +273,10 @@ class AppConfig:
         if "model" not in args:
             raise ValueError("args.model: required (a section with at least model_dir)")
         model = _parse(ModelConfig, args.get("model"), "model")
-        if model.length_probe == DEFAULT_PROBE:  # the probe shipped for the default model
-            from cluster.predictor import DEFAULT_PROBE_DIR
+        if model.length_probe == DEFAULT_PROBE:  # the probe shipped for the default model, if it is served
+            from cluster.predictor import default_probe_for
 
-            model = dataclasses.replace(model, length_probe=str(DEFAULT_PROBE_DIR))
+            model = dataclasses.replace(model, length_probe=default_probe_for(model.model_dir))
         engine = EngineConfig(
             model=model,
             cache=_parse(CacheConfig, args.get("cache"), "cache"),

@@ -184,15 +184,43 @@ def test_the_ingress_sheds_load_in_the_proxy_beyond_its_admission_bound() -> Non
     config = AppConfig.from_args(serve_config_of("serve-local.yaml")["applications"][0]["args"])
     assert config.max_admitted_requests == 256
     assert config.ingress_max_ongoing_requests == 256 + 64
-    explicit = AppConfig.from_args({**ARGS, "ingress": {"max_ongoing_requests": 10, "max_queued_requests": 5}})
+    explicit = AppConfig.from_args(
+        {**ARGS, "ingress": {"max_ongoing_requests": 10, "max_queued_requests": 5}}
+    )
     assert (explicit.ingress_max_ongoing_requests, explicit.ingress.max_queued_requests) == (10, 5)
     with pytest.raises(ValueError, match=r"max_queued_requests: must be in \[1, inf\], got 0"):
         AppConfig.from_args({**ARGS, "ingress": {"max_queued_requests": 0}})
 
 
-def test_length_probe_default_names_the_shipped_probe() -> None:
-    from cluster.predictor import DEFAULT_PROBE_DIR
+def test_length_probe_default_is_the_shipped_probe_for_its_model_only(tmp_path) -> None:
+    """``default`` resolves to the shipped probe when the served model is the one it read (same
+    config.json fingerprint); for another model it is dropped with a warning, not an error."""
+    import json
 
-    config = AppConfig.from_args({"model": {"model_dir": "/m", "length_probe": "default"}})
-    assert config.engine.model.length_probe == str(DEFAULT_PROBE_DIR)
+    import cluster.predictor as predictor_package
+    from cluster.predictor.served_model import ServedModel
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"hidden_size": 8, "model_type": "llama"}))
+    (model_dir / "tokenizer.json").write_text("{}")
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    meta = {
+        "hidden_size": 8,
+        "model": "model",
+        "model_config_sha256": ServedModel.of(model_dir).config_sha256,
+    }
+    (probe_dir / "probe.json").write_text(json.dumps(meta))
+    saved = predictor_package.DEFAULT_PROBE_DIR
+    predictor_package.DEFAULT_PROBE_DIR = probe_dir
+    try:
+        config = AppConfig.from_args({"model": {"model_dir": str(model_dir), "length_probe": "default"}})
+        assert config.engine.model.length_probe == str(probe_dir)
+        (model_dir / "config.json").write_text(json.dumps({"hidden_size": 16, "model_type": "llama"}))
+        with pytest.warns(UserWarning, match="length probe: the shipped probe reads model's hidden states"):
+            config = AppConfig.from_args({"model": {"model_dir": str(model_dir), "length_probe": "default"}})
+        assert config.engine.model.length_probe is None
+    finally:
+        predictor_package.DEFAULT_PROBE_DIR = saved
     assert AppConfig.from_args(ARGS).engine.model.length_probe is None

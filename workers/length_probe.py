@@ -38,6 +38,8 @@ class ProbeMetadata:
     """The served model's hidden size; a probe for another size is refused at load."""
     model: str
     """The model directory's name it was trained on (informational)."""
+    model_config_sha256: str = ""
+    """Fingerprint of that model's ``config.json`` (``cluster.predictor.served_model.ServedModel``)."""
     start: int = 16
     """The first output position refined (fewer tokens say little)."""
     interval: int = 16

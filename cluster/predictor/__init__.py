@@ -6,6 +6,8 @@ import ``cluster.predictor`` (and its pure-Python ``lengths`` module) without lo
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +23,25 @@ CHATGPT_DIR = Path(__file__).parent / "chatgpt"
 
 if TYPE_CHECKING:
     from cluster.predictor.predictor import LengthPredictor
+
+
+def default_probe_for(model_dir: str) -> str | None:
+    """The shipped length probe's directory when ``model_dir`` is the model it was trained on (same
+    ``config.json`` fingerprint); else None, with a warning: a probe reads one model's hidden states."""
+    meta_path = DEFAULT_PROBE_DIR / "probe.json"
+    if not meta_path.is_file() or not (Path(model_dir) / "config.json").is_file():
+        return None
+    trained_for = json.loads(meta_path.read_text()).get("model_config_sha256")
+    if trained_for != ServedModel.of(model_dir).config_sha256:
+        warnings.warn(
+            f"length probe: the shipped probe reads {json.loads(meta_path.read_text())['model']}'s hidden "
+            f"states, not {Path(model_dir).name}'s; serving without one (train one: "
+            "`binserve predictor train-probe`)",
+            stacklevel=2,
+        )
+        return None
+    return str(DEFAULT_PROBE_DIR)
+
 
 __all__ = [
     "CHATGPT_DIR",

@@ -163,6 +163,7 @@ def run_train_probe(args: argparse.Namespace) -> int:
     metadata = ProbeMetadata(
         hidden_size=hidden_size,
         model=served.name,
+        model_config_sha256=served.config_sha256,
         trained_on=f"{len(train)} prompts of {args.labels.name} (ridge strength {strength})",
     )
     probe = LengthProbe(
