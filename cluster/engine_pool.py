@@ -29,6 +29,7 @@ from ray import serve
 
 from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
 from cluster.metrics import EngineMetrics, EngineSnapshot
+from cluster.replica_router import routing_stats
 from pipeline.config import EngineConfig
 from pipeline.driver import EngineDriver
 from pipeline.engine import RequestOutput
@@ -179,6 +180,11 @@ class EnginePool:
                     stage_utilisation=utilisation,
                 )
             )
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """Serve's hook for routing stats, called every ``pools.routing_stats_period_s``: the predicted work
+        the length-aware router (``cluster/replica_router.py``) balances."""
+        return routing_stats(self.driver.predicted_work_tokens())
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook for custom autoscaling metrics, pushed to the controller periodically."""

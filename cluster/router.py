@@ -1,7 +1,14 @@
-"""Multi-bin routing: a predicted output length picks a bin, and the bin picks the engine pool serving it.
+"""Length-aware routing: a predicted output length picks a bin, the bin picks the engine pool serving it,
+and inside the pool the replica with the least predicted work left gets the request.
 
     router = BinRouter.build(bin_boundaries=[48, 160, 400], num_pools=2)   # 4 bins on 2 pools
     router.route(predicted_output_tokens=120)        # Route(bin_id=1, pool_id=0)
+
+    book = PredictedWorkBook()
+    book.report("a", work_tokens=900, reported_at_s=10.0)     # what replica "a" said it has left
+    book.ranked(["a", "b"])                          # ["b", "a"]: "b" reported nothing, so has nothing
+    book.add("b", "req-7", work_tokens=1200, routed_at_s=10.5)
+    book.ranked(["a", "b"])                          # ["a", "b"]
 
 Pure Python (no ray, no torch): the ingress feeds it the predictor's numbers and gets a typed answer.
 
@@ -14,8 +21,8 @@ gracefully when there are fewer replicas than bins).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 
 from cluster.predictor.lengths import bin_of
 
@@ -85,3 +92,52 @@ class BinRouter:
             raise ValueError(f"predicted_output_tokens: must be >= 0, got {predicted_output_tokens}")
         bin_id = self.bin_of(predicted_output_tokens)
         return Route(bin_id=bin_id, pool_id=self.pool_of_bin[bin_id])
+
+
+@dataclass
+class PredictedWorkBook:
+    """One router's view of each replica's predicted work: tokens still to prefill plus predicted output
+    tokens still to generate (``NewRequest.predicted_work_tokens`` as it counts down).
+
+    Replicas report their work every few hundred milliseconds, so a report is stale by the requests routed
+    since. The book adds each request it routes to its replica's reported work until a report made after
+    the routing (which then counts the request itself) or the request's completion. Reports and routings
+    are stamped with wall-clock times of different processes: on one host they agree; across hosts the
+    skew (milliseconds under NTP) only shifts which report first counts a request.
+    """
+
+    reported_tokens: dict[Hashable, int] = field(default_factory=dict)
+    reported_at_s: dict[Hashable, float] = field(default_factory=dict)
+    routed: dict[Hashable, dict[Hashable, tuple[int, float]]] = field(default_factory=dict)
+    """Per replica: requests this router sent there that no report counts yet, as (work, routed at)."""
+
+    def report(self, replica_id: Hashable, work_tokens: int, reported_at_s: float) -> None:
+        if reported_at_s <= self.reported_at_s.get(replica_id, float("-inf")):
+            return  # the same report again (or an older one)
+        self.reported_tokens[replica_id] = work_tokens
+        self.reported_at_s[replica_id] = reported_at_s
+        pending = self.routed.get(replica_id, {})
+        for request_id in [r for r, (_, routed_at_s) in pending.items() if routed_at_s <= reported_at_s]:
+            del pending[request_id]
+
+    def add(self, replica_id: Hashable, request_id: Hashable, work_tokens: int, routed_at_s: float) -> None:
+        self.routed.setdefault(replica_id, {})[request_id] = (work_tokens, routed_at_s)
+
+    def complete(self, replica_id: Hashable, request_id: Hashable) -> None:
+        self.routed.get(replica_id, {}).pop(request_id, None)
+
+    def forget_all_but(self, replica_ids: Sequence[Hashable]) -> None:
+        """Drop replicas that left the pool."""
+        keep = set(replica_ids)
+        for book in (self.reported_tokens, self.reported_at_s, self.routed):
+            for replica_id in [r for r in book if r not in keep]:
+                del book[replica_id]
+
+    def work_tokens(self, replica_id: Hashable) -> int:
+        pending = self.routed.get(replica_id, {}).values()
+        return self.reported_tokens.get(replica_id, 0) + sum(work for work, _ in pending)
+
+    def ranked(self, replica_ids: Sequence[Hashable]) -> list[Hashable]:
+        """``replica_ids`` from the least predicted work to the most; ties keep the given order (callers
+        shuffle it, so that routers with equal views do not all pick the same idle replica)."""
+        return sorted(replica_ids, key=self.work_tokens)

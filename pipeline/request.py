@@ -87,6 +87,15 @@ class NewRequest:
         if self.bin_id < 0:
             raise ValueError(f"bin_id: must be >= 0, got {self.bin_id}")
 
+    @property
+    def predicted_work_tokens(self) -> int:
+        """Tokens this request will cost a replica by the prediction: its prompt to prefill plus its predicted
+        output (``max_tokens`` without one); ``Request.predicted_work_tokens`` counts down from it."""
+        predicted = (
+            self.params.max_tokens if self.predicted_output_tokens is None else self.predicted_output_tokens
+        )
+        return len(self.prompt_token_ids) + predicted
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -186,6 +195,12 @@ class Request:
         """Output tokens still to come by that guess; at least 1 while unfinished (a request that outlived
         its prediction still holds a slot)."""
         return max(1, self.predicted_total_output_tokens - self.num_output_tokens)
+
+    @property
+    def predicted_work_tokens(self) -> int:
+        """Tokens still to compute by the prediction: prompt tokens not yet prefilled (all of them again after
+        a preemption) plus predicted remaining output; what replica routing balances."""
+        return max(0, self.num_prompt_tokens - self.num_computed_tokens) + self.predicted_remaining_tokens
 
     @property
     def sort_length(self) -> int:

@@ -1,4 +1,5 @@
-"""The multi-bin router: lengths to bins, bins to pools. Pure Python, checked exhaustively on small cases."""
+"""The router: lengths to bins, bins to pools, and a pool's replica by predicted work. Pure Python, checked
+exhaustively on small cases."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import random
 import pytest
 
 from cluster.predictor.lengths import equal_mass_boundaries
-from cluster.router import BinRouter, Route, pools_for_bins
+from cluster.router import BinRouter, PredictedWorkBook, Route, pools_for_bins
+from pipeline.request import NewRequest, Request, SamplingParams
 
 
 @pytest.mark.parametrize("num_bins", range(1, 13))
@@ -100,3 +102,50 @@ def test_router_and_autoscaling_policy_are_pure_python() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ---- replica choice by predicted work ---------------------------------------------------------------
+
+
+def test_the_replica_with_the_least_predicted_work_is_chosen_first() -> None:
+    book = PredictedWorkBook()
+    book.report("a", work_tokens=900, reported_at_s=10.0)
+    book.report("b", work_tokens=100, reported_at_s=10.0)
+    book.report("c", work_tokens=400, reported_at_s=10.0)
+    # Queue lengths do not enter: "b" may run ten requests, its predicted work is the smallest.
+    assert book.ranked(["a", "b", "c"]) == ["b", "c", "a"]
+    assert book.ranked(["a", "b", "c", "new"]) == ["new", "b", "c", "a"]  # no report yet: nothing known
+    assert book.ranked(["x", "y"]) == ["x", "y"]  # ties keep the caller's (shuffled) order
+
+
+def test_requests_routed_since_the_last_report_count_until_a_later_report_or_their_completion() -> None:
+    book = PredictedWorkBook()
+    book.report("a", work_tokens=500, reported_at_s=10.0)
+    book.report("b", work_tokens=600, reported_at_s=10.0)
+    long = NewRequest("r1", (1,) * 20, SamplingParams(max_tokens=4096), predicted_output_tokens=380)
+    assert long.predicted_work_tokens == 400  # prompt to prefill plus predicted output
+    book.add("a", "r1", long.predicted_work_tokens, routed_at_s=10.2)
+    assert book.work_tokens("a") == 900
+    assert book.ranked(["a", "b"]) == ["b", "a"]  # the stale report alone would pick "a" again
+    book.report("a", work_tokens=500, reported_at_s=10.0)  # the same report again changes nothing
+    assert book.work_tokens("a") == 900
+    book.report("a", work_tokens=880, reported_at_s=10.5)  # made after r1 was routed: counts it itself
+    assert book.work_tokens("a") == 880
+    book.add("b", "r2", 300, routed_at_s=10.6)
+    book.complete("b", "r2")  # finished before any report saw it
+    assert book.work_tokens("b") == 600
+    book.forget_all_but(["b"])
+    assert book.work_tokens("a") == 0 and book.ranked(["b", "a"]) == ["a", "b"]
+
+
+def test_a_replica_reports_queued_prefill_plus_predicted_output_still_to_generate() -> None:
+    new = NewRequest("r", (5,) * 30, SamplingParams(max_tokens=64), predicted_output_tokens=50)
+    request = Request.of(new, arrival_s=0.0)
+    assert request.predicted_work_tokens == new.predicted_work_tokens == 80
+    request.num_computed_tokens = 30  # prefilled
+    request.token_ids += [7] * 10  # ten tokens generated
+    assert request.predicted_work_tokens == 40
+    request.token_ids += [7] * 45  # outlived its prediction: still holds a slot
+    assert request.predicted_work_tokens == 1
+    no_prediction = NewRequest("q", (5,) * 3, SamplingParams(max_tokens=64))
+    assert no_prediction.predicted_work_tokens == 67  # max_tokens stands in
