@@ -181,9 +181,9 @@ class EnginePool:
                 )
             )
 
-    def record_routing_stats(self) -> dict[str, float]:
+    def record_routing_stats(self) -> dict[str, list[int] | float]:
         """Serve's hook for routing stats, called every ``pools.routing_stats_period_s``: the predicted work
-        the length-aware router (``cluster/replica_router.py``) balances."""
+        of each unfinished request, which the length-aware router (``cluster/replica_router.py``) weighs."""
         return routing_stats(self.driver.predicted_work_tokens())
 
     def record_autoscaling_stats(self) -> dict[str, float]:

@@ -4,10 +4,11 @@
         request_router_class=LeastPredictedWorkRouter, request_routing_stats_period_s=0.5))
 
 Serve's default router picks the shorter queue of two random replicas, counting requests; a queue of ten
-one-line answers then looks as busy as ten essays. This one ranks every replica by its predicted work
-(``EnginePool.record_routing_stats``: prompt tokens still to prefill plus predicted output tokens still to
-generate) plus the requests this caller sent since that report (``cluster.router.PredictedWorkBook``, which
-holds the choice logic; this file only adapts it to Serve's hooks). Serve tries the ranks in order and
+one-line answers then looks as busy as ten essays. This one ranks every replica by the predicted work of
+its outstanding requests (``EnginePool.record_routing_stats``: per request, prompt tokens still to prefill
+plus predicted output tokens still to generate), each counted up to the new request's own, plus the
+requests this caller sent since that report (``cluster.router.PredictedWorkBook`` holds the choice logic
+and says why; this file only adapts it to Serve's hooks). Serve tries the ranks in order and
 skips a replica whose queue is full (``max_ongoing_requests``), so the engine's own limit still holds.
 
 Every caller of the pool (each ingress replica's handle) runs its own instance.
@@ -27,8 +28,9 @@ WORK_TOKENS_STAT = "predicted_work_tokens"
 REPORTED_AT_STAT = "reported_at_s"
 
 
-def routing_stats(work_tokens: int) -> dict[str, float]:
-    """What a replica reports (``record_routing_stats``): its predicted work, stamped now."""
+def routing_stats(work_tokens: list[int]) -> dict[str, list[int] | float]:
+    """What a replica reports (``record_routing_stats``): each outstanding request's predicted work, stamped
+    now (a few hundred integers at most: ``pools.max_queued_requests``)."""
     return {WORK_TOKENS_STAT: work_tokens, REPORTED_AT_STAT: time.time()}
 
 
@@ -54,9 +56,11 @@ class LeastPredictedWorkRouter(FIFOMixin, RequestRouter):
             if WORK_TOKENS_STAT in stats:
                 self.book.report(replica.replica_id, stats[WORK_TOKENS_STAT], stats[REPORTED_AT_STAT])
         self.book.forget_all_but(list(self.curr_replicas))
+        new = new_request_of(pending_request)
+        work_tokens = new.predicted_work_tokens if new is not None else 1
         by_id = {r.replica_id: r for r in candidate_replicas}
         shuffled = random.sample(list(by_id), len(by_id))  # equal work: no favourite among routers
-        return [[by_id[replica_id]] for replica_id in self.book.ranked(shuffled)]
+        return [[by_id[replica_id]] for replica_id in self.book.ranked(shuffled, work_tokens)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         new = new_request_of(pending_request)

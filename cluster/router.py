@@ -5,10 +5,10 @@ and inside the pool the replica with the least predicted work left gets the requ
     router.route(predicted_output_tokens=120)        # Route(bin_id=1, pool_id=0)
 
     book = PredictedWorkBook()
-    book.report("a", work_tokens=900, reported_at_s=10.0)     # what replica "a" said it has left
-    book.ranked(["a", "b"])                          # ["b", "a"]: "b" reported nothing, so has nothing
+    book.report("a", work_tokens=[600, 300], reported_at_s=10.0)   # replica "a": two requests' work left
+    book.ranked(["a", "b"], work_tokens=200)         # ["b", "a"]: "b" reported nothing, so holds nothing
     book.add("b", "req-7", work_tokens=1200, routed_at_s=10.5)
-    book.ranked(["a", "b"])                          # ["a", "b"]
+    book.ranked(["a", "b"], work_tokens=200)         # ["b", "a"]: one long request delays it less than two
 
 Pure Python (no ray, no torch): the ingress feeds it the predictor's numbers and gets a typed answer.
 
@@ -96,25 +96,33 @@ class BinRouter:
 
 @dataclass
 class PredictedWorkBook:
-    """One router's view of each replica's predicted work: tokens still to prefill plus predicted output
-    tokens still to generate (``NewRequest.predicted_work_tokens`` as it counts down).
+    """One router's view of each replica's outstanding requests, as their predicted work: tokens still to
+    prefill plus predicted output tokens still to generate (``Request.predicted_work_tokens``).
 
-    Replicas report their work every few hundred milliseconds, so a report is stale by the requests routed
-    since. The book adds each request it routes to its replica's reported work until a report made after
-    the routing (which then counts the request itself) or the request's completion. Reports and routings
-    are stamped with wall-clock times of different processes: on one host they agree; across hosts the
-    skew (milliseconds under NTP) only shifts which report first counts a request.
+    A new request of predicted work ``x`` goes to the replica where ``sum(min(w, x))`` over its outstanding
+    requests' work ``w`` is least. Decoding shares each step among the running requests, so that sum is the
+    delay the new request meets and, symmetrically, the delay it adds to the others before they finish: for
+    a short request it is about ``x`` times the queue length (join the shortest queue), for a long one the
+    total work (least work left). Counting total work for every request instead sends short requests to a
+    replica with a few long ones and many requests, which costs mean latency when predictions are noisy.
+
+    Replicas report every few hundred milliseconds, so a report is stale by the requests routed since. The
+    book adds each request it routes to its replica until a report made after the routing (which then
+    counts the request itself) or the request's completion. Reports and routings carry wall-clock times of
+    different processes: on one host they agree; across hosts the skew (milliseconds under NTP) only shifts
+    which report first counts a request.
     """
 
-    reported_tokens: dict[Hashable, int] = field(default_factory=dict)
+    reported: dict[Hashable, tuple[int, ...]] = field(default_factory=dict)
+    """Per replica: the predicted work of each outstanding request, as last reported."""
     reported_at_s: dict[Hashable, float] = field(default_factory=dict)
     routed: dict[Hashable, dict[Hashable, tuple[int, float]]] = field(default_factory=dict)
     """Per replica: requests this router sent there that no report counts yet, as (work, routed at)."""
 
-    def report(self, replica_id: Hashable, work_tokens: int, reported_at_s: float) -> None:
+    def report(self, replica_id: Hashable, work_tokens: Sequence[int], reported_at_s: float) -> None:
         if reported_at_s <= self.reported_at_s.get(replica_id, float("-inf")):
             return  # the same report again (or an older one)
-        self.reported_tokens[replica_id] = work_tokens
+        self.reported[replica_id] = tuple(work_tokens)
         self.reported_at_s[replica_id] = reported_at_s
         pending = self.routed.get(replica_id, {})
         for request_id in [r for r, (_, routed_at_s) in pending.items() if routed_at_s <= reported_at_s]:
@@ -129,15 +137,20 @@ class PredictedWorkBook:
     def forget_all_but(self, replica_ids: Sequence[Hashable]) -> None:
         """Drop replicas that left the pool."""
         keep = set(replica_ids)
-        for book in (self.reported_tokens, self.reported_at_s, self.routed):
+        for book in (self.reported, self.reported_at_s, self.routed):
             for replica_id in [r for r in book if r not in keep]:
                 del book[replica_id]
 
-    def work_tokens(self, replica_id: Hashable) -> int:
+    def outstanding(self, replica_id: Hashable) -> list[int]:
+        """The predicted work of each request the replica holds, as far as this router knows."""
         pending = self.routed.get(replica_id, {}).values()
-        return self.reported_tokens.get(replica_id, 0) + sum(work for work, _ in pending)
+        return [*self.reported.get(replica_id, ()), *(work for work, _ in pending)]
 
-    def ranked(self, replica_ids: Sequence[Hashable]) -> list[Hashable]:
-        """``replica_ids`` from the least predicted work to the most; ties keep the given order (callers
-        shuffle it, so that routers with equal views do not all pick the same idle replica)."""
-        return sorted(replica_ids, key=self.work_tokens)
+    def delay_tokens(self, replica_id: Hashable, work_tokens: int) -> int:
+        """``sum(min(w, work_tokens))`` over the replica's outstanding requests (see the class)."""
+        return sum(min(w, work_tokens) for w in self.outstanding(replica_id))
+
+    def ranked(self, replica_ids: Sequence[Hashable], work_tokens: int) -> list[Hashable]:
+        """``replica_ids`` from the least delay for a request of ``work_tokens`` to the most; ties keep the
+        given order (callers shuffle it, so that routers with equal views do not all pick one idle replica)."""
+        return sorted(replica_ids, key=lambda r: self.delay_tokens(r, work_tokens))

@@ -107,35 +107,39 @@ def test_router_and_autoscaling_policy_are_pure_python() -> None:
 # ---- replica choice by predicted work ---------------------------------------------------------------
 
 
-def test_the_replica_with_the_least_predicted_work_is_chosen_first() -> None:
+def test_the_replica_where_the_request_meets_the_least_predicted_work_is_chosen_first() -> None:
     book = PredictedWorkBook()
-    book.report("a", work_tokens=900, reported_at_s=10.0)
-    book.report("b", work_tokens=100, reported_at_s=10.0)
-    book.report("c", work_tokens=400, reported_at_s=10.0)
-    # Queue lengths do not enter: "b" may run ten requests, its predicted work is the smallest.
-    assert book.ranked(["a", "b", "c"]) == ["b", "c", "a"]
-    assert book.ranked(["a", "b", "c", "new"]) == ["new", "b", "c", "a"]  # no report yet: nothing known
-    assert book.ranked(["x", "y"]) == ["x", "y"]  # ties keep the caller's (shuffled) order
+    book.report("a", work_tokens=[900], reported_at_s=10.0)  # one long request
+    book.report("b", work_tokens=[40, 40, 40, 40, 40], reported_at_s=10.0)  # five short ones
+    book.report("c", work_tokens=[300, 100], reported_at_s=10.0)
+    # A long request meets every token of work ahead: least total work first (b 200, c 400, a 900).
+    assert [book.delay_tokens(r, 1000) for r in "abc"] == [900, 200, 400]
+    assert book.ranked(["a", "b", "c"], work_tokens=1000) == ["b", "c", "a"]
+    # A short one shares steps only while it runs: a queue of five delays it more than one long request.
+    assert [book.delay_tokens(r, 30) for r in "abc"] == [30, 150, 60]
+    assert book.ranked(["a", "b", "c"], work_tokens=30) == ["a", "c", "b"]
+    assert book.ranked(["a", "b", "c", "new"], work_tokens=30) == ["new", "a", "c", "b"]  # nothing known
+    assert book.ranked(["x", "y"], work_tokens=30) == ["x", "y"]  # ties keep the caller's (shuffled) order
 
 
 def test_requests_routed_since_the_last_report_count_until_a_later_report_or_their_completion() -> None:
     book = PredictedWorkBook()
-    book.report("a", work_tokens=500, reported_at_s=10.0)
-    book.report("b", work_tokens=600, reported_at_s=10.0)
+    book.report("a", work_tokens=[500], reported_at_s=10.0)
+    book.report("b", work_tokens=[600], reported_at_s=10.0)
     long = NewRequest("r1", (1,) * 20, SamplingParams(max_tokens=4096), predicted_output_tokens=380)
     assert long.predicted_work_tokens == 400  # prompt to prefill plus predicted output
     book.add("a", "r1", long.predicted_work_tokens, routed_at_s=10.2)
-    assert book.work_tokens("a") == 900
-    assert book.ranked(["a", "b"]) == ["b", "a"]  # the stale report alone would pick "a" again
-    book.report("a", work_tokens=500, reported_at_s=10.0)  # the same report again changes nothing
-    assert book.work_tokens("a") == 900
-    book.report("a", work_tokens=880, reported_at_s=10.5)  # made after r1 was routed: counts it itself
-    assert book.work_tokens("a") == 880
+    assert book.outstanding("a") == [500, 400]
+    assert book.ranked(["a", "b"], work_tokens=1000) == ["b", "a"]  # the stale report alone says "a"
+    book.report("a", work_tokens=[500], reported_at_s=10.0)  # the same report again changes nothing
+    assert book.outstanding("a") == [500, 400]
+    book.report("a", work_tokens=[480, 395], reported_at_s=10.5)  # made after r1 was routed: counts it
+    assert book.outstanding("a") == [480, 395]
     book.add("b", "r2", 300, routed_at_s=10.6)
     book.complete("b", "r2")  # finished before any report saw it
-    assert book.work_tokens("b") == 600
+    assert book.outstanding("b") == [600]
     book.forget_all_but(["b"])
-    assert book.work_tokens("a") == 0 and book.ranked(["b", "a"]) == ["a", "b"]
+    assert book.outstanding("a") == [] and book.ranked(["b", "a"], work_tokens=10) == ["a", "b"]
 
 
 def test_a_replica_reports_queued_prefill_plus_predicted_output_still_to_generate() -> None:
