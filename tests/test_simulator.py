@@ -13,6 +13,7 @@ from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from bench.workload import sharegpt_requests
 from cluster.router import BinRouter
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pipeline.request import Request, SamplingParams
 from workers.llm import LLM
 
 UNIT_STEP = StepCostModel(base_s=1.0, prefill_token_s=0.0, decode_token_s=0.0, kv_token_s=0.0)
@@ -54,6 +55,29 @@ def test_simulator_routes_bins_to_pools_and_balances_replicas() -> None:
     assert [m.bin_id for m in metrics] == [0, 1, 2] * 4
     assert all(len(r.scheduler.requests) == 0 for r in sim.replicas)
     assert [round(r.busy_s) > 0 for r in sim.replicas] == [True] * 6
+
+
+@pytest.mark.parametrize("routing", ["fewest_requests", "power_of_two", "least_predicted_work"])
+def test_every_replica_routing_serves_every_request_on_every_replica(routing: str) -> None:
+    sim = ClusterSimulator(SimConfig(num_replicas=4, replica_routing=routing), UNIT_STEP)
+    requests = [SimRequest(0.1 * i, 4, n) for i, n in enumerate((5, 500, 50) * 8)]
+    metrics = sim.run(requests)
+    assert len(metrics) == len(requests)
+    assert all(r.busy_s > 0 for r in sim.replicas)
+
+
+def test_least_predicted_work_sends_a_long_request_past_a_busy_replica() -> None:
+    # One replica holds a 900-token request, the other two 20-token ones: Serve's count says the first, the
+    # predicted work says the second (and a 10-token request the first, where it meets 10 tokens, not 20).
+    config = SimConfig(num_replicas=2, replica_routing="least_predicted_work", routing_stats_period_s=0.0)
+    sim = ClusterSimulator(config, UNIT_STEP)
+    first, second = sim.replicas
+    for i, (replica, n) in enumerate([(first, 900), (second, 20), (second, 20)]):
+        replica.scheduler.add(
+            Request(str(i), [0], SamplingParams(max_tokens=n), 0.0, predicted_output_tokens=n)
+        )
+    assert sim._choose_replica(sim.pools[0], work_tokens=1000) is second
+    assert sim._choose_replica(sim.pools[0], work_tokens=10) is first
 
 
 def test_simulator_agrees_with_the_real_engine(tiny_llama: str) -> None:

@@ -7,18 +7,26 @@ Each replica is the real ``pipeline.scheduler.Scheduler`` (the same object the e
 the model is replaced: an iteration takes ``cost_model.step_time_s(plan)`` of virtual time and every
 sampled token is a non-EOS filler, since output lengths are forced (``ignore_eos``) as in the
 benchmarks. Requests reach a pool through the real ``cluster.router.BinRouter`` (or all go to one pool
-for plain load balancing) and, inside a pool, the replica with the fewest unfinished requests.
+for plain load balancing) and, inside a pool, a replica chosen by ``SimConfig.replica_routing``:
+
+- ``fewest_requests``: the replica with the fewest unfinished requests, known exactly (an ideal
+  length-blind balancer);
+- ``power_of_two``: Serve's default, the one with fewer unfinished requests of two drawn at random;
+- ``least_predicted_work``: binserve's ``cluster.router.PredictedWorkBook`` as the deployed router runs
+  it: each replica's requests' predicted work (``Request.predicted_work_tokens``) reported every
+  ``routing_stats_period_s``, plus the requests routed since.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bench.sim.cost_model import StepCostModel
-from cluster.router import BinRouter
+from cluster.router import BinRouter, PredictedWorkBook
 from pipeline.config import SchedulerConfig, check_range
 from pipeline.engine import RequestMetrics
 from pipeline.plan import StepOutput, StepPlan
@@ -26,6 +34,7 @@ from pipeline.request import Request, SamplingParams
 from pipeline.scheduler import Scheduler
 
 _FILLER_TOKEN = 0
+REPLICA_ROUTINGS = ("fewest_requests", "power_of_two", "least_predicted_work")
 
 
 @dataclass(frozen=True)
@@ -52,8 +61,18 @@ class SimConfig:
     num_blocks: int = 100_000
     block_size: int = 16
     max_model_len: int = 1 << 20
+    replica_routing: str = "fewest_requests"
+    """How a pool picks a replica: ``fewest_requests``, ``power_of_two`` or ``least_predicted_work``."""
+    routing_stats_period_s: float = 0.5
+    """``least_predicted_work``: how often replicas report their work (the deployed default)."""
+    seed: int = 0
+    """Random draws of ``power_of_two`` and tie-breaks."""
 
     def __post_init__(self) -> None:
+        if self.replica_routing not in REPLICA_ROUTINGS:
+            raise ValueError(
+                f"replica_routing: must be one of {', '.join(REPLICA_ROUTINGS)}, got {self.replica_routing!r}"
+            )
         check_range("num_replicas", self.num_replicas, 1)
         check_range("num_blocks", self.num_blocks, 1)
         check_range("block_size", self.block_size, 1)
@@ -99,6 +118,8 @@ class ClusterSimulator:
             [_Replica(config) for _ in range(n)] for n in replicas_per_pool(config.num_replicas, weights)
         ]
         self.replicas = [replica for pool in self.pools for replica in pool]
+        self._rng = random.Random(config.seed)
+        self._work_book = PredictedWorkBook()
         self.now_s = 0.0
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = itertools.count()
@@ -130,8 +151,8 @@ class ClusterSimulator:
 
     def _arrive(self, index: int, sim_request: SimRequest) -> Request:
         route = self.router.route(sim_request.predicted)
-        pool = self.pools[route.pool_id]
-        replica = min(pool, key=lambda r: len(r.scheduler.requests))
+        work_tokens = sim_request.prompt_tokens + sim_request.predicted
+        replica = self._choose_replica(self.pools[route.pool_id], work_tokens)
         request = Request(
             request_id=str(index),
             # Token values do not matter to the scheduler or the cost model, only counts do.
@@ -142,10 +163,30 @@ class ClusterSimulator:
             bin_id=route.bin_id,
         )
         replica.scheduler.add(request)
+        if self.config.replica_routing == "least_predicted_work":
+            self._work_book.add(id(replica), index, work_tokens, self.now_s)
         # Start the replica after every arrival of this instant is queued (a later sequence number at the
         # same time), so a burst forms one batch rather than a batch of the first arrival alone.
         self._push(self.now_s, "wake", replica)
         return request
+
+    def _choose_replica(self, pool: list[_Replica], work_tokens: int) -> _Replica:
+        routing = self.config.replica_routing
+        if routing == "fewest_requests" or len(pool) == 1:
+            return min(pool, key=lambda r: len(r.scheduler.requests))
+        if routing == "power_of_two":
+            return min(self._rng.sample(pool, 2), key=lambda r: len(r.scheduler.requests))
+        by_id = {id(r): r for r in pool}
+        for replica in pool:  # the reports due by now (stale by up to one period, as deployed)
+            key = id(replica)
+            if (
+                self.now_s - self._work_book.reported_at_s.get(key, -1e18)
+                >= self.config.routing_stats_period_s
+            ):
+                work = [r.predicted_work_tokens for r in replica.scheduler.requests.values()]
+                self._work_book.report(key, work, self.now_s)
+        shuffled = self._rng.sample(list(by_id), len(by_id))
+        return by_id[self._work_book.ranked(shuffled, work_tokens)[0]]
 
     def _start_step(self, replica: _Replica) -> None:
         if replica.is_busy or not replica.scheduler.has_unfinished:

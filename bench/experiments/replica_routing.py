@@ -1,0 +1,238 @@
+"""Length-aware vs length-blind serving of 16 replicas in the simulator: capacity under an SLO.
+
+    python -m bench.experiments.replica_routing --profile profiles/gpu-llama3-8b-h100-estimate.json \
+        --json docs/results/replica_routing-gpu.json
+
+Length-blind is what plain Ray Serve gives: Serve's power-of-two choice on queue length, FCFS inside each
+replica. Length-aware is binserve's default: the replica with the least predicted work
+(``cluster.router.PredictedWorkBook``, reports every 0.5 s as deployed) and SSJF inside each replica; the
+two mixed rows say which half the gain comes from. Every row serves the same requests (ShareGPT prompts
+and answer lengths under the tiny model's tokenizer, Poisson arrivals) under SARATHI on one pool.
+
+Predictions: the oracle (the true length), synthetic ones of a given Spearman rank correlation (the true
+length times log-normal noise, its width found by bisection), and the trained ChatGPT-length predictor.
+Capacity is the highest rate of a grid up to which every run meets the SLO; one grid serves both SLOs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from bench.experiments.harness import REPO_DIR, load_predictor, markdown_table, sharegpt_workload, spearman
+from bench.metrics import MetricsSummary, summarize
+from bench.sim.cost_model import StepCostModel
+from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
+from bench.workload import WorkloadRequest, poisson_arrivals
+from pipeline.config import SchedulerConfig
+from workers.checkpoint import load_tokenizer
+
+
+@dataclass(frozen=True)
+class JctSlo:
+    """Mean JCT and p99 TBT bounds: mean JCT is what shortest-predicted-first serves, p99 TBT keeps the
+    decode smooth. A p99 TTFT bound is reported alongside (``ttft_rows``)."""
+
+    mean_jct_s: float
+    p99_tbt_s: float = 0.1
+
+    def is_met(self, summary: MetricsSummary) -> bool:
+        return summary.mean_jct_s <= self.mean_jct_s and summary.p99_tbt_s <= self.p99_tbt_s
+
+
+@dataclass(frozen=True)
+class TtftSlo:
+    p99_ttft_s: float
+    p99_tbt_s: float = 0.1
+
+    def is_met(self, summary: MetricsSummary) -> bool:
+        return summary.p99_ttft_s <= self.p99_ttft_s and summary.p99_tbt_s <= self.p99_tbt_s
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str = str(REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json")
+    tokenizer_dir: str = ".models/tiny-llama"
+    num_requests: int = 4000
+    max_prompt_tokens: int = 2048
+    max_output_tokens: int = 1024
+    num_replicas: int = 16
+    max_num_seqs: int = 32
+    chunk_size: int = 512
+    num_blocks: int = 25_000
+    slo_scale_s: float = 1.0
+    """SLO bounds scale with the profile's step time: 1 for the GPU profile."""
+    mean_jct_s: float = 4.0
+    """About twice the unloaded mean JCT on the GPU profile (2.1 s)."""
+    p99_ttft_s: float = 2.0
+    rates: tuple[float, ...] = (150.0, 200.0, 250.0, 300.0, 350.0, 400.0, 450.0)
+    """The rate grid: capacity is the highest rate up to which the SLO holds at every grid rate."""
+    report_rate_per_s: float = 300.0
+    spearmans: tuple[float, ...] = (0.54, 0.35)
+    use_trained_predictor: bool = False
+    seed: int = 0
+    systems: tuple[tuple[str, str, str], ...] = field(
+        default=(
+            ("length-blind (Serve power-of-two, FCFS)", "power_of_two", "fcfs"),
+            ("power-of-two, SSJF", "power_of_two", "ssjf"),
+            ("least predicted work, FCFS", "least_predicted_work", "fcfs"),
+            ("length-aware (least predicted work, SSJF)", "least_predicted_work", "ssjf"),
+        )
+    )
+
+
+def noisy_lengths(true_tokens: Sequence[int], target_spearman: float, seed: int) -> list[int]:
+    """Predictions whose Spearman correlation with ``true_tokens`` is about ``target_spearman``: each true
+    length times ``exp(sigma * z)``, ``z`` standard normal, ``sigma`` found by bisection."""
+    rng = random.Random(seed)
+    z = [rng.gauss(0.0, 1.0) for _ in true_tokens]
+
+    def predict(sigma: float) -> list[int]:
+        return [max(1, round(t * math.exp(sigma * zi))) for t, zi in zip(true_tokens, z, strict=True)]
+
+    low, high = 0.0, 20.0
+    for _ in range(30):
+        mid = (low + high) / 2
+        if spearman(true_tokens, predict(mid)) > target_spearman:
+            low = mid
+        else:
+            high = mid
+    return predict(low)
+
+
+def simulate(
+    params: Params,
+    cost_model: StepCostModel,
+    routing: str,
+    queue_order: str,
+    workload: Sequence[WorkloadRequest],
+    predicted: Sequence[int],
+    rate_per_s: float,
+) -> MetricsSummary:
+    scheduler = SchedulerConfig(
+        policy="sarathi",
+        max_num_seqs=params.max_num_seqs,
+        chunk_size=params.chunk_size,
+        queue_order=queue_order,
+    )
+    config = SimConfig(
+        scheduler=scheduler,
+        num_replicas=params.num_replicas,
+        num_blocks=params.num_blocks,
+        replica_routing=routing,
+        seed=params.seed,
+    )
+    arrivals = poisson_arrivals(len(workload), rate_per_s, params.seed)
+    requests = [
+        SimRequest(arrival_s, len(r.prompt_token_ids), r.output_tokens, p)
+        for r, arrival_s, p in zip(workload, arrivals, predicted, strict=True)
+    ]
+    return summarize(ClusterSimulator(config, cost_model).run(requests))
+
+
+def capacity(rates: Sequence[float], summaries: Sequence[MetricsSummary], slo) -> float:
+    """The highest rate of the grid up to which every rate meets ``slo`` (0 if the lowest misses it)."""
+    best = 0.0
+    for rate, summary in zip(rates, summaries, strict=True):
+        if not slo.is_met(summary):
+            break
+        best = rate
+    return best
+
+
+def run(params: Params) -> dict:
+    cost_model = StepCostModel.load(params.profile)
+    workload = sharegpt_workload(load_tokenizer(params.tokenizer_dir), params)
+    true_tokens = [r.output_tokens for r in workload]
+    predictions = {"oracle": true_tokens}
+    for rho in params.spearmans:
+        predictions[f"synthetic, Spearman {rho}"] = noisy_lengths(true_tokens, rho, params.seed)
+    if params.use_trained_predictor:
+        choice = load_predictor()
+        if choice.predictor is not None:
+            out = choice.predictor.predict([r.prompt for r in workload]).output_tokens
+            predictions["trained ChatGPT predictor"] = [int(n) for n in out]
+    scale = params.slo_scale_s
+    slos = {
+        f"mean JCT <= {params.mean_jct_s * scale:g} s": JctSlo(params.mean_jct_s * scale, 0.1 * scale),
+        f"p99 TTFT <= {params.p99_ttft_s * scale:g} s": TtftSlo(params.p99_ttft_s * scale, 0.1 * scale),
+    }
+    rows = []
+    for source, predicted in predictions.items():
+        quality = spearman(true_tokens, predicted)
+        for name, routing, order in params.systems:
+            if source != "oracle" and order == "fcfs":
+                continue  # length-blind is the same whatever the predictions; the FCFS mixed row: oracle only
+            started = time.time()
+            summaries = [
+                simulate(params, cost_model, routing, order, workload, predicted, rate)
+                for rate in params.rates
+            ]
+            row = {
+                "predictions": source,
+                "spearman": quality,
+                "system": name,
+                "by_rate": [
+                    {"rate_per_s": r, **s.as_dict()} for r, s in zip(params.rates, summaries, strict=True)
+                ],
+            }
+            row.update({slo_name: capacity(params.rates, summaries, slo) for slo_name, slo in slos.items()})
+            print(
+                f"{source} | {name} | " + ", ".join(f"{k}: {row[k]:g}" for k in slos),
+                f"({time.time() - started:.0f} s)",
+            )
+            rows.append(row)
+    return {"params": asdict(params), "profile_source": cost_model.source, "slos": list(slos), "rows": rows}
+
+
+def render(result: dict) -> str:
+    slos = result["slos"]
+    blind = next(r for r in result["rows"] if r["system"].startswith("length-blind"))
+    table = []
+    for r in result["rows"]:
+        cells = [r["predictions"], f"{r['spearman']:.2f}", r["system"]]
+        for slo in slos:
+            cells += [f"{r[slo]:g}", f"{r[slo] / blind[slo]:.2f}x" if blind[slo] else "–"]
+        at = {x["rate_per_s"]: x for x in r["by_rate"]}
+        probe = at[result["params"]["report_rate_per_s"]]
+        cells += [f"{probe['mean_jct_s']:.2f}", f"{probe['p99_ttft_s']:.2f}"]
+        table.append(cells)
+    headers = ["predictions", "Spearman", "system"]
+    for slo in slos:
+        headers += [f"capacity, {slo} (req/s)", "vs blind"]
+    rate = result["params"]["report_rate_per_s"]
+    headers += [f"mean JCT at {rate:g} req/s (s)", f"p99 TTFT at {rate:g} req/s (s)"]
+    return markdown_table(headers, table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=Params.profile)
+    parser.add_argument("--num-requests", type=int, default=Params.num_requests)
+    parser.add_argument("--slo-scale", type=float, default=1.0, help="multiplies the SLO bounds")
+    parser.add_argument("--rates", default=",".join(f"{r:g}" for r in Params.rates), help="the rate grid")
+    parser.add_argument("--report-rate", type=float, default=Params.report_rate_per_s)
+    parser.add_argument("--trained-predictor", action="store_true", help="add the ChatGPT-length predictor")
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    params = Params(
+        profile=args.profile,
+        num_requests=args.num_requests,
+        slo_scale_s=args.slo_scale,
+        rates=tuple(float(r) for r in args.rates.split(",")),
+        report_rate_per_s=args.report_rate,
+        use_trained_predictor=args.trained_predictor,
+    )
+    result = run(params)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
