@@ -12,7 +12,14 @@ import torch
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig
 from pipeline.plan import ScheduledChunk
 from pipeline.request import NewRequest, SamplingParams
-from tools.predictor.probe import ProbeRecord, examples, held_out_report, predict_ridge, train_probe
+from tools.predictor.probe import (
+    RIDGE_STRENGTHS,
+    ProbeRecord,
+    examples,
+    held_out_report,
+    predict_ridge,
+    train_probe,
+)
 from workers.length_probe import FeatureRecorder, LengthProbe, ProbeMetadata
 
 HIDDEN = 8
@@ -88,7 +95,7 @@ def test_ridge_probe_learns_a_planted_signal() -> None:
             states[position] = state
         records.append(ProbeRecord(f"p{i}", total, states))
     model, strength = train_probe(records[:200])
-    assert strength in (1.0, 10.0, 100.0, 1000.0, 10000.0)
+    assert strength in RIDGE_STRENGTHS
     report = held_out_report(model, records[200:])
     assert set(report) == {"0", "16", "32"} and all(r["spearman"] > 0.95 for r in report.values())
     hidden, at, remaining, _ = examples(records[200:], (32,))

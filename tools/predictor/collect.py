@@ -119,7 +119,7 @@ def done_ids(path: Path) -> set[str]:
     if not path.is_file():
         return set()
     ids = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):  # JSONL: split on newlines only
         try:
             ids.add(str(json.loads(line)["id"]))
         except (json.JSONDecodeError, KeyError, TypeError):
@@ -276,7 +276,10 @@ def export_labels(source: str | Path, out: str | Path, keep_ids: set[str] | None
     if not source.is_file():
         raise ValueError(f"data: no such file {source}")
     records = {}
-    for line_no, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines would also split a prompt holding U+2028.
+    for line_no, line in enumerate(source.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

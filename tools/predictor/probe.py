@@ -23,7 +23,7 @@ import numpy as np
 
 from tools.predictor.records import is_validation
 
-RIDGE_STRENGTHS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+RIDGE_STRENGTHS = (10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0)
 REPORT_POSITIONS = (0, 16, 32, 64, 128, 256)
 
 
@@ -44,7 +44,10 @@ def read_probe_data(labels: Path, features: Path) -> list[ProbeRecord]:
     if not features.is_dir():
         raise ValueError(f"features: no such directory {features} (collect with --features)")
     records, sizes = [], set()
-    for line_no, line in enumerate(labels.read_text(encoding="utf-8").splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines would also split a prompt holding U+2028.
+    for line_no, line in enumerate(labels.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
         try:
             label = json.loads(line)
             record_id, output_tokens = str(label["id"]), int(label["output_tokens"])
@@ -119,16 +122,27 @@ def train_probe(records: list[ProbeRecord], tuning_fraction: float = 0.2):
     return fit_ridge(h, a, y, chosen), chosen
 
 
-def held_out_report(model, records: list[ProbeRecord]) -> dict[str, dict]:
-    """Per output position: how well the probe ranks and sizes the held-out prompts' remaining tokens."""
+def held_out_report(
+    model, records: list[ProbeRecord], prompt_only: dict[str, int] | None = None
+) -> dict[str, dict]:
+    """Per output position: how well the probe ranks and sizes the held-out prompts' remaining tokens;
+    with ``prompt_only`` (id -> a prompt-only predictor's whole-output guess), that guess minus the
+    position scored the same way, for comparison."""
     from tools.predictor.evaluate import kendall_tau, spearman, spearman_ci95
 
     report = {}
     for position in REPORT_POSITIONS:
-        hidden, at, remaining, _ = examples(records, (position,))
+        hidden, at, remaining, owner = examples(records, (position,))
         if len(remaining) < 3:
             continue
         predicted = predict_ridge(model, hidden, at)
+        baseline = {}
+        if prompt_only is not None:
+            guess = np.asarray([max(prompt_only[records[i].record_id] - position, 1) for i in owner], float)
+            baseline = {
+                "prompt_only_spearman": spearman(guess.tolist(), remaining.tolist()),
+                "prompt_only_mae_tokens": float(np.mean(np.abs(guess - remaining))),
+            }
         report[str(position)] = {
             "num_held_out": int(len(remaining)),
             "spearman": spearman(predicted.tolist(), remaining.tolist()),
@@ -136,8 +150,27 @@ def held_out_report(model, records: list[ProbeRecord]) -> dict[str, dict]:
             "kendall_tau": kendall_tau(predicted.tolist(), remaining.tolist()),
             "mae_tokens": float(np.mean(np.abs(predicted - remaining))),
             "median_remaining": float(np.median(remaining)),
+            **baseline,
         }
     return report
+
+
+def prompt_only_guesses(predictor_dir: str, record_ids: list[str], model_dir: Path) -> dict[str, int]:
+    """A prompt-only predictor's whole-output guesses for ShareGPT ids, from the user turn as the ingress
+    gives it (``cluster.chat.predictor_text``)."""
+    from bench.workload import read_sharegpt
+    from cluster.predictor import LengthPredictor
+
+    predictor = LengthPredictor.load(None if predictor_dir == "default" else predictor_dir)
+    predictor.check_served_model(str(model_dir))
+    prompts = {p["id"]: p["prompt"] for p in read_sharegpt()}
+    missing = [i for i in record_ids if i not in prompts]
+    if missing:
+        raise ValueError(
+            f"--compare-predictor: {len(missing)} ids are not ShareGPT pairs, e.g. {missing[0]!r}"
+        )
+    guesses = predictor.predict([prompts[i] for i in record_ids]).output_tokens
+    return {i: int(n) for i, n in zip(record_ids, guesses, strict=True)}
 
 
 def run_train_probe(args: argparse.Namespace) -> int:
@@ -164,17 +197,21 @@ def run_train_probe(args: argparse.Namespace) -> int:
         hidden_size=hidden_size,
         model=served.name,
         model_config_sha256=served.config_sha256,
+        start=0,  # the prompt's own last state already ranks (held-out figures in RESULTS.md)
         trained_on=f"{len(train)} prompts of {args.labels.name} (ridge strength {strength})",
     )
     probe = LengthProbe(
         torch.from_numpy(weight), bias, torch.from_numpy(mean), torch.from_numpy(scale), metadata
     )
     probe.save(args.out)
+    prompt_only = None
+    if args.compare_predictor is not None and held_out:
+        prompt_only = prompt_only_guesses(args.compare_predictor, [r.record_id for r in held_out], args.model)
     summary = {
         "num_train": len(train),
         "num_held_out": len(held_out),
         "ridge_strength": strength,
-        "held_out": held_out_report(model, held_out) if held_out else {},
+        "held_out": held_out_report(model, held_out, prompt_only) if held_out else {},
         "out": str(args.out),
     }
     print(json.dumps(summary, indent=1))
@@ -195,6 +232,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     probe.add_argument("--out", required=True, type=Path, help="directory to write the probe to")
     probe.add_argument(
         "--validation-fraction", type=float, default=0.3, help="prompts held out by id hash (default 0.3)"
+    )
+    probe.add_argument(
+        "--compare-predictor",
+        default=None,
+        help="also score a prompt-only predictor (a directory, or 'default') on the held-out prompts",
     )
     probe.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     probe.set_defaults(func=run_train_probe)
