@@ -213,8 +213,8 @@ def render(result: dict[str, Any]) -> str:
         [
             f"Static batching, B = {p['batch_size']}, `group_by_bin`, a burst of {p['num_requests']} ShareGPT "
             f"requests (prompts cut to {p['max_prompt_tokens']} tokens, forced outputs capped at "
-            f"{p['max_output_tokens']}). Cells: output tokens/s (gain over 1 bin). Real = the engine on the tiny "
-            f"model; sim = the simulator with `{p['profile'].rsplit('/', 1)[-1]}` (this CPU) on the same requests; "
+            f"{p['max_output_tokens']}). Cells: output tokens/s (gain over 1 bin). Real = the engine on "
+            f"`{p['model_dir'].rsplit('/', 1)[-1]}`; sim = the simulator with `{p['profile'].rsplit('/', 1)[-1]}` (this CPU) on the same requests; "
             f"sim GPU est. = the same with `{p['gpu_profile'].rsplit('/', 1)[-1]}`, an estimate, not a "
             f"measurement; uniform = "
             f"{p['num_uniform_requests']} lengths uniform on [1, {p['max_output_tokens']}] under a unit step cost, "

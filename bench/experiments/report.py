@@ -183,13 +183,17 @@ def render_report(
     ]
     for model, by_name in results.items():
         lines += ["", f"## {model}"]
+        missing = [name for name in EXPERIMENTS if name not in by_name]
+        if missing:
+            lines += [
+                "",
+                f"Not run on this model: {', '.join(missing)} (`binserve bench exp NAME --model DIR`).",
+            ]
         for number, (name, module) in enumerate(EXPERIMENTS.items(), start=1):
-            lines += ["", f"### {number}. {module.TITLE}", ""]
             result = by_name.get(name)
             if result is None:
-                lines.append(f"Not run yet on this model: `binserve bench exp {name} --model ...`.")
                 continue
-            lines.append(module.render(result))
+            lines += ["", f"### {number}. {module.TITLE}", "", module.render(result)]
             png = Path(results_dir).resolve() / model / f"{name}.png"
             if png.is_file():
                 lines += ["", f"![{module.TITLE}, {model}]({_relative(png, report_dir)})"]
