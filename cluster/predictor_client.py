@@ -42,16 +42,22 @@ class RemotePredictor:
         return await self.handle.bin_boundaries.remote(num_bins)
 
 
+def load_predictor(config: PredictorConfig, model_dir: str | None = None):
+    """The configured predictor (one torch thread), warned about when it learned another model's lengths."""
+    import torch
+
+    from cluster.predictor import LengthPredictor
+
+    torch.set_num_threads(1)
+    predictor = LengthPredictor.load(config.path, model_dir=model_dir)
+    if model_dir is not None:
+        predictor.check_served_model(model_dir)
+    return predictor
+
+
 class InProcessPredictor:
     def __init__(self, config: PredictorConfig, model_dir: str | None = None) -> None:
-        import torch
-
-        from cluster.predictor import LengthPredictor
-
-        torch.set_num_threads(1)
-        self.predictor = LengthPredictor.load(config.path, model_dir=model_dir)
-        if model_dir is not None:
-            self.predictor.check_served_model(model_dir)
+        self.predictor = load_predictor(config, model_dir)
         self.max_batch_size = config.max_batch_size
         self.metrics = PredictorMetrics()
         self._waiting: list[tuple[str, asyncio.Future[int]]] = []

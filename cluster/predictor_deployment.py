@@ -25,14 +25,9 @@ from cluster.metrics import PredictorMetrics
 @serve.deployment
 class LengthPredictorDeployment:
     def __init__(self, config: PredictorConfig, model_dir: str | None = None) -> None:
-        import torch
+        from cluster.predictor_client import load_predictor
 
-        from cluster.predictor import LengthPredictor
-
-        torch.set_num_threads(1)
-        self.predictor = LengthPredictor.load(config.path, model_dir=model_dir)
-        if model_dir is not None:
-            self.predictor.check_served_model(model_dir)
+        self.predictor = load_predictor(config, model_dir)
         self.metrics = PredictorMetrics()
         self.predict.set_max_batch_size(config.max_batch_size)
         self.predict.set_batch_wait_timeout_s(config.batch_wait_timeout_s)

@@ -176,6 +176,7 @@ def prompt_only_guesses(predictor_dir: str, record_ids: list[str], model_dir: Pa
 def run_train_probe(args: argparse.Namespace) -> int:
     import torch
 
+    from bench import write_report
     from cluster.predictor.served_model import ServedModel
     from workers.length_probe import LengthProbe, ProbeMetadata
 
@@ -215,9 +216,7 @@ def run_train_probe(args: argparse.Namespace) -> int:
         "out": str(args.out),
     }
     print(json.dumps(summary, indent=1))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    write_report(args.json, summary)
     return 0
 
 
