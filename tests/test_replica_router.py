@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 from cluster.client import GenerationClient, make_request
 from proto.binserve.v1 import generation_pb2 as pb
@@ -44,13 +45,15 @@ def test_a_pool_routed_by_predicted_work_serves_requests_on_both_replicas(tiny_l
         responses = asyncio.run(main())
         assert all(0 < r.usage.num_output_tokens <= 24 for r in responses)
 
-        # Idle replicas report no work, so `stats` calls land on either at random: gather both.
+        # Idle replicas report no work, so `stats` calls land on either at random: gather both. Pause
+        # between calls so that a report taken while a replica was still busy is replaced (every 0.2 s).
         by_pid = {}
         for _ in range(40):
             stats = cluster.stats(0)
             by_pid[stats.pids[0]] = stats
             if len(by_pid) == 2:
                 break
+            time.sleep(0.25)
         assert len(by_pid) == 2
         served = collections.Counter({pid: sum(s.num_requests_by_bin.values()) for pid, s in by_pid.items()})
         assert sum(served.values()) == NUM_REQUESTS and min(served.values()) > 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import time
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -17,7 +20,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.torch_threads)
     config = engine_config_from_args(args)
     workload = sharegpt_requests(load_tokenizer(args.model), args.num_requests, seed=args.seed)
+    load_before, started = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     model = profile_engine(config, workload)
+    # Step times depend on what else runs: the profile says when it was measured and how busy it was.
+    model = dataclasses.replace(
+        model,
+        source=f"{model.source}; measured {started}, load average {load_before:.2f} at the start and "
+        f"{os.getloadavg()[0]:.2f} at the end",
+    )
     model.save(args.json)
     print(json.dumps(model.__dict__, indent=2))
     print(f"wrote {args.json}")
