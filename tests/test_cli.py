@@ -62,3 +62,27 @@ def test_make_tiny_model_is_seeded(tmp_path) -> None:
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
         tmp_path / "b" / "model.safetensors"
     ).read_bytes()
+
+
+def test_profile_fits_a_cost_model_and_says_when(tiny_llama: str, tmp_path, capsys) -> None:
+    from bench.sim.cost_model import StepCostModel
+
+    out = tmp_path / "profile.json"
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                tiny_llama,
+                "--num-requests",
+                "4",
+                "--max-model-len",
+                "512",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    model = StepCostModel.load(out)
+    assert model.base_s >= 0 and "measured" in model.source and "load average" in model.source

@@ -19,7 +19,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.torch_threads)
     config = engine_config_from_args(args)
-    workload = sharegpt_requests(load_tokenizer(args.model), args.num_requests, seed=args.seed)
+    from workers.checkpoint import load_config
+
+    # Requests that fit the model: prompts up to half its length, outputs up to a quarter (at most 512 / 256).
+    max_len = config.model.max_model_len or load_config(config.model.model_dir).max_position_embeddings
+    workload = sharegpt_requests(
+        load_tokenizer(config.model.model_dir),
+        args.num_requests,
+        seed=args.seed,
+        max_prompt_tokens=min(512, max_len // 2),
+        max_output_tokens=min(256, max_len // 4),
+    )
     load_before, started = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     model = profile_engine(config, workload)
     # Step times depend on what else runs: the profile says when it was measured and how busy it was.
