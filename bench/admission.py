@@ -28,7 +28,7 @@ from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerCon
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from workers.llm import LLM
+    from workers.llm import LLM, build_engine
 
     torch.set_num_threads(args.threads)
     base = SchedulerConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs)
@@ -55,21 +55,21 @@ def run(args: argparse.Namespace) -> dict:
         scheduler = dataclasses.replace(
             base, reserve_predicted_output=reserve, predicted_output_margin=args.margin
         )
-        llm.engine.scheduler.config = scheduler
-        before = llm.engine.scheduler.num_preemptions
+        # A fresh scheduler over the same loaded model (every KV block is free between runs).
+        engine = build_engine(dataclasses.replace(config, scheduler=scheduler), llm.runner)
         start_s = time.perf_counter()
-        measured = replay(llm.engine, requests, predicted=lengths, desc=name)
+        measured = replay(engine, requests, predicted=lengths, desc=name)
         summary = summarize(measured.metrics)
         rows.append(
             {
                 "admission": name,
-                "preemptions": llm.engine.scheduler.num_preemptions - before,
+                "preemptions": engine.scheduler.num_preemptions,
                 "output_tokens_per_s": summary.output_tokens_per_s,
                 "mean_jct_s": summary.mean_jct_s,
                 "p99_jct_s": summary.p99_jct_s,
                 "wall_s": time.perf_counter() - start_s,
                 "kv_blocks_in_use_after": config.cache.num_blocks
-                - llm.engine.scheduler.block_manager.num_free_blocks,
+                - engine.scheduler.block_manager.num_free_blocks,
             }
         )
         print(rows[-1], flush=True)

@@ -77,10 +77,13 @@ class LengthProbe:
 
     def predict_remaining(self, hidden: torch.Tensor, num_output_tokens: torch.Tensor) -> torch.Tensor:
         """hidden (N, H), tokens so far (N,) -> predicted tokens still to come (N,), float."""
-        device = hidden.device
-        x = (hidden.float() - self.mean.to(device)) / self.scale.to(device)
-        log_at = torch.log1p(num_output_tokens.float().to(device))
-        y = x @ self.weight[:-1].to(device) + log_at * self.weight[-1].to(device) + self.bias
+        if self.weight.device != hidden.device:  # once: the runner's device (a no-op on CPU)
+            self.weight, self.mean, self.scale = (
+                t.to(hidden.device) for t in (self.weight, self.mean, self.scale)
+            )
+        x = (hidden.float() - self.mean) / self.scale
+        log_at = torch.log1p(num_output_tokens.float().to(hidden.device))
+        y = x @ self.weight[:-1] + log_at * self.weight[-1] + self.bias
         return torch.expm1(y).clamp(min=0.0)
 
     def __call__(self, chunks: Sequence[ScheduledChunk], hidden: torch.Tensor) -> tuple[int | None, ...]:

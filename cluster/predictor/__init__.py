@@ -31,10 +31,10 @@ def default_probe_for(model_dir: str) -> str | None:
     meta_path = DEFAULT_PROBE_DIR / "probe.json"
     if not meta_path.is_file() or not (Path(model_dir) / "config.json").is_file():
         return None
-    trained_for = json.loads(meta_path.read_text()).get("model_config_sha256")
-    if trained_for != ServedModel.of(model_dir).config_sha256:
+    meta = json.loads(meta_path.read_text())
+    if meta.get("model_config_sha256") != ServedModel.of(model_dir).config_sha256:
         warnings.warn(
-            f"length probe: the shipped probe reads {json.loads(meta_path.read_text())['model']}'s hidden "
+            f"length probe: the shipped probe reads {meta['model']}'s hidden "
             f"states, not {Path(model_dir).name}'s; serving without one (train one: "
             "`binserve predictor train-probe`)",
             stacklevel=2,
