@@ -101,10 +101,11 @@ def build_application(config: AppConfig, predictor: Application | None = None) -
         name=INGRESS_NAME,
         num_replicas=config.ingress.num_replicas,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
-        # Load is shed at three places, cheapest first: the proxy refuses beyond its queue of
-        # max_queued_requests (no hop), the ingress beyond its admission bound, the pools beyond theirs.
+        # Load is shed at three places, cheapest first: the gRPC proxy's gate (cluster/grpc_proxy.py),
+        # the ingress beyond its admission bound (it takes INGRESS_HEADROOM calls more to refuse them
+        # itself), the pools beyond theirs.
         max_ongoing_requests=config.ingress_max_ongoing_requests,
-        max_queued_requests=config.ingress.max_queued_requests,
+        max_queued_requests=config.ingress.max_queued_requests or -1,  # -1: Serve's "no bound"
     ).bind(config, predictor, pools)
 
 

@@ -68,6 +68,8 @@ class RouterConfig:
 
 
 PREDICTOR_PLACEMENTS = ("ingress", "deployment")
+INGRESS_HEADROOM = 64
+"""Calls one ingress replica accepts beyond its admission bound, to refuse them itself."""
 DEFAULT_PROBE = "default"
 """``model.length_probe: default``: the length probe shipped for the default model (SmolLM2)."""
 
@@ -171,10 +173,12 @@ class IngressConfig:
     num_cpus: float = 0.5
     max_ongoing_requests: int | None = None
     """Concurrent calls one ingress replica accepts; more wait in the proxy. ``None``: the admission
-    bound plus ``max_queued_requests``, so that the ingress refuses calls it cannot admit at once."""
-    max_queued_requests: int = 64
-    """Calls each proxy holds waiting for an ingress slot; beyond them the proxy refuses a call at once,
-    before it costs the ingress anything (gRPC RESOURCE_EXHAUSTED, HTTP 503: Serve's backpressure)."""
+    bound plus ``max_queued_requests`` (or ``INGRESS_HEADROOM``), so that the ingress refuses calls it cannot
+    admit at once."""
+    max_queued_requests: int | None = None
+    """Calls each proxy holds waiting for an ingress slot; beyond them Serve's proxy refuses a call at
+    once (gRPC RESOURCE_EXHAUSTED, but HTTP 503). ``None``: no such bound, so the ingress answers every
+    excess call itself (RESOURCE_EXHAUSTED / 429); gRPC bursts are shed by the proxy's gate anyway."""
     max_admitted_requests: int | None = None
     """Requests one ingress replica holds at once, from arrival to their last token; more are refused at
     once with RESOURCE_EXHAUSTED / 429 (load shedding, so a burst cannot queue without bound in front of
@@ -197,7 +201,8 @@ class IngressConfig:
         check_range("num_cpus", self.num_cpus, 0.0)
         if self.max_ongoing_requests is not None:
             check_range("max_ongoing_requests", self.max_ongoing_requests, 1)
-        check_range("max_queued_requests", self.max_queued_requests, 1)
+        if self.max_queued_requests is not None:
+            check_range("max_queued_requests", self.max_queued_requests, 1)
 
 
 @dataclass(frozen=True)
@@ -307,7 +312,9 @@ class AppConfig:
         """One ingress replica's concurrent calls (``ingress.max_ongoing_requests``, resolved)."""
         if self.ingress.max_ongoing_requests is not None:
             return self.ingress.max_ongoing_requests
-        return self.max_admitted_requests + self.ingress.max_queued_requests
+        # Headroom over the bound: excess calls reach the ingress, which refuses them at once, instead of
+        # waiting in the proxy for a slot only to be refused then.
+        return self.max_admitted_requests + (self.ingress.max_queued_requests or INGRESS_HEADROOM)
 
     def __post_init__(self) -> None:
         if self.engine.parallel.pp_size > 1 and self.pools.num_cpus <= 0:

@@ -179,8 +179,8 @@ def test_policy_refuses_a_bad_target() -> None:
 
 
 def test_the_ingress_sheds_load_in_the_proxy_beyond_its_admission_bound() -> None:
-    """serve-local: 2 pools x 1 replica x 128 queued = 256 admitted; the proxy holds 64 more waiting for a
-    slot and refuses the rest itself (Serve's backpressure) without a hop to the ingress."""
+    """serve-local: 2 pools x 1 replica x 128 queued = 256 admitted; the ingress takes 64 calls more, to
+    refuse them at once itself (429 on HTTP; Serve's own proxy backpressure would answer 503)."""
     config = AppConfig.from_args(serve_config_of("serve-local.yaml")["applications"][0]["args"])
     assert config.max_admitted_requests == 256
     assert config.ingress_max_ongoing_requests == 256 + 64
