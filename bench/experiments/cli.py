@@ -1,7 +1,8 @@
 """``binserve bench report`` and ``binserve bench exp NAME``: the papers' experiments on this system.
 
     binserve bench exp ssjf --size smoke --json /tmp/ssjf.json     # one experiment, small, to try it
-    binserve bench report                                          # all six, then docs/RESULTS.md
+    binserve bench report                                          # all six on the tiny model (~15 min)
+    binserve bench report --model .models/smollm2-135m-instruct --size real   # the real model (~45 min)
 
 Registered under the ``bench`` group of ``cluster/commands.py``.
 """
@@ -11,8 +12,11 @@ from __future__ import annotations
 import argparse
 
 EXPERIMENT_NAMES = ("ssjf", "multibin", "sarathi", "pipeline", "hf", "scale")
-SIZES = ("full", "smoke")
-PREDICTOR_HELP = "a trained length predictor's directory (default: cluster/predictor/default)"
+SIZES = ("full", "smoke", "real")
+PREDICTOR_HELP = (
+    "a trained length predictor's directory (default: cluster/predictor/chatgpt for ChatGPT's lengths, "
+    "cluster/predictor/default for an experiment on the served model's own lengths)"
+)
 MODEL_HELP = (
     "checkpoint for the real-engine experiments and the scale workload's tokenizer (default .models/tiny-llama, "
     "written if missing); the pipeline experiment writes its own, larger synthetic checkpoint"
@@ -30,17 +34,12 @@ def _names(text: str) -> list[str]:
 def cmd_exp(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from bench.experiments.harness import (
-        DEFAULT_RESULTS_DIR,
-        PredictorChoice,
-        load_predictor,
-        this_command,
-    )
-    from bench.experiments.report import USES_PREDICTOR, model_name, params_for, run_experiment
+    from bench.experiments.harness import DEFAULT_RESULTS_DIR, this_command
+    from bench.experiments.report import model_name, params_for, predictor_for, run_experiment
 
     json_path = Path(args.json or DEFAULT_RESULTS_DIR / model_name(args.model) / f"{args.name}.json")
-    predictor = load_predictor(args.predictor) if args.name in USES_PREDICTOR else PredictorChoice(None, "")
     params = params_for(args.name, args.size, args.model, args.set)
+    predictor = predictor_for(args.name, params, args.predictor)
     result = run_experiment(args.name, params, predictor, json_path, this_command())
     print(
         f"{args.name}: {result['meta']['duration_s']:.0f} s; wrote {json_path} and {json_path.with_suffix('.png')}"
@@ -68,7 +67,12 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
 
     p = bench_subparsers.add_parser("exp", help="one of the papers' experiments; writes JSON and a PNG plot")
     p.add_argument("name", choices=EXPERIMENT_NAMES)
-    p.add_argument("--size", choices=SIZES, default="full", help="smoke: a minute-sized run to try the code")
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default="full",
+        help="smoke: a minute-sized run; real: sized for a real --model",
+    )
     p.add_argument("--json", help=f"write the result here (default {DEFAULT_RESULTS_DIR}/MODEL/NAME.json)")
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--predictor", help=PREDICTOR_HELP)

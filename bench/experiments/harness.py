@@ -55,13 +55,24 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_meta(command: str, duration_s: float) -> dict[str, Any]:
-    """Where, when and how a result was produced; every table in the report prints it."""
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none): timings on a loaded machine are
+    not comparable with a quiet one's, so every result records it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def run_meta(command: str, duration_s: float, load_at_start: float | None = None) -> dict[str, Any]:
+    """Where, when and how a result was produced, and the machine's load at its start and end; every
+    table in the report prints it."""
     return {
         "machine": machine(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command,
         "duration_s": duration_s,
+        "load_average": {"start": load_at_start, "end": load_average()},
     }
 
 
@@ -225,12 +236,21 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def provenance(result: dict[str, Any]) -> str:
-    """The line under every table: machine, date, command, duration."""
+    """The line under every table: machine, date, command, duration, load average."""
     meta = result["meta"]
     m = meta["machine"]
+    load = meta.get("load_average") or {}
+    load_text = (
+        f"load average {load['start']} at the start, {load['end']} at the end"
+        if load.get("start") is not None or load.get("end") is not None
+        else "load average not recorded"
+    )
+    duration = (
+        f"{meta['duration_s']:.0f} s" if meta.get("duration_s") is not None else "duration not recorded"
+    )
     return (
         f"*{m['cpu']}, {m['num_cores']} cores ({m['platform']}); {meta['date']}; "
-        f"`{meta['command']}`; {meta['duration_s']:.0f} s.*"
+        f"`{meta['command']}`; {duration}; {load_text}.*"
     )
 
 
@@ -278,11 +298,35 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def workload_text(p: dict[str, Any], num_requests: int) -> str:
+    """How a result's requests were made, for its table's caption (``p``: the result's params)."""
+    if p.get("labels"):
+        return (
+            f"{num_requests} held-out ShareGPT prompts of `{Path(p['labels']).name}` as chat (cut to "
+            f"{p['max_prompt_tokens']} tokens), each answer forced to the length the model itself gave it there "
+            f"(its own lengths, capped at {p['max_output_tokens']})"
+        )
+    return (
+        f"{num_requests} ShareGPT requests (prompts cut to {p['max_prompt_tokens']} tokens, outputs forced to "
+        f"ChatGPT's answer lengths, capped at {p['max_output_tokens']})"
+    )
+
+
 def sharegpt_workload(tokenizer, params) -> list[WorkloadRequest]:
     """An experiment's ShareGPT requests; ``params`` carries num_requests, seed, max_prompt_tokens and
-    max_output_tokens (every experiment's ``Params`` does)."""
-    from bench.workload import sharegpt_requests
+    max_output_tokens (every experiment's ``Params`` does). Lengths are ChatGPT's answers' unless
+    ``params.labels`` names the served model's own length labels: then the held-out labelled prompts,
+    chat-rendered, with the model's own answer lengths (``bench.workload.labelled_requests``)."""
+    from bench.workload import labelled_requests, sharegpt_requests
 
+    if getattr(params, "labels", ""):
+        return labelled_requests(
+            params.model_dir,
+            params.labels,
+            params.num_requests,
+            params.max_prompt_tokens,
+            params.max_output_tokens,
+        )
     return sharegpt_requests(
         tokenizer, params.num_requests, params.seed, params.max_prompt_tokens, params.max_output_tokens
     )

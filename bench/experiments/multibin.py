@@ -37,11 +37,13 @@ from bench.experiments.harness import (
     save_figure,
     sharegpt_workload,
     target,
+    workload_text,
 )
 from bench.metrics import summarize
 from bench.replay import replay
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
+from bench.workload import DEFAULT_LABELS
 from cluster.router import BinRouter
 from pipeline.config import SchedulerConfig
 
@@ -52,6 +54,8 @@ UNIT_STEP = StepCostModel(base_s=1.0, prefill_token_s=0.0, decode_token_s=0.0, k
 @dataclass(frozen=True)
 class Params:
     model_dir: str = DEFAULT_MODEL_DIR
+    labels: str = ""
+    """The served model's length labels: its own answer lengths on held-out prompts; empty: ChatGPT's."""
     num_requests: int = 64
     max_prompt_tokens: int = 256
     max_output_tokens: int = 512
@@ -72,6 +76,15 @@ SIZES = {
     "full": Params(),
     "smoke": Params(
         num_requests=16, max_prompt_tokens=64, max_output_tokens=128, batch_size=4, num_uniform_requests=256
+    ),
+    # A real model with its own lengths (about 8 minutes here); the simulated columns use its measured profile.
+    "real": Params(
+        labels=str(DEFAULT_LABELS),
+        num_requests=32,
+        max_prompt_tokens=1024,
+        max_output_tokens=512,
+        bin_counts=(1, 4),
+        profile=str(REPO_DIR / "profiles" / "cpu-smollm2-135m-instruct.json"),
     ),
 }
 
@@ -211,9 +224,8 @@ def render(result: dict[str, Any]) -> str:
     ]
     return "\n\n".join(
         [
-            f"Static batching, B = {p['batch_size']}, `group_by_bin`, a burst of {p['num_requests']} ShareGPT "
-            f"requests (prompts cut to {p['max_prompt_tokens']} tokens, forced outputs capped at "
-            f"{p['max_output_tokens']}). Cells: output tokens/s (gain over 1 bin). Real = the engine on "
+            f"Static batching, B = {p['batch_size']}, `group_by_bin`, a burst of "
+            f"{workload_text(p, p['num_requests'])}. Cells: output tokens/s (gain over 1 bin). Real = the engine on "
             f"`{p['model_dir'].rsplit('/', 1)[-1]}`; sim = the simulator with `{p['profile'].rsplit('/', 1)[-1]}` (this CPU) on the same requests; "
             f"sim GPU est. = the same with `{p['gpu_profile'].rsplit('/', 1)[-1]}`, an estimate, not a "
             f"measurement; uniform = "

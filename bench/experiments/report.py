@@ -23,13 +23,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.experiments import hf, multibin, pipeline_bubbles, sarathi, scale, ssjf
+from bench import trace_replay
+from bench.experiments import hf, multibin, pipeline_bubbles, replica_routing, sarathi, scale, ssjf
 from bench.experiments.harness import (
     DEFAULT_MODEL_DIR,
     DEFAULT_REPORT,
     DEFAULT_RESULTS_DIR,
     PredictorChoice,
     fmt,
+    load_average,
     load_predictor,
     markdown_table,
     run_meta,
@@ -44,6 +46,10 @@ EXPERIMENTS: dict[str, ModuleType] = {
     "hf": hf,
     "scale": scale,
 }
+# Results of their own, longer commands (a real cluster, ``binserve bench trace``): rendered and judged with
+# the rest, not run by the report.
+MEASURED_ELSEWHERE: dict[str, ModuleType] = {"replica_routing": replica_routing, "trace": trace_replay}
+SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
 USES_PREDICTOR = ("ssjf", "multibin", "scale")
 TARGETS_FILE = "targets.json"
 
@@ -106,9 +112,9 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run one experiment; write its JSON and, beside it, its plot (same name, ``.png``)."""
     module = EXPERIMENTS[name]
-    start_s = time.perf_counter()
+    start_s, load_at_start = time.perf_counter(), load_average()
     result = module.run(params, predictor)
-    result["meta"] = run_meta(command, time.perf_counter() - start_s)
+    result["meta"] = run_meta(command, time.perf_counter() - start_s, load_at_start)
     json_path = Path(json_path)
     write_json(json_path, result)
     module.plot(result, str(json_path.with_suffix(".png")))
@@ -123,14 +129,32 @@ def run_all(
     model_dir: str | None = None,
     predictor_dir: str | None = None,
 ) -> list[dict[str, Any]]:
-    uses_predictor = any(n in USES_PREDICTOR for n in names)
-    predictor = load_predictor(predictor_dir) if uses_predictor else PredictorChoice(None, "")
+    """Run every experiment of ``names`` that has ``size`` (the simulated-only ones have no ``real``)."""
     results = []
     for name in tqdm(names, desc="bench report", unit="experiment"):
+        if size not in EXPERIMENTS[name].SIZES:
+            tqdm.write(f"{name}: no {size!r} size, skipped")
+            continue
+        params = params_for(name, size, model_dir)
         path = Path(results_dir) / model_name(model_dir) / f"{name}.json"
-        results.append(run_experiment(name, params_for(name, size, model_dir), predictor, path, command))
+        results.append(
+            run_experiment(name, params, predictor_for(name, params, predictor_dir), path, command)
+        )
         tqdm.write(f"{name}: {results[-1]['meta']['duration_s']:.0f} s, wrote {path}")
     return results
+
+
+def predictor_for(name: str, params: Any, predictor_dir: str | None) -> PredictorChoice:
+    """The length predictor an experiment uses: ``predictor_dir`` if given, else the one trained on the
+    lengths it serves: the served model's own (``cluster/predictor/default``) when its requests carry the
+    model's labels, ChatGPT's otherwise."""
+    if name not in USES_PREDICTOR:
+        return PredictorChoice(None, "")
+    if predictor_dir is None and getattr(params, "labels", ""):
+        from cluster.predictor import DEFAULT_DIR
+
+        predictor_dir = str(DEFAULT_DIR)
+    return load_predictor(predictor_dir)
 
 
 def load_results(results_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -139,7 +163,7 @@ def load_results(results_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]
     found: dict[str, dict[str, dict[str, Any]]] = {}
     directories = [d for d in Path(results_dir).iterdir() if d.is_dir()] if Path(results_dir).is_dir() else []
     for directory in sorted(directories, key=lambda d: (d.name.startswith("tiny"), d.name)):
-        for name in EXPERIMENTS:
+        for name in SECTIONS:
             path = directory / f"{name}.json"
             if path.is_file():
                 found.setdefault(directory.name, {})[name] = json.loads(path.read_text())
@@ -184,12 +208,12 @@ def render_report(
     for model, by_name in results.items():
         lines += ["", f"## {model}"]
         missing = [name for name in EXPERIMENTS if name not in by_name]
-        if missing:
+        if missing and len(missing) < len(EXPERIMENTS):
             lines += [
                 "",
                 f"Not run on this model: {', '.join(missing)} (`binserve bench exp NAME --model DIR`).",
             ]
-        for number, (name, module) in enumerate(EXPERIMENTS.items(), start=1):
+        for number, (name, module) in enumerate(SECTIONS.items(), start=1):
             result = by_name.get(name)
             if result is None:
                 continue

@@ -55,6 +55,10 @@ class Params:
 SIZES = {
     "full": Params(),
     "smoke": Params(num_requests=16, max_prompt_tokens=256, max_output_tokens=32, chunk_sizes=(64, 256)),
+    # A real model: about 8 minutes here.
+    "real": Params(
+        num_requests=48, max_prompt_tokens=512, max_output_tokens=128, max_num_seqs=16, chunk_sizes=(128, 256)
+    ),
 }
 
 

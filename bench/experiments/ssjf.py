@@ -30,10 +30,11 @@ from bench.experiments.harness import (
     save_figure,
     sharegpt_workload,
     target,
+    workload_text,
 )
 from bench.metrics import summarize
 from bench.replay import replay
-from bench.workload import poisson_arrivals, with_arrivals
+from bench.workload import DEFAULT_LABELS, poisson_arrivals, with_arrivals
 from pipeline.config import SchedulerConfig
 
 TITLE = "SSJF vs FCFS: job completion time"
@@ -43,6 +44,8 @@ MODES = ("none", "dynamic", "continuous")
 @dataclass(frozen=True)
 class Params:
     model_dir: str = DEFAULT_MODEL_DIR
+    labels: str = ""
+    """The served model's length labels: its own answer lengths on held-out prompts; empty: ChatGPT's."""
     num_requests: int = 40
     max_prompt_tokens: int = 512
     max_output_tokens: int = 1024
@@ -59,6 +62,10 @@ class Params:
 SIZES = {
     "full": Params(),
     "smoke": Params(num_requests=10, max_prompt_tokens=128, max_output_tokens=96, batch_size=4),
+    # A real model (--model .models/smollm2-135m-instruct) with its own lengths: about 25 minutes here.
+    "real": Params(
+        labels=str(DEFAULT_LABELS), num_requests=16, max_prompt_tokens=1024, max_output_tokens=512
+    ),
 }
 
 
@@ -176,8 +183,8 @@ def render(result: dict[str, Any]) -> str:
     )
     return "\n\n".join(
         [
-            f"{w['num_requests']} ShareGPT requests (prompts cut to {p['max_prompt_tokens']} tokens, forced outputs "
-            f"capped at {p['max_output_tokens']}, mean {w['mean_output_tokens']:.0f}), arrivals: {w['arrivals']}. "
+            f"{workload_text(p, w['num_requests'])}, mean output {w['mean_output_tokens']:.0f} tokens; arrivals: "
+            f"{w['arrivals']}. "
             f"Modes: none = batch 1 (`prefill_first`, max_num_seqs 1); dynamic = `dynamic` batches of "
             f"{p['batch_size']}; continuous = `sarathi`, max_num_seqs {p['batch_size']}, chunk {p['chunk_size']}. "
             f"SSJF aging threshold {p['aging_threshold_s']:g} s. Lengths: {result['predictor']}; predictions are "
