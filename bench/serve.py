@@ -36,6 +36,7 @@ from bench.metrics import percentile, summarize
 from bench.workload import DEFAULT_SHAREGPT, WorkloadRequest, poisson_arrivals, with_arrivals
 from cluster.client import GenerationClient, TimedResponse, make_request
 from pipeline.engine import RequestMetrics
+from proto.binserve.v1 import generation_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -64,22 +65,29 @@ def client_metrics(served: ServedRequest) -> RequestMetrics:
     )
 
 
+def forced_length_request(request: WorkloadRequest, index: int) -> pb.GenerateRequest:
+    """The prompt text with its output length forced (``ignore_eos``): the default of ``replay``."""
+    del index
+    return make_request(request.prompt, max_tokens=request.output_tokens, ignore_eos=True)
+
+
 async def replay(
     address: str,
     requests: Sequence[WorkloadRequest],
     is_stream: Sequence[bool],
     on_done: Callable[[ServedRequest], None] | None = None,
     timeout_s: float | None = 600.0,
+    build_request: Callable[[WorkloadRequest, int], pb.GenerateRequest] = forced_length_request,
 ) -> list[ServedRequest]:
-    """Send each request at its ``arrival_s`` (seconds after the start) with its output length forced;
-    results in request order."""
+    """Send each request at its ``arrival_s`` (seconds after the start) as ``build_request(request,
+    index)`` makes it (by default with its output length forced); results in request order."""
     async with GenerationClient(address) as client:
         await client.wait_ready()
         start_s = time.perf_counter()
 
-        async def one(request: WorkloadRequest, stream: bool) -> ServedRequest:
+        async def one(index: int, request: WorkloadRequest, stream: bool) -> ServedRequest:
             await asyncio.sleep(max(0.0, start_s + request.arrival_s - time.perf_counter()))
-            proto = make_request(request.prompt, max_tokens=request.output_tokens, ignore_eos=True)
+            proto = build_request(request, index)
             try:
                 served = ServedRequest(request, stream, await client.generate_timed(proto, stream, timeout_s))
             except grpc.aio.AioRpcError as exc:
@@ -88,7 +96,8 @@ async def replay(
                 on_done(served)
             return served
 
-        return list(await asyncio.gather(*(one(r, s) for r, s in zip(requests, is_stream, strict=True))))
+        calls = (one(i, r, s) for i, (r, s) in enumerate(zip(requests, is_stream, strict=True)))
+        return list(await asyncio.gather(*calls))
 
 
 def report(results: Sequence[ServedRequest]) -> dict[str, Any]:
