@@ -1,7 +1,7 @@
 """Length-aware vs length-blind serving of 16 replicas in the simulator: capacity under an SLO.
 
     python -m bench.experiments.replica_routing --profile profiles/gpu-llama3-8b-h100-estimate.json \
-        --json docs/results/replica_routing-gpu.json
+        --json docs/results/llama3-8b-h100-estimate/replica_routing.json
 
 Length-blind is what plain Ray Serve gives: Serve's power-of-two choice on queue length, FCFS inside each
 replica. Length-aware is binserve's default: the replica with the least predicted work
@@ -20,11 +20,23 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from bench.experiments.harness import REPO_DIR, load_predictor, markdown_table, sharegpt_workload, spearman
+from bench.experiments.harness import (
+    REPO_DIR,
+    load_average,
+    load_predictor,
+    markdown_table,
+    provenance,
+    run_meta,
+    sharegpt_workload,
+    spearman,
+    write_json,
+)
 from bench.metrics import MetricsSummary, summarize
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
@@ -190,6 +202,65 @@ def run(params: Params) -> dict:
     return {"params": asdict(params), "profile_source": cost_model.source, "slos": list(slos), "rows": rows}
 
 
+TITLE = "Length-aware routing across 16 replicas (simulated): capacity under an SLO"
+TARGET_RATIO = 1.3
+
+
+def targets(result: dict) -> list[dict]:
+    """Per prediction source: the length-aware system's capacity under the first (mean-JCT) SLO against
+    length-blind serving's, at least ``TARGET_RATIO`` times."""
+    slo = result["slos"][0]
+    blind = next(r for r in result["rows"] if r["system"].startswith("length-blind"))[slo]
+    found = []
+    for row in result["rows"]:
+        if not row["system"].startswith("length-aware"):
+            continue
+        ratio = row[slo] / blind if blind else None
+        found.append(
+            {
+                "target": f"capacity under {slo} >= {TARGET_RATIO}x length-blind, {row['predictions']} lengths",
+                "value": ratio,
+                "threshold": TARGET_RATIO,
+                "met": None if ratio is None else ratio >= TARGET_RATIO,
+            }
+        )
+    return found
+
+
+def merge_runs(first: dict, second: dict) -> dict:
+    """One result from two runs of the same requests on different rate grids (a coarse grid, then a finer
+    one around the capacities): every row's runs on the union of the grids, capacities recomputed. The
+    simulator is deterministic, so a rate's run is the same whichever grid it came from."""
+    slos = {
+        name: (JctSlo if name.startswith("mean JCT") else TtftSlo)(*_slo_bounds(name, first["params"]))
+        for name in first["slos"]
+    }
+    merged_rows = []
+    for row in first["rows"]:
+        twin = next(
+            (
+                r
+                for r in second["rows"]
+                if (r["predictions"], r["system"]) == (row["predictions"], row["system"])
+            ),
+            None,
+        )
+        by_rate = {x["rate_per_s"]: x for x in row["by_rate"] + (twin["by_rate"] if twin else [])}
+        runs = [by_rate[rate] for rate in sorted(by_rate)]
+        summaries = [MetricsSummary(**{k: v for k, v in x.items() if k != "rate_per_s"}) for x in runs]
+        merged = {**row, "by_rate": runs}
+        merged.update({name: capacity(sorted(by_rate), summaries, slo) for name, slo in slos.items()})
+        merged_rows.append(merged)
+    rates = sorted({*first["params"]["rates"], *second["params"]["rates"]})
+    return {**first, "params": {**first["params"], "rates": rates}, "rows": merged_rows}
+
+
+def _slo_bounds(name: str, params: dict) -> tuple[float, float]:
+    scale = params["slo_scale_s"]
+    bound = params["mean_jct_s"] if name.startswith("mean JCT") else params["p99_ttft_s"]
+    return bound * scale, 0.1 * scale
+
+
 def render(result: dict) -> str:
     slos = result["slos"]
     blind = next(r for r in result["rows"] if r["system"].startswith("length-blind"))
@@ -207,7 +278,20 @@ def render(result: dict) -> str:
         headers += [f"capacity, {slo} (req/s)", "vs blind"]
     rate = result["params"]["report_rate_per_s"]
     headers += [f"mean JCT at {rate:g} req/s (s)", f"p99 TTFT at {rate:g} req/s (s)"]
-    return markdown_table(headers, table)
+    p = result["params"]
+    text = (
+        f"{p['num_replicas']} replicas in one pool, simulated under the step-cost profile `{Path(p['profile']).name}` "
+        f"({result['profile_source']}). {p['num_requests']} ShareGPT requests (prompts cut to {p['max_prompt_tokens']} "
+        f"tokens, answers to {p['max_output_tokens']}), Poisson arrivals, SARATHI (chunk {p['chunk_size']}, "
+        f"{p['max_num_seqs']} sequences). Length-blind: Serve's power-of-two choice, FCFS replicas; length-aware: "
+        f"least predicted work, SSJF replicas; the mixed rows split the gain. Capacity: the highest rate of the grid "
+        f"({', '.join(f'{r:g}' for r in p['rates'])} req/s) up to which every run meets the SLO (each SLO also bounds "
+        f"p99 TBT). Where and why it pays: docs/ROUTING.md."
+    )
+    parts = [text, markdown_table(headers, table)]
+    if "meta" in result:
+        parts.append(provenance(result))
+    return "\n\n".join(parts)
 
 
 def main() -> None:
@@ -218,19 +302,34 @@ def main() -> None:
     parser.add_argument("--rates", default=",".join(f"{r:g}" for r in Params.rates), help="the rate grid")
     parser.add_argument("--report-rate", type=float, default=Params.report_rate_per_s)
     parser.add_argument("--trained-predictor", action="store_true", help="add the ChatGPT-length predictor")
-    parser.add_argument("--json", required=True)
-    args = parser.parse_args()
-    params = Params(
-        profile=args.profile,
-        num_requests=args.num_requests,
-        slo_scale_s=args.slo_scale,
-        rates=tuple(float(r) for r in args.rates.split(",")),
-        report_rate_per_s=args.report_rate,
-        use_trained_predictor=args.trained_predictor,
+    parser.add_argument(
+        "--merge", nargs=2, metavar="JSON", help="instead of running: merge two runs' grids (merge_runs)"
     )
-    result = run(params)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
+    parser.add_argument(
+        "--json", required=True, help="docs/results/MODEL/replica_routing.json for the report"
+    )
+    args = parser.parse_args()
+    start_s, load_at_start = time.perf_counter(), load_average()
+    if args.merge:
+        first, second = (json.loads(Path(p).read_text()) for p in args.merge)
+        result = merge_runs(first, second)
+    else:
+        params = Params(
+            profile=args.profile,
+            num_requests=args.num_requests,
+            slo_scale_s=args.slo_scale,
+            rates=tuple(float(r) for r in args.rates.split(",")),
+            report_rate_per_s=args.report_rate,
+            use_trained_predictor=args.trained_predictor,
+        )
+        result = run(params)
+        result["meta"] = run_meta(
+            "python -m bench.experiments.replica_routing " + " ".join(sys.argv[1:]),
+            time.perf_counter() - start_s,
+            load_at_start,
+        )
+    result["targets"] = targets(result)
+    write_json(Path(args.json), result)
     print(render(result))
 
 
