@@ -328,7 +328,9 @@ def test_set_overrides_params_by_the_type_of_their_default() -> None:
 
 def test_real_size_runs_the_served_models_own_lengths_with_its_own_predictor() -> None:
     params = report.params_for("ssjf", "real", "/models/smollm2")
-    assert params.labels.endswith("smollm2-135m-instruct.seed0.jsonl") and params.model_dir == "/models/smollm2"
+    assert (
+        params.labels.endswith("smollm2-135m-instruct.seed0.jsonl") and params.model_dir == "/models/smollm2"
+    )
     assert "cluster/predictor/default" in report.predictor_for("ssjf", params, None).note
     assert "cluster/predictor/chatgpt" in report.predictor_for("ssjf", ssjf.SIZES["full"], None).note
     assert report.predictor_for("sarathi", params, None).predictor is None
@@ -356,3 +358,46 @@ def test_report_quick_mode_end_to_end(tmp_path: Path, tiny_llama: str) -> None:
     verdicts = json.loads((results / "targets.json").read_text())
     assert {v["experiment"] for v in verdicts} >= {"ssjf", "multibin", "sarathi", "pipeline"}
     assert all(v["model"] == model and v["met"] in (True, False, None) for v in verdicts)
+
+
+def _routing_run(rates: list[float], jcts: dict[str, list[float]]) -> dict:
+    from bench.experiments import replica_routing
+
+    params = asdict(replica_routing.Params(rates=tuple(rates), report_rate_per_s=rates[0]))
+    summary = {
+        f: 0.0 for f in ("makespan_s", "output_tokens_per_s", "requests_per_s", "p50_jct_s", "p99_jct_s")
+    }
+    summary |= {f: 0.0 for f in ("mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "p50_tbt_s", "p99_tbt_s")}
+    rows = [
+        {
+            "predictions": "oracle",
+            "spearman": 1.0,
+            "system": system,
+            "by_rate": [
+                {"rate_per_s": r, **summary, "num_requests": 10, "mean_jct_s": j, "mean_queueing_s": 0.0}
+                for r, j in zip(rates, by_rate, strict=True)
+            ],
+        }
+        for system, by_rate in jcts.items()
+    ]
+    return {
+        "params": params,
+        "slos": ["mean JCT <= 4 s", "p99 TTFT <= 2 s"],
+        "rows": rows,
+        "profile_source": "x",
+    }
+
+
+def test_routing_runs_on_two_grids_merge_and_judge_the_capacity_ratio() -> None:
+    from bench.experiments import replica_routing
+
+    blind, aware = "length-blind (Serve power-of-two, FCFS)", "length-aware (least predicted work, SSJF)"
+    coarse = _routing_run([200.0, 300.0, 400.0], {blind: [3.0, 5.0, 9.0], aware: [2.0, 3.5, 6.0]})
+    fine = _routing_run([260.0, 340.0], {blind: [4.5, 7.0], aware: [3.0, 3.9]})
+    merged = replica_routing.merge_runs(coarse, fine)
+    assert merged["params"]["rates"] == [200.0, 260.0, 300.0, 340.0, 400.0]
+    capacities = {r["system"]: r["mean JCT <= 4 s"] for r in merged["rows"]}
+    assert capacities == {blind: 200.0, aware: 340.0}  # blind fails at 260, aware holds up to 340
+    [verdict] = replica_routing.targets(merged)
+    assert (verdict["value"], verdict["met"]) == (1.7, True)
+    assert "1.70x" in replica_routing.render(merged)

@@ -2,7 +2,7 @@
 
     binserve bench exp ssjf --size smoke --json /tmp/ssjf.json     # one experiment, small, to try it
     binserve bench report                                          # all six on the tiny model (~15 min)
-    binserve bench report --model .models/smollm2-135m-instruct --size real   # the real model (~45 min)
+    binserve bench report --model .models/smollm2-135m-instruct --size real   # the real model (~70 min)
 
 Registered under the ``bench`` group of ``cluster/commands.py``.
 """

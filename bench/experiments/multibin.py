@@ -77,7 +77,7 @@ SIZES = {
     "smoke": Params(
         num_requests=16, max_prompt_tokens=64, max_output_tokens=128, batch_size=4, num_uniform_requests=256
     ),
-    # A real model with its own lengths (about 8 minutes here); the simulated columns use its measured profile.
+    # A real model with its own lengths (about 27 minutes here); the simulated columns use its measured profile.
     "real": Params(
         labels=str(DEFAULT_LABELS),
         num_requests=32,

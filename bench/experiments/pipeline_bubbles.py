@@ -57,7 +57,7 @@ SIZES = {
     "smoke": Params(
         num_requests=8, max_prompt_tokens=128, max_output_tokens=16, num_layers=4, hidden_size=128
     ),
-    # With --model, that checkpoint split in two stages: about 5 minutes for SmolLM2 here.
+    # With --model, that checkpoint split in two stages: about 1 minute for SmolLM2 here.
     "real": Params(num_requests=24, max_output_tokens=64),
 }
 

@@ -62,7 +62,7 @@ class Params:
 SIZES = {
     "full": Params(),
     "smoke": Params(num_requests=10, max_prompt_tokens=128, max_output_tokens=96, batch_size=4),
-    # A real model (--model .models/smollm2-135m-instruct) with its own lengths: about 25 minutes here.
+    # A real model (--model .models/smollm2-135m-instruct) with its own lengths: about 30 minutes here.
     "real": Params(
         labels=str(DEFAULT_LABELS), num_requests=16, max_prompt_tokens=1024, max_output_tokens=512
     ),
