@@ -114,17 +114,13 @@ def _run_one_process(config: EngineConfig, requests: list[WorkloadRequest]) -> d
     return _throughput(done, time.perf_counter() - start_s)
 
 
-def run_pipeline_bench(
-    config: EngineConfig, requests: list[WorkloadRequest], one_process: bool, num_rounds: int = 1
-) -> dict:
-    """Each round runs both policies, one after the other, on the same pipeline; alternating them
-    spreads the load of a shared machine over both instead of whichever ran during a busy spell."""
-    from workers.pipeline_runner import PipelineRunner, start_local_ray
-
-    start_local_ray(config.parallel)
-    runner = PipelineRunner.create(config)
-    report: dict = {"layer_ranges": runner.layer_ranges, "num_kv_blocks": runner.num_blocks}
-    runs: dict[str, list[_Run]] = {policy: [] for policy in POLICIES}
+def _run_rounds(
+    config: EngineConfig,
+    runner: PipelineRunner,
+    requests: list[WorkloadRequest],
+    runs: dict[str, list[_Run]],
+    num_rounds: int,
+) -> None:
     try:
         _run_policy(config, runner, requests[:NUM_WARMUP_REQUESTS])  # first executions, allocator
         for _ in range(num_rounds):
@@ -135,6 +131,27 @@ def run_pipeline_bench(
                 )
     finally:
         runner.shutdown()
+
+
+def run_pipeline_bench(
+    config: EngineConfig, requests: list[WorkloadRequest], one_process: bool, num_rounds: int = 1
+) -> dict:
+    """Each round runs both policies, one after the other, on the same pipeline; alternating them
+    spreads the load of a shared machine over both instead of whichever ran during a busy spell."""
+    import ray
+
+    from workers.pipeline_runner import PipelineRunner, start_local_ray
+
+    started_ray = not ray.is_initialized()  # a Ray this bench starts, it stops: callers may start their own
+    start_local_ray(config.parallel)
+    runs: dict[str, list[_Run]] = {policy: [] for policy in POLICIES}
+    try:
+        runner = PipelineRunner.create(config)
+        report: dict = {"layer_ranges": runner.layer_ranges, "num_kv_blocks": runner.num_blocks}
+        _run_rounds(config, runner, requests, runs, num_rounds)
+    finally:
+        if started_ray:
+            ray.shutdown()
     for policy in POLICIES:
         report[policy] = result = _summary(runs[policy])
         print(
