@@ -35,8 +35,10 @@ from typing import Any
 
 import yaml
 
+from bench.sim.cost_model import StepCostModel
 from bench.workload import DEFAULT_LABELS, WorkloadRequest, azure_requests, labelled_requests
 from cluster.client import make_request
+from pipeline.config import CacheConfig
 
 DEFAULT_PROFILE = "profiles/cpu-smollm2-135m-instruct.json"
 CALIBRATION_TOKENS = 128
@@ -45,17 +47,15 @@ MAX_TOKENS = 512
 """What the labels were collected with: the simulator's lengths are the model's answers under this cap."""
 
 
-BLOCK_SIZE = 16
-"""The engine's KV block size (``CacheConfig.block_size``'s default)."""
-
-
 def kv_bytes_per_token(model_dir: str) -> int:
-    """Float32 keys and values of every layer for one token."""
-    from workers.checkpoint import load_config
+    """Float32 keys and values of every layer for one token (``workers.partition.kv_block_bytes``)."""
+    import torch
 
-    c = load_config(model_dir)
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return 2 * c.num_hidden_layers * kv_heads * (c.hidden_size // c.num_attention_heads) * 4
+    from workers.checkpoint import load_config
+    from workers.partition import kv_block_bytes
+
+    config = load_config(model_dir)
+    return kv_block_bytes(config, config.num_hidden_layers, 1, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,10 @@ def simulate(
     scheduler_args: dict[str, Any],
     system: System,
     replicas: int,
-    profile: str,
+    cost_model: StepCostModel,
     num_blocks: int,
 ):
-    """The simulator's run of ``system`` on these requests (label lengths) under ``profile``."""
-    from bench.sim.cost_model import StepCostModel
+    """The simulator's run of ``system`` on these requests (label lengths) under ``cost_model``."""
     from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
     from pipeline.config import SchedulerConfig
 
@@ -125,11 +124,11 @@ def simulate(
         SimRequest(r.arrival_s, len(r.prompt_token_ids), r.output_tokens, p)
         for r, p in zip(requests, predicted, strict=True)
     ]
-    return ClusterSimulator(config, StepCostModel.load(profile)).run(sim_requests)
+    return ClusterSimulator(config, cost_model).run(sim_requests)
 
 
 def run_trace(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.experiments.harness import load_average, spearman
+    from bench.experiments.harness import load_average, spearman, target
     from bench.metrics import summarize
     from bench.serve import replay, report
     from cluster.predictor import DEFAULT_DIR, LengthPredictor
@@ -139,7 +138,8 @@ def run_trace(args: argparse.Namespace) -> dict[str, Any]:
     scheduler_args = dict((raw["applications"][0].get("args") or {}).get("scheduler") or {})
     requests = trace_workload(args.model_dir, args.labels, args.num_requests)
     kv_cache_bytes = args.kv_cache_mib * 2**20
-    num_blocks = kv_cache_bytes // (kv_bytes_per_token(args.model_dir) * BLOCK_SIZE)
+    num_blocks = kv_cache_bytes // (kv_bytes_per_token(args.model_dir) * CacheConfig().block_size)
+    cost_model = StepCostModel.load(args.profile)
     predicted = [
         int(n) for n in LengthPredictor.load(DEFAULT_DIR).predict([r.prompt for r in requests]).output_tokens
     ]
@@ -165,7 +165,7 @@ def run_trace(args: argparse.Namespace) -> dict[str, Any]:
                 served = asyncio.run(replay(addresses.grpc, timed, [True] * len(timed), build_request=build))
                 duration_s = time.perf_counter() - started
         simulated = summarize(
-            simulate(timed, predicted, scheduler_args, system, args.replicas, args.profile, num_blocks)
+            simulate(timed, predicted, scheduler_args, system, args.replicas, cost_model, num_blocks)
         )
         measured = report(served)
         lengths = [r.timed.response.usage.num_output_tokens for r in served if r.timed is not None]
@@ -209,8 +209,8 @@ def run_trace(args: argparse.Namespace) -> dict[str, Any]:
         "mean_jct_reduction": reduction,
         "p99_jct_ratio": p99_ratio,
         "targets": [
-            _target("mean JCT >= 25% lower than length-blind", reduction, 0.25, reduction >= 0.25),
-            _target("p99 JCT no worse than length-blind (ratio)", p99_ratio, 1.0, p99_ratio <= 1.0),
+            target("mean JCT >= 25% lower than length-blind", reduction, 0.25),
+            target("p99 JCT no worse than length-blind (ratio)", p99_ratio, 1.0, higher_is_better=False),
         ],
     }
 
@@ -233,10 +233,6 @@ async def full_batch_tokens_per_s(address: str, requests: Sequence[WorkloadReque
         raise ValueError("capacity: no call of the calibration burst succeeded")
     makespan_s = max(t.end_s for t in done) - min(t.start_s for t in done)
     return sum(t.response.usage.num_output_tokens for t in done) / makespan_s
-
-
-def _target(goal: str, value: float, threshold: float, met: bool) -> dict[str, Any]:
-    return {"target": goal, "value": value, "threshold": threshold, "met": met}
 
 
 def _line(run: dict[str, Any]) -> str:
@@ -284,7 +280,7 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         "--labels", default=str(DEFAULT_LABELS), help="the served model's length labels (held-out prompts)"
     )
     p.add_argument(
-        "--profile", default=DEFAULT_PROFILE, help="step-cost profile for capacity and the simulator"
+        "--profile", default=DEFAULT_PROFILE, help="step-cost profile for the simulator's prediction"
     )
     p.add_argument("--num-requests", type=int, default=80)
     p.add_argument("--load", type=float, default=0.8, help="mean arrival rate as a fraction of capacity")

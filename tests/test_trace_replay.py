@@ -11,7 +11,7 @@ import yaml
 
 from bench import trace_replay
 from bench.experiments import report
-from bench.experiments.harness import write_json
+from bench.experiments.harness import target, write_json
 from tools.predictor.records import is_validation
 from tools.serve_cli import load_serve_config
 
@@ -105,8 +105,8 @@ def test_the_report_renders_a_trace_result_and_judges_its_targets(tmp_path: Path
         "mean_jct_reduction": 0.1,
         "p99_jct_ratio": 0.9,
         "targets": [
-            trace_replay._target("mean JCT >= 25% lower than length-blind", 0.1, 0.25, False),
-            trace_replay._target("p99 JCT no worse than length-blind (ratio)", 0.9, 1.0, True),
+            target("mean JCT >= 25% lower than length-blind", 0.1, 0.25),
+            target("p99 JCT no worse than length-blind (ratio)", 0.9, 1.0, higher_is_better=False),
         ],
         "meta": META,
     }

@@ -35,6 +35,7 @@ from bench.experiments.harness import (
     run_meta,
     sharegpt_workload,
     spearman,
+    target,
     write_json,
 )
 from bench.metrics import MetricsSummary, summarize
@@ -216,14 +217,8 @@ def targets(result: dict) -> list[dict]:
         if not row["system"].startswith("length-aware"):
             continue
         ratio = row[slo] / blind if blind else None
-        found.append(
-            {
-                "target": f"capacity under {slo} >= {TARGET_RATIO}x length-blind, {row['predictions']} lengths",
-                "value": ratio,
-                "threshold": TARGET_RATIO,
-                "met": None if ratio is None else ratio >= TARGET_RATIO,
-            }
-        )
+        goal = f"capacity under {slo} >= {TARGET_RATIO}x length-blind, {row['predictions']} lengths"
+        found.append(target(goal, ratio, TARGET_RATIO))
     return found
 
 
