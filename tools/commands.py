@@ -155,6 +155,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     metrics_cost.register(bench_sub)
     admission.register(bench_sub)
     trace_replay.register(bench_sub)
+    from bench.sim import agreement
+
+    agreement.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
     p.add_argument(
