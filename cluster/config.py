@@ -39,6 +39,7 @@ from pipeline.config import (
     check_range,
     to_enum,
 )
+from pipeline.sampling import check_sampling
 
 
 class ReplicaRouting(str, enum.Enum):
@@ -221,20 +222,7 @@ class SamplingDefaultsConfig:
     frequency_penalty: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None:
-            check_range("max_tokens", self.max_tokens, 1)
-        if self.temperature is not None:
-            check_range("temperature", self.temperature, 0.0, 2.0)
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None:
-            check_range("top_k", self.top_k, 0)
-        if self.repetition_penalty is not None and not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty: must be in (0, 2], got {self.repetition_penalty!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if value is not None:
-                check_range(name, value, -2.0, 2.0)
+        check_sampling(vars(self))  # pipeline/sampling.py: the one table of bounds
 
 
 @dataclass(frozen=True)

@@ -50,14 +50,19 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipeline.request import SamplingParams
-    from tools.config_flags import config_from_flags
+    from pipeline.chat import ChatMessage
+    from pipeline.sampling import FIELD_NAMES
     from workers.llm import LLM
 
-    params = config_from_flags(SamplingParams, args)
     config = engine_config_from_args(args)
     _set_threads(config.parallel.torch_threads)
-    [done] = LLM(config).generate([args.prompt], params)
+    llm = LLM(config)
+    given = {name: getattr(args, name) for name in FIELD_NAMES if getattr(args, name) is not None}
+    params = llm.default_sampling_params(**given, ignore_eos=args.ignore_eos)
+    if args.chat:
+        [done] = llm.chat([[ChatMessage("user", args.prompt)]], params)
+    else:
+        [done] = llm.generate([args.prompt], params)
     metrics = done.completion.metrics
     result = {
         "text": done.text,
@@ -116,12 +121,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_make_tiny_model)
 
     from pipeline.request import SamplingParams
+    from pipeline.sampling import FIELD_NAMES
     from tools.config_flags import add_config_flags
 
     p = subparsers.add_parser("generate", help="generate for one prompt with the offline engine")
     add_engine_args(p)
-    add_config_flags(p.add_argument_group("SamplingParams"), SamplingParams, skip=("stop_token_ids",))
+    add_config_flags(
+        p.add_argument_group("SamplingParams"),
+        SamplingParams,
+        skip=("stop_token_ids",),
+        unset=FIELD_NAMES,
+        unset_help="the model's generation_config.json, as the server and transformers apply it",
+    )
     p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message, rendered with the chat template"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 

@@ -76,8 +76,12 @@ def add_config_flags(
     cls: type,
     only: typing.Collection[str] | None = None,
     skip: typing.Collection[str] = (),
+    unset: typing.Collection[str] = (),
+    unset_help: str = "",
 ) -> None:
-    """One flag per init field of dataclass ``cls`` (or of ``only``), destination the field's name."""
+    """One flag per init field of dataclass ``cls`` (or of ``only``), destination the field's name. A field in
+    ``unset`` defaults to ``None`` (the caller fills it in, e.g. from the model) and its help ends with
+    ``unset_help`` and the field's own default."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -91,8 +95,13 @@ def add_config_flags(
             kwargs["required"] = True
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kwargs["default"] = default.value if isinstance(default, enum.Enum) else default
-            kwargs["help"] += " (default: %(default)s)"
+            default = default.value if isinstance(default, enum.Enum) else default
+            if f.name in unset:
+                kwargs["default"] = None
+                kwargs["help"] += f" (default: {unset_help}, else {default})".replace("%", "%%")
+            else:
+                kwargs["default"] = default
+                kwargs["help"] += " (default: %(default)s)"
         parser.add_argument(FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-")), **kwargs)
 
 

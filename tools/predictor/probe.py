@@ -157,7 +157,7 @@ def held_out_report(
 
 def prompt_only_guesses(predictor_dir: str, record_ids: list[str], model_dir: Path) -> dict[str, int]:
     """A prompt-only predictor's whole-output guesses for ShareGPT ids, from the user turn as the ingress
-    gives it (``cluster.chat.predictor_text``)."""
+    gives it (``pipeline.chat.predictor_text``)."""
     from bench.workload import read_sharegpt
     from cluster.predictor import LengthPredictor
 
