@@ -35,7 +35,6 @@ from pipeline.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
-    check_choice,
     check_range,
     to_enum,
 )
@@ -68,7 +67,13 @@ class RouterConfig:
         return self.num_pools or self.num_bins
 
 
-PREDICTOR_PLACEMENTS = ("ingress", "deployment")
+class PredictorPlacement(str, enum.Enum):
+    """Where the prompt-only length predictor runs."""
+
+    INGRESS = "ingress"
+    DEPLOYMENT = "deployment"
+
+
 INGRESS_HEADROOM = 64
 """Calls one ingress replica accepts beyond its admission bound, to refuse them itself."""
 DEFAULT_PROBE = "default"
@@ -79,7 +84,7 @@ DEFAULT_PROBE = "default"
 class PredictorConfig:
     path: str | None = None
     """A trained predictor directory; ``None`` loads the default predictor shipped in the repository."""
-    placement: str = "ingress"
+    placement: PredictorPlacement = PredictorPlacement.INGRESS
     """Where the prompt-only predictor runs: ``ingress`` (in each ingress replica's process: no hop) or
     ``deployment`` (its own Serve deployment, batched with ``@serve.batch``; ``num_replicas``,
     ``num_cpus`` and ``batch_wait_timeout_s`` apply to it)."""
@@ -93,7 +98,7 @@ class PredictorConfig:
     def __post_init__(self) -> None:
         if self.path is not None and not self.path:
             raise ValueError("path: must name a predictor directory or be null for the default")
-        check_choice("placement", self.placement, PREDICTOR_PLACEMENTS)
+        object.__setattr__(self, "placement", to_enum("placement", self.placement, PredictorPlacement))
         check_range("max_batch_size", self.max_batch_size, 1, 4096)
         check_range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 10.0)
         check_range("num_replicas", self.num_replicas, 1)

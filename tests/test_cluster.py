@@ -115,7 +115,7 @@ def test_unset_proto_fields_are_unset_for_the_intake_and_set_ones_pass_through()
 
 
 def test_serve_names_a_missing_model_or_predictor_directory_and_how_to_create_it(tmp_path: Path) -> None:
-    from tools.serve_cli import check_paths, load_serve_config
+    from cluster.local import check_paths, load_serve_config
 
     missing = tmp_path / "no-model"
     config = load_serve_config(SERVE_LOCAL, model_dir=str(missing))
@@ -238,7 +238,7 @@ def serving(model_dir: str, configure: Callable[[dict], None] = lambda raw: None
     from ray.serve._private.constants import SERVE_NAMESPACE
     from ray.serve.schema import ServeDeploySchema
 
-    from tools.serve_cli import deploy, free_port
+    from cluster.local import deploy, free_port
 
     raw = yaml.safe_load(SERVE_LOCAL.read_text())
     grpc_port, http_port = free_port(), free_port()

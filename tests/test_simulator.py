@@ -55,8 +55,8 @@ def test_simulator_routes_bins_to_pools_and_balances_replicas() -> None:
     assert [round(r.busy_s) > 0 for r in sim.replicas] == [True] * 6
 
 
-@pytest.mark.parametrize("routing", ["fewest_requests", "power_of_two", "least_predicted_work"])
-def test_every_replica_routing_serves_every_request_on_every_replica(routing: str) -> None:
+@pytest.mark.parametrize("routing", [None, "power_of_two", "least_predicted_work"])
+def test_every_replica_routing_serves_every_request_on_every_replica(routing: str | None) -> None:
     sim = ClusterSimulator(SimConfig(num_replicas=4, replica_routing=routing), UNIT_STEP)
     requests = [SimRequest(0.1 * i, 4, n) for i, n in enumerate((5, 500, 50) * 8)]
     metrics = sim.run(requests)

@@ -6,33 +6,7 @@ import argparse
 import json
 import sys
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that build an ``EngineConfig``, one per config field; shared by every command that runs it."""
-    from pipeline.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
-    from tools.config_flags import add_config_flags
-
-    for cls in (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig):
-        add_config_flags(parser.add_argument_group(cls.__name__), cls)
-
-
-def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
-    from pipeline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-    from tools.config_flags import config_from_flags
-
-    return EngineConfig(
-        model=config_from_flags(ModelConfig, args),
-        cache=config_from_flags(CacheConfig, args),
-        scheduler=config_from_flags(SchedulerConfig, args),
-        parallel=config_from_flags(ParallelConfig, args),
-    )
+from pipeline.config_flags import add_engine_args, engine_config_from_args, positive_int
 
 
 def _set_threads(num_threads: int) -> None:
@@ -120,9 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
 
+    from pipeline.config_flags import add_config_flags
     from pipeline.request import SamplingParams
     from pipeline.sampling import FIELD_NAMES
-    from tools.config_flags import add_config_flags
 
     p = subparsers.add_parser("generate", help="generate for one prompt with the offline engine")
     add_engine_args(p)
@@ -147,9 +121,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "offline", help="this engine vs transformers' generate_batch on ShareGPT lengths"
     )
     add_engine_args(p)
-    p.add_argument("--num-requests", type=_positive_int, default=256)
-    p.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
-    p.add_argument("--max-output-tokens", type=_positive_int, default=256)
+    p.add_argument("--num-requests", type=positive_int, default=256)
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=512)
+    p.add_argument("--max-output-tokens", type=positive_int, default=256)
     p.add_argument(
         "--data",
         default=DEFAULT_SHAREGPT,

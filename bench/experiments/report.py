@@ -59,11 +59,6 @@ def model_name(model_dir: str | None) -> str:
     return Path(model_dir or DEFAULT_MODEL_DIR).name
 
 
-def result_model(result: dict[str, Any]) -> str:
-    params = result.get("params", {})
-    return model_name(params.get("model_dir") or params.get("tokenizer_dir"))
-
-
 def params_for(name: str, size: str, model_dir: str | None = None, overrides: Sequence[str] = ()) -> Any:
     """The experiment's parameters at ``size``, with ``--model`` and ``--set FIELD=VALUE`` applied."""
     module = EXPERIMENTS[name]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.predictor.records import is_validation
+from bench.labels import is_validation
 
 RIDGE_STRENGTHS = (10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0)
 REPORT_POSITIONS = (0, 16, 32, 64, 128, 256)

@@ -1,4 +1,4 @@
-"""Command-line flags derived from the config dataclasses, so defaults and help cannot drift from the code.
+"""Command-line flags derived from the config dataclasses (the CLI and the benchmarks' commands share them), so defaults and help cannot drift from the code.
 
     add_config_flags(parser, SchedulerConfig)               # --policy, --chunk-size, ... with their docs
     scheduler = config_from_flags(SchedulerConfig, args)
@@ -111,3 +111,29 @@ def config_from_flags(cls: type, args: argparse.Namespace, **overrides: Any) -> 
         f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)
     }
     return cls(**{**values, **overrides})
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that build an ``EngineConfig``, one per config field; shared by every command that runs it."""
+    from pipeline.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig):
+        add_config_flags(parser.add_argument_group(cls.__name__), cls)
+
+
+def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
+    from pipeline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=config_from_flags(ModelConfig, args),
+        cache=config_from_flags(CacheConfig, args),
+        scheduler=config_from_flags(SchedulerConfig, args),
+        parallel=config_from_flags(ParallelConfig, args),
+    )
