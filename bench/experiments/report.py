@@ -182,6 +182,10 @@ def target_verdicts(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[
     ]
 
 
+ROUNDS_FILE = "ROUNDS.md"
+"""Hand-written notes of each measurement round, copied to the end of the report."""
+
+
 def render_report(
     results: dict[str, dict[str, dict[str, Any]]], results_dir: str | Path, report_path: str | Path
 ) -> str:
@@ -216,6 +220,10 @@ def render_report(
             png = Path(results_dir).resolve() / model / f"{name}.png"
             if png.is_file():
                 lines += ["", f"![{module.TITLE}, {model}]({_relative(png, report_dir)})"]
+    rounds = Path(results_dir) / ROUNDS_FILE
+    if rounds.is_file():  # the notes of each measurement round, written when it was measured
+        # One heading level down: the notes' title becomes a section of the report.
+        lines += ["", *("#" + line if line.startswith("#") else line for line in rounds.read_text().splitlines())]
     return "\n".join(lines) + "\n"
 
 
