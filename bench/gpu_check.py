@@ -172,6 +172,10 @@ def run_gpu_check(
     plan: CheckPlan, out_dir: str | Path, device_name: str | None = None, work_dir: str | None = None
 ) -> dict:
     import torch
+
+    device = torch.device(device_name or ("cpu" if plan.mode == "smoke" else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: no CUDA device here; run with --smoke (a CPU) for the smoke check")
     import transformers
 
     from bench.gpu.breakdown import device_limits, peak_read_bytes_per_s
@@ -179,10 +183,6 @@ def run_gpu_check(
     from workers.random_model import SHAPES
     from workers.tiny_model import make_tiny_model
 
-    has_cuda = torch.cuda.is_available()
-    device = torch.device(device_name or ("cpu" if plan.mode == "smoke" else "cuda"))
-    if device.type == "cuda" and not has_cuda:
-        raise ValueError("device: no CUDA device here; run with --smoke (a CPU) for the smoke check")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = (
         torch.cuda.get_device_name(device)
