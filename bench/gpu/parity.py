@@ -73,7 +73,8 @@ def _reference(
     """transformers' greedy outputs and its logits (L, V) float32 on the host over prompt + output."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=setup.dtype).to(setup.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=setup.dtype)
+    model = model.to(device=setup.device, dtype=setup.dtype).eval()  # the cast: whatever ``dtype`` meant
     # A full GenerationConfig, so a checkpoint's sampling defaults do not leak into the reference.
     generation = GenerationConfig(
         max_new_tokens=setup.max_tokens,
