@@ -180,6 +180,7 @@ def run_gpu_check(
 
     from bench.gpu.breakdown import device_limits, peak_read_bytes_per_s
     from bench.gpu.parity import ParitySetup, check_parity
+    from bench.gpu.summary import targets
     from workers.random_model import SHAPES
     from workers.tiny_model import make_tiny_model
 
@@ -251,6 +252,7 @@ def run_gpu_check(
     finally:
         if not work_dir:
             shutil.rmtree(work, ignore_errors=True)
+    report.data["targets"] = targets(report.data)
     report.save()
     return report.data
 

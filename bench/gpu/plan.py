@@ -79,7 +79,7 @@ class CheckPlan:
         return cls(
             mode="smoke",
             parity_shapes=("smoke-1b",),
-            parity_tokens=8,
+            parity_tokens=16,
             timing_shapes=("smoke-8b", "smoke-1b"),
             decode_batches=(1, 4),
             context_tokens=(32, 96),

@@ -4,7 +4,7 @@
         --json docs/results/gpu/simulations.json
 
 Not part of the check itself (the GPU machine has no Ray and its data would not travel): it needs the
-tree's workloads and the simulator, and takes about 5-10 minutes on two shared cores. Both profiles run
+tree's workloads and the simulator, and takes about 20 minutes on two shared cores. Both profiles run
 the same requests under the same code:
 
 - replica routing (``bench.experiments.replica_routing``): 16 replicas, length-blind (Serve's
@@ -14,13 +14,16 @@ the same requests under the same code:
 - Multi-Bin (``bench.experiments.multibin``): static batches of 8 drawn from 1, 2, 4 or 8 equal-mass
   bins of the oracle lengths, output throughput relative to one bin.
 
-Fewer requests than ``docs/ROUTING.md``'s 4,000 (``--num-requests 4000`` reproduces its setting, about
-40 minutes per profile): the estimate's column here is the one to compare with, not ROUTING.md's.
+ROUTING.md's setting (4,000 requests, where queues form: with 1,000 every capacity sits at the grid's
+top), three of its rows, and the rates above a row's first failure skipped: about 10 minutes per profile
+here. The measured profile's rate grid is the estimate's scaled by how much faster its typical step is,
+so its capacity falls inside its grid (``--same-rates`` to keep the estimate's); the SLOs do not move.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -98,26 +101,55 @@ def multibin_gains(params: multibin.Params, cost_model: StepCostModel, workload)
     return {str(k): t / throughput[params.bin_counts[0]] for k, t in throughput.items()}
 
 
-def compare(profiles: dict[str, str], num_requests: int, rates: Sequence[float]) -> dict:
+# A SARATHI step of the routing experiment's shape (chunk 512, 32 sequences, contexts around 800 tokens):
+# prefill tokens, decode tokens, KV tokens read, requests.
+TYPICAL_STEP = (512, 31, 31 * 800 + 512, 32)
+
+
+def typical_step_s(cost_model: StepCostModel) -> float:
+    coefficients = (
+        cost_model.prefill_token_s,
+        cost_model.decode_token_s,
+        cost_model.kv_token_s,
+        cost_model.request_s,
+    )
+    return cost_model.base_s + sum(c * x for c, x in zip(coefficients, TYPICAL_STEP, strict=True))
+
+
+def scaled_rates(
+    rates: Sequence[float], cost_model: StepCostModel, reference: StepCostModel
+) -> tuple[float, ...]:
+    """The rate grid moved by how much faster (or slower) a typical step is than the reference's, to 10
+    req/s, so a profile's capacity falls inside its grid; the SLOs stay as they are."""
+    speed = typical_step_s(reference) / typical_step_s(cost_model)
+    return tuple(float(max(10, round(r * speed / 10) * 10)) for r in rates)
+
+
+def compare(profiles: dict[str, str], num_requests: int, rates: Sequence[float], scale_rates: bool) -> dict:
+    """``profiles``: label -> path, the first the reference whose grid is ``rates``."""
     ensure_tiny_model(DEFAULT_MODEL_DIR)
     tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)
-    routing_params = replace(replica_routing.Params(), num_requests=num_requests, rates=tuple(rates))
-    routing_workload = sharegpt_workload(tokenizer, routing_params)
+    base_params = replace(replica_routing.Params(), num_requests=num_requests, rates=tuple(rates))
+    routing_workload = sharegpt_workload(tokenizer, base_params)
     multibin_params = multibin.Params()
     multibin_workload = sharegpt_workload(tokenizer, multibin_params)
-    result: dict = {
-        "routing_params": asdict(routing_params),
-        "multibin_params": asdict(multibin_params),
-        "profiles": {},
-    }
+    result: dict = {"multibin_params": asdict(multibin_params), "profiles": {}}
+    reference = StepCostModel.load(next(iter(profiles.values())))
     for label, path in profiles.items():
         cost_model = StepCostModel.load(path)
-        print(f"== {label}: {path}", flush=True)
+        grid = scaled_rates(rates, cost_model, reference) if scale_rates else tuple(rates)
+        params = replace(base_params, rates=grid)
+        print(
+            f"== {label}: {path}; typical step {typical_step_s(cost_model) * 1e3:.1f} ms; rates {grid}",
+            flush=True,
+        )
         result["profiles"][label] = {
             "path": path,
             "source": cost_model.source,
             "coefficients": {k: v for k, v in asdict(cost_model).items() if k != "source"},
-            "routing": routing_capacities(routing_params, cost_model, routing_workload),
+            "typical_step_s": typical_step_s(cost_model),
+            "routing_params": asdict(params),
+            "routing": routing_capacities(params, cost_model, routing_workload),
             "multibin_gain_vs_one_bin": multibin_gains(multibin_params, cost_model, multibin_workload),
         }
     return result
@@ -129,11 +161,11 @@ def render(result: dict) -> str:
     coefficient_rows = [
         [name] + [f"{run['coefficients'][name]:.4g}" for run in runs] for name in runs[0]["coefficients"]
     ]
-    top = max(result["routing_params"]["rates"])
     routing_rows = []
     for i, row in enumerate(runs[0]["routing"]):
         cells = [row["system"], row["predictions"]]
         for run in runs:
+            top = max(run["routing_params"]["rates"])
             blind = run["routing"][0]["capacity"]
             mine = run["routing"][i]["capacity"]
             for slo in ("mean JCT", "p99 TTFT"):
@@ -148,12 +180,18 @@ def render(result: dict) -> str:
     multibin_rows = [
         [f"{k} bins"] + [f"{run['multibin_gain_vs_one_bin'][str(k)]:.2f}x" for run in runs] for k in bins
     ]
-    p = result["routing_params"]
+    p = runs[0]["routing_params"]
+    grids = "; ".join(
+        f"{label} {', '.join(f'{r:g}' for r in run['routing_params']['rates'])}"
+        for label, run in zip(labels, runs, strict=True)
+    )
+    coefficient_rows.append(["typical step (s)"] + [f"{run['typical_step_s']:.4g}" for run in runs])
     return "\n\n".join(
         [
             "Step-cost coefficients (s):\n\n" + markdown_table(["coefficient", *labels], coefficient_rows),
-            f"Replica routing, {p['num_replicas']} replicas, {p['num_requests']} requests, capacity (req/s) "
-            f"on the grid {', '.join(f'{r:g}' for r in p['rates'])} (+: the grid's top held), vs length-blind:\n\n"
+            f"Replica routing, {p['num_replicas']} replicas, {p['num_requests']} requests, SLOs mean JCT <= "
+            f"{p['mean_jct_s']:g} s / p99 TTFT <= {p['p99_ttft_s']:g} s (each with p99 TBT <= 0.1 s); capacity "
+            f"(req/s) on the grid ({grids}; +: the grid's top held), and vs length-blind:\n\n"
             + markdown_table(routing_headers, routing_rows),
             "Multi-Bin, static batches of 8, oracle bins, throughput vs 1 bin:\n\n"
             + markdown_table(["bins", *labels], multibin_rows),
@@ -167,8 +205,13 @@ def main() -> None:
     parser.add_argument(
         "--estimate", default=str(ESTIMATE.relative_to(REPO_DIR)), help="the profile to set beside it"
     )
-    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--num-requests", type=int, default=replica_routing.Params.num_requests)
     parser.add_argument("--rates", default=",".join(f"{r:g}" for r in replica_routing.Params.rates))
+    parser.add_argument(
+        "--same-rates",
+        action="store_true",
+        help="the measured profile on the estimate's grid (default: scaled)",
+    )
     parser.add_argument("--json", default=None, help="write the comparison here")
     args = parser.parse_args()
     start_s, load_at_start = time.perf_counter(), load_average()
@@ -176,10 +219,10 @@ def main() -> None:
         {"estimate": args.estimate, "measured": args.measured},
         args.num_requests,
         [float(r) for r in args.rates.split(",")],
+        scale_rates=not args.same_rates,
     )
     result["meta"] = run_meta(
-        "python -m bench.gpu.simulations "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v),
+        "python -m bench.gpu.simulations " + " ".join(sys.argv[1:]),
         time.perf_counter() - start_s,
         load_at_start,
     )

@@ -37,6 +37,38 @@ def _timing(name: str, part: dict, estimate: dict | None) -> list[str]:
     return lines
 
 
+def targets(report: dict) -> list[dict]:
+    """The issue's two targets, judged on what the run measured (absent parts: not judged)."""
+    found = []
+    tiny = report["parts"].get("parity/tiny")
+    if tiny and tiny["ok"]:
+        diverged = [d for d in tiny["first_divergences"] if d is not None]
+        value = min(diverged) if diverged else tiny["max_tokens"]
+        found.append(
+            {
+                "target": f"tiny model in {tiny['dtype']}: greedy tokens equal transformers' for at least 16 "
+                "tokens on every prompt",
+                "value": value,
+                "threshold": 16,
+                "met": value >= 16,
+            }
+        )
+    timing = report["parts"].get("timing/llama-3-8b")
+    points = timing.get("roofline", {}).get("points", []) if timing and timing["ok"] else []
+    for p in points:
+        if p["batch"] == 1:
+            found.append(
+                {
+                    "target": f"8B decode at batch 1, context {p['context_tokens']}: at most 1.5x its HBM "
+                    "roofline bound (measured bandwidth)",
+                    "value": p["ratio_to_bound"],
+                    "threshold": 1.5,
+                    "met": p["ratio_to_bound"] <= 1.5,
+                }
+            )
+    return found
+
+
 def summary(report: dict) -> str:
     estimate_path = Path(__file__).resolve().parents[2] / "profiles" / "gpu-llama3-8b-h100-estimate.json"
     estimate = json.loads(estimate_path.read_text()) if estimate_path.is_file() else None
@@ -58,4 +90,8 @@ def summary(report: dict) -> str:
                 f"{limits['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s {limits['dtype']} matmul"
             )
     lines += [f"skipped {s['what']}: {s['why']}" for s in report["skipped"]]
+    for t in report.get("targets", []):
+        lines.append(
+            f"target {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['value']:.3g} (threshold {t['threshold']})"
+        )
     return "\n".join(lines)
