@@ -131,6 +131,8 @@ def step_breakdown(runner, step_plan) -> dict:  # noqa: ANN001 (a ModelRunner an
         # Device time is what a GPU op costs (its kernels, children included); CPU time on a CPU.
         spent = _device_time_us(outer) if is_cuda else outer.cpu_time_total
         totals_us[_kind(outer.name)] += spent
+    if is_cuda and not any(totals_us.values()):
+        raise RuntimeError("the profiler saw no CUDA kernel time (is CUPTI available?): no breakdown")
     totals_us["python"] = max(0.0, wall_us - sum(totals_us.values()))
     return {
         "wall_ms": wall_us / 1e3,
