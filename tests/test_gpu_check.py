@@ -5,6 +5,7 @@ engine's greedy tokens must equal transformers' exactly and the logits agree to 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,6 +98,16 @@ def test_without_cuda_the_full_check_asks_for_smoke(tmp_path) -> None:
         pytest.skip("a CUDA device is present")
     with pytest.raises(ValueError, match="--smoke"):
         run_gpu_check(CheckPlan.full(), tmp_path)
+
+
+def test_a_spent_budget_skips_every_part_and_says_so(tmp_path) -> None:
+    plan = dataclasses.replace(CheckPlan.smoke(), budget_s=-1.0)
+    report = run_gpu_check(plan, tmp_path)
+    assert report["parts"] == {} and report["ok"]
+    skipped = [s["what"] for s in report["skipped"]]
+    assert skipped[-5:] == ["parity/tiny", "machine", "timing/smoke-8b", "timing/smoke-1b", "parity/smoke-1b"]
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["skipped"] == report["skipped"]
+    assert not Path(report["work_dir"]).exists()
 
 
 def test_smoke_check_runs_every_part_without_ray(tmp_path) -> None:
