@@ -44,9 +44,6 @@ from pathlib import Path
 
 from bench.gpu.plan import CheckPlan
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-ESTIMATE_PROFILE = REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json"
-
 
 class Report:
     """The check's JSON, rewritten after every part; parts run in order, each guarded."""
