@@ -61,6 +61,37 @@ def test_real_shapes_have_the_released_models_parameter_counts() -> None:
     assert SHAPES["llama-3-8b"].head_dim == 128 and SHAPES["llama-3.2-1b"].head_dim == 64
 
 
+@pytest.mark.parametrize("name", ["llama-3-8b", "llama-3.2-1b"])
+def test_real_shapes_are_transformers_own(name: str) -> None:
+    """Every tensor the writer draws has the shape transformers' Llama gives that config (built on the
+    meta device: no memory, no weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = SHAPES[name]
+    config = LlamaConfig(**{k: v for k, v in shape.hf_config(0, 0).items() if k != "architectures"})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head is listed once
+    assert shape.tensor_shapes() == expected
+
+
+def test_make_tiny_model_writes_a_named_shape(tmp_path) -> None:
+    from tools.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path), "--shape", "smoke-8b", "--seed", "3"]) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["tie_word_embeddings"]) == (
+        256,
+        2,
+        False,
+    )
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(SHAPES["smoke-8b"].tensor_shapes())
+    assert index["metadata"]["total_size"] == 2 * SHAPES["smoke-8b"].num_parameters  # bf16
+    assert len(set(index["weight_map"].values())) == 2 + 1  # one shard per layer, one for the rest
+
+
 def test_profile_names_and_device_peaks() -> None:
     assert device_slug("NVIDIA H100 80GB HBM3") == "h100"
     assert device_slug("NVIDIA H200") == "h200"
