@@ -21,11 +21,15 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from bench.gpu.plan import CheckPlan
 from bench.sim.cost_model import StepCostModel, plan_features
 from pipeline.plan import ScheduledChunk, StepPlan
 from pipeline.request import SamplingParams
+
+if TYPE_CHECKING:
+    from workers.runner import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def cell_plan(cell: Cell, block_size: int, num_blocks: int, vocab_size: int, see
     return StepPlan(step_id=0, chunks=tuple(chunks))
 
 
-def time_plan(runner, plan: StepPlan, num_steps: int, num_warmup: int) -> list[float]:  # noqa: ANN001
+def time_plan(runner: ModelRunner, plan: StepPlan, num_steps: int, num_warmup: int) -> list[float]:
     for _ in range(num_warmup):
         runner.forward_stage(plan)
     times = []
@@ -104,14 +108,14 @@ def time_plan(runner, plan: StepPlan, num_steps: int, num_warmup: int) -> list[f
     return times
 
 
-def _release_cached_memory(runner) -> None:  # noqa: ANN001
+def _release_cached_memory(runner: ModelRunner) -> None:
     if runner.device.type == "cuda":
         import torch
 
         torch.cuda.empty_cache()
 
 
-def measure_grid(runner, plan: CheckPlan) -> dict:  # noqa: ANN001 (a workers.runner.ModelRunner)
+def measure_grid(runner: ModelRunner, plan: CheckPlan) -> dict:
     cells, skipped = [], []
     for cell in grid(plan):
         needed = cell.num_blocks(runner.block_size)
