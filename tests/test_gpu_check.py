@@ -193,3 +193,19 @@ def test_smoke_check_runs_every_part_without_ray(tmp_path) -> None:
     # Judged on what ran: the tiny model's 16 equal tokens (no 8B was timed, so no roofline target).
     assert [(t["threshold"], t["met"]) for t in report["targets"]] == [(16, True)]
     assert not Path(report["work_dir"]).exists()  # the checkpoints are removed at the end
+
+
+def test_a_slower_profile_is_simulated_on_a_proportionally_lower_rate_grid() -> None:
+    from bench.gpu.simulations import ESTIMATE, scaled_rates, typical_step_s
+
+    estimate = StepCostModel.load(ESTIMATE)
+    slower = dataclasses.replace(
+        estimate,
+        base_s=2 * estimate.base_s,
+        prefill_token_s=2 * estimate.prefill_token_s,
+        decode_token_s=2 * estimate.decode_token_s,
+        kv_token_s=2 * estimate.kv_token_s,
+    )
+    assert typical_step_s(slower) == pytest.approx(2 * typical_step_s(estimate))
+    assert scaled_rates((200.0, 300.0, 450.0), slower, estimate) == (100.0, 150.0, 220.0)
+    assert scaled_rates((200.0,), estimate, estimate) == (200.0,)
