@@ -41,11 +41,12 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.gpu.plan import CheckPlan
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-ESTIMATE_PROFILE = REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json"
+if TYPE_CHECKING:
+    import torch
 
 
 class Report:
@@ -106,7 +107,7 @@ def profile_stem(shape_name: str) -> str:
 class Checkpoints:
     """Random checkpoints written on demand under ``work_dir``, each removed after its last use."""
 
-    def __init__(self, work_dir: Path, device, dtype) -> None:  # noqa: ANN001 (torch.device, torch.dtype)
+    def __init__(self, work_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.work_dir, self.device, self.dtype = work_dir, device, dtype
         self.written: dict[str, dict] = {}
 
@@ -134,7 +135,7 @@ class Checkpoints:
             shutil.rmtree(self.written.pop(shape_name)["dir"], ignore_errors=True)
 
 
-def free_device_memory(device) -> None:  # noqa: ANN001
+def free_device_memory(device: torch.device) -> None:
     import torch
 
     gc.collect()

@@ -15,8 +15,9 @@ divides the median step time by the step's roofline bound:
           + attention (4 x layers x heads x head_dim x context x batch: scores and weighted sum)
 
 A ratio of 1.0 means the step runs at the machine's limit; the target is at most 1.3 at every batch.
-Each batch also reports where one profiled step's operator time went (matmuls, the KV gather of the
-paged cache, the attention kernel, everything else), which says what to fix when the ratio is high.
+Each batch also reports where one profiled step's time went (matmuls, the KV gather and write of the
+paged cache, the attention kernel, sampling, other ops, Python between ops: ``bench.gpu.breakdown``),
+which says what to fix when the ratio is high.
 The KV cache holds random values (decode cost does not depend on them) in blocks scattered over the
 pool in a seeded random order, as a long-running engine's free list leaves them.
 """
@@ -63,15 +64,8 @@ class DecodePoint:
     bound_s: float
     bound: str  # "memory" or "compute": which term of the max sets the bound
     ratio: float  # step_s_median / bound_s
-    breakdown_fraction: dict[str, float]  # share of one profiled step's operator time by kind
-
-
-# Operator kinds of a decode step, by the ATen names the profiler reports (the first match wins).
-_OP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm")),
-    ("kv_gather", ("aten::index_select",)),
-    ("attention", ("aten::_scaled_dot_product",)),
-)
+    # Share of one profiled step's wall time by kind (bench.gpu.breakdown.step_breakdown).
+    breakdown_fraction: dict[str, float]
 
 
 def _best_of(fn, num_rounds: int) -> float:  # noqa: ANN001 (a zero-argument callable)
@@ -175,21 +169,6 @@ def time_decode_steps(
     return times
 
 
-def step_breakdown(runner: ModelRunner, plan: StepPlan) -> dict[str, float]:
-    """Share of one step's operator self time by kind (matmul, kv_gather, attention, other), from
-    torch.profiler. The profiler slows the step; the shares, not the times, are the figure."""
-    from torch.profiler import profile
-
-    with profile() as prof:
-        runner.forward_stage(plan)
-    totals = dict.fromkeys([kind for kind, _ in _OP_KINDS] + ["other"], 0.0)
-    for event in prof.key_averages():
-        kind = next((k for k, prefixes in _OP_KINDS if event.key.startswith(prefixes)), "other")
-        totals[kind] += event.self_cpu_time_total
-    whole = sum(totals.values()) or 1.0
-    return {kind: t / whole for kind, t in totals.items()}
-
-
 def build_runner(model_dir: str, max_batch: int, context_tokens: int, dtype: str, device: str) -> ModelRunner:
     import torch
 
@@ -215,6 +194,8 @@ def run_roofline(
     dtype: str = "auto",
     device: str = "auto",
 ) -> dict:
+    from bench.gpu.breakdown import step_breakdown  # here: it imports this module
+
     runner = build_runner(model_dir, max(batches), context_tokens, dtype, device)
     if runner.device.type == "cuda":
         machine = measure_cuda_machine(runner.dtype, runner.device)
@@ -243,7 +224,7 @@ def run_roofline(
             bound_s=bound_s,
             bound="memory" if memory_s >= compute_s else "compute",
             ratio=median_s / bound_s,
-            breakdown_fraction=step_breakdown(runner, plan),
+            breakdown_fraction=step_breakdown(runner, plan)["share"],
         )
         points.append(point)
         shares = ", ".join(f"{kind} {share:.0%}" for kind, share in point.breakdown_fraction.items())

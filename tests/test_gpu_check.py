@@ -5,6 +5,7 @@ engine's greedy tokens must equal transformers' exactly and the logits agree to 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -60,6 +61,37 @@ def test_real_shapes_have_the_released_models_parameter_counts() -> None:
     assert SHAPES["llama-3-8b"].head_dim == 128 and SHAPES["llama-3.2-1b"].head_dim == 64
 
 
+@pytest.mark.parametrize("name", ["llama-3-8b", "llama-3.2-1b"])
+def test_real_shapes_are_transformers_own(name: str) -> None:
+    """Every tensor the writer draws has the shape transformers' Llama gives that config (built on the
+    meta device: no memory, no weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = SHAPES[name]
+    config = LlamaConfig(**{k: v for k, v in shape.hf_config(0, 0).items() if k != "architectures"})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head is listed once
+    assert shape.tensor_shapes() == expected
+
+
+def test_make_tiny_model_writes_a_named_shape(tmp_path) -> None:
+    from tools.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path), "--shape", "smoke-8b", "--seed", "3"]) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["tie_word_embeddings"]) == (
+        256,
+        2,
+        False,
+    )
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(SHAPES["smoke-8b"].tensor_shapes())
+    assert index["metadata"]["total_size"] == 2 * SHAPES["smoke-8b"].num_parameters  # bf16
+    assert len(set(index["weight_map"].values())) == 2 + 1  # one shard per layer, one for the rest
+
+
 def test_profile_names_and_device_peaks() -> None:
     assert device_slug("NVIDIA H100 80GB HBM3") == "h100"
     assert device_slug("NVIDIA H200") == "h200"
@@ -97,6 +129,16 @@ def test_without_cuda_the_full_check_asks_for_smoke(tmp_path) -> None:
         pytest.skip("a CUDA device is present")
     with pytest.raises(ValueError, match="--smoke"):
         run_gpu_check(CheckPlan.full(), tmp_path)
+
+
+def test_a_spent_budget_skips_every_part_and_says_so(tmp_path) -> None:
+    plan = dataclasses.replace(CheckPlan.smoke(), budget_s=-1.0)
+    report = run_gpu_check(plan, tmp_path)
+    assert report["parts"] == {} and report["ok"]
+    skipped = [s["what"] for s in report["skipped"]]
+    assert skipped[-5:] == ["parity/tiny", "machine", "timing/smoke-8b", "timing/smoke-1b", "parity/smoke-1b"]
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["skipped"] == report["skipped"]
+    assert not Path(report["work_dir"]).exists()
 
 
 def test_smoke_check_runs_every_part_without_ray(tmp_path) -> None:
@@ -151,3 +193,19 @@ def test_smoke_check_runs_every_part_without_ray(tmp_path) -> None:
     # Judged on what ran: the tiny model's 16 equal tokens (no 8B was timed, so no roofline target).
     assert [(t["threshold"], t["met"]) for t in report["targets"]] == [(16, True)]
     assert not Path(report["work_dir"]).exists()  # the checkpoints are removed at the end
+
+
+def test_a_slower_profile_is_simulated_on_a_proportionally_lower_rate_grid() -> None:
+    from bench.gpu.simulations import ESTIMATE, scaled_rates, typical_step_s
+
+    estimate = StepCostModel.load(ESTIMATE)
+    slower = dataclasses.replace(
+        estimate,
+        base_s=2 * estimate.base_s,
+        prefill_token_s=2 * estimate.prefill_token_s,
+        decode_token_s=2 * estimate.decode_token_s,
+        kv_token_s=2 * estimate.kv_token_s,
+    )
+    assert typical_step_s(slower) == pytest.approx(2 * typical_step_s(estimate))
+    assert scaled_rates((200.0, 300.0, 450.0), slower, estimate) == (100.0, 150.0, 220.0)
+    assert scaled_rates((200.0,), estimate, estimate) == (200.0,)

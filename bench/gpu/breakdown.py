@@ -15,10 +15,17 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from bench.roofline import MachineLimits, measure_cuda_machine, measure_matmul_rate, measure_read_bandwidth
+
+if TYPE_CHECKING:
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from pipeline.plan import StepPlan
+    from workers.runner import ModelRunner
 
 # Datasheet HBM bandwidth by the first matching fragment of ``torch.cuda.get_device_name()``.
 PEAK_READ_BYTES_PER_S: tuple[tuple[str, float], ...] = (
@@ -62,8 +69,12 @@ def device_limits(device: torch.device, dtype: torch.dtype, is_smoke: bool) -> M
 
 
 def roofline_fractions(
-    runner, cells: list[dict], batches: tuple[int, ...], limits: dict, peak_bytes_per_s: float | None
-) -> list[dict]:  # noqa: ANN001 (a workers.runner.ModelRunner)
+    runner: ModelRunner,
+    cells: list[dict],
+    batches: tuple[int, ...],
+    limits: dict,
+    peak_bytes_per_s: float | None,
+) -> list[dict]:
     from bench.roofline import step_cost
 
     rows = []
@@ -92,7 +103,7 @@ def roofline_fractions(
     return rows
 
 
-def _outermost_aten(event):  # noqa: ANN001, ANN202 (torch.autograd.profiler_util.FunctionEvent)
+def _outermost_aten(event: FunctionEvent) -> FunctionEvent | None:
     outer = None
     while event is not None:
         if event.name.startswith("aten::"):
@@ -101,7 +112,7 @@ def _outermost_aten(event):  # noqa: ANN001, ANN202 (torch.autograd.profiler_uti
     return outer
 
 
-def _device_time_us(event) -> float:  # noqa: ANN001
+def _device_time_us(event: FunctionEvent) -> float:
     total = getattr(event, "device_time_total", None)  # torch >= 2.4; cuda_time_total before
     return float(total if total is not None else getattr(event, "cuda_time_total", 0.0))
 
@@ -110,7 +121,7 @@ def _kind(name: str) -> str:
     return next((kind for kind, prefixes in _OP_KINDS if name.startswith(prefixes)), "other")
 
 
-def step_breakdown(runner, step_plan) -> dict:  # noqa: ANN001 (a ModelRunner and a StepPlan)
+def step_breakdown(runner: ModelRunner, step_plan: StepPlan) -> dict:
     """Milliseconds and shares of one profiled step's wall time by kind (see the module's docstring)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -131,6 +142,8 @@ def step_breakdown(runner, step_plan) -> dict:  # noqa: ANN001 (a ModelRunner an
         # Device time is what a GPU op costs (its kernels, children included); CPU time on a CPU.
         spent = _device_time_us(outer) if is_cuda else outer.cpu_time_total
         totals_us[_kind(outer.name)] += spent
+    if is_cuda and not any(totals_us.values()):
+        raise RuntimeError("the profiler saw no CUDA kernel time (is CUPTI available?): no breakdown")
     totals_us["python"] = max(0.0, wall_us - sum(totals_us.values()))
     return {
         "wall_ms": wall_us / 1e3,

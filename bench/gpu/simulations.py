@@ -43,6 +43,7 @@ from bench.experiments.harness import (
 )
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import SimRequest
+from bench.workload import WorkloadRequest
 from workers.checkpoint import load_tokenizer
 
 ESTIMATE = REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json"
@@ -52,7 +53,9 @@ ROUTING_SYSTEMS = (
 )
 
 
-def routing_capacities(params: replica_routing.Params, cost_model: StepCostModel, workload) -> list[dict]:  # noqa: ANN001
+def routing_capacities(
+    params: replica_routing.Params, cost_model: StepCostModel, workload: Sequence[WorkloadRequest]
+) -> list[dict]:
     true_tokens = [r.output_tokens for r in workload]
     predictions = {
         "oracle": true_tokens,
@@ -88,7 +91,9 @@ def routing_capacities(params: replica_routing.Params, cost_model: StepCostModel
     return rows
 
 
-def multibin_gains(params: multibin.Params, cost_model: StepCostModel, workload) -> dict[str, float]:  # noqa: ANN001
+def multibin_gains(
+    params: multibin.Params, cost_model: StepCostModel, workload: Sequence[WorkloadRequest]
+) -> dict[str, float]:
     estimate = oracle_lengths(workload)
     requests = [
         SimRequest(0.0, len(r.prompt_token_ids), r.output_tokens, p)

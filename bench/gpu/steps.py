@@ -11,8 +11,8 @@ wall-clock time is the step's time. Cells:
 - mixed: decodes plus one chunk in the same step, as SARATHI runs them.
 
 Block tables are drawn from a shuffled pool (as a long-running engine's free list leaves them). A cell
-whose blocks do not fit the KV pool beside the weights is skipped and recorded with the reason. The
-medians are fitted by ``StepCostModel.fit`` (the simulator's own procedure) on the cells' features.
+whose blocks do not fit the KV pool beside the weights, or that fails (out of memory, say), is skipped
+and recorded with the reason; the other cells still run. The medians are fitted by ``StepCostModel.fit`` (the simulator's own procedure) on the cells' features.
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from bench.gpu.plan import CheckPlan
 from bench.sim.cost_model import StepCostModel, plan_features
 from pipeline.plan import ScheduledChunk, StepPlan
 from pipeline.request import SamplingParams
+
+if TYPE_CHECKING:
+    from workers.runner import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def cell_plan(cell: Cell, block_size: int, num_blocks: int, vocab_size: int, see
     return StepPlan(step_id=0, chunks=tuple(chunks))
 
 
-def time_plan(runner, plan: StepPlan, num_steps: int, num_warmup: int) -> list[float]:  # noqa: ANN001
+def time_plan(runner: ModelRunner, plan: StepPlan, num_steps: int, num_warmup: int) -> list[float]:
     for _ in range(num_warmup):
         runner.forward_stage(plan)
     times = []
@@ -104,7 +108,14 @@ def time_plan(runner, plan: StepPlan, num_steps: int, num_warmup: int) -> list[f
     return times
 
 
-def measure_grid(runner, plan: CheckPlan) -> dict:  # noqa: ANN001 (a workers.runner.ModelRunner)
+def _release_cached_memory(runner: ModelRunner) -> None:
+    if runner.device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def measure_grid(runner: ModelRunner, plan: CheckPlan) -> dict:
     cells, skipped = [], []
     for cell in grid(plan):
         needed = cell.num_blocks(runner.block_size)
@@ -114,7 +125,14 @@ def measure_grid(runner, plan: CheckPlan) -> dict:  # noqa: ANN001 (a workers.ru
             print(f"  {cell.label}: skipped ({reason})", flush=True)
             continue
         step = cell_plan(cell, runner.block_size, runner.num_blocks, runner.vocab_size)
-        times = time_plan(runner, step, plan.num_steps, plan.num_warmup)
+        try:
+            times = time_plan(runner, step, plan.num_steps, plan.num_warmup)
+        except Exception as error:  # noqa: BLE001 (out of memory, say: the other cells still run)
+            reason = f"{type(error).__name__}: {error}"
+            skipped.append({**asdict(cell), "label": cell.label, "skipped": reason})
+            print(f"  {cell.label}: FAILED ({reason})", flush=True)
+            _release_cached_memory(runner)
+            continue
         median_s = statistics.median(times)
         cells.append(
             {

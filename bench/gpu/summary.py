@@ -21,8 +21,17 @@ def _timing(name: str, part: dict, estimate: dict | None) -> list[str]:
         coef = {k: v for k, v in profile["coefficients"].items() if k != "source"}
         lines.append(f"  profile {profile['path']}: " + ", ".join(f"{k} {v:.3g}" for k, v in coef.items()))
         lines.append(f"  worst cell off the fit: {profile['fit']['max_abs_relative_error']:.0%}")
-        if estimate is not None and "8b" in name:
+        if estimate is not None and name == "timing/llama-3-8b":
             lines.append("  estimate:  " + ", ".join(f"{k} {estimate[k]:.3g}" for k in coef))
+    prefill = part.get("prefill_cost_per_token", [])
+    if prefill:
+        lines.append(
+            "  prefill per chunk token: "
+            + ", ".join(
+                f"chunk {p['chunk_tokens']} ending @ {p['ends_at']}: {p['s_per_token'] * 1e6:.1f} us"
+                for p in prefill
+            )
+        )
     for point in part.get("roofline", {}).get("points", []):
         peak = point["hbm_fraction_peak_bandwidth"]
         lines.append(
