@@ -136,6 +136,7 @@ def start_local_ray(num_cpus: int = DEFAULT_NUM_CPUS, metrics_export_port: int |
     from ray.serve._private.constants import SERVE_NAMESPACE
 
     ray.init(
+        address="local",  # always a new cluster, never one that `ray start` left running on this machine
         num_cpus=num_cpus,
         include_dashboard=False,
         namespace=SERVE_NAMESPACE,

@@ -255,7 +255,7 @@ def serving(model_dir: str, configure: Callable[[dict], None] = lambda raw: None
     args["pools"].update(max_queued_requests=MAX_QUEUED_REQUESTS, num_cpus=0.5)
     args["ingress"].update(max_output_tokens=MAX_OUTPUT_TOKENS, max_messages=MAX_MESSAGES)
     configure(raw)
-    ray.init(num_cpus=4, include_dashboard=False, namespace=SERVE_NAMESPACE, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace=SERVE_NAMESPACE, log_to_driver=False)
     try:
         deploy(ServeDeploySchema.model_validate(raw), timeout_s=300)
         yield Cluster(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", model_dir)

@@ -137,9 +137,15 @@ def test_unknown_model_directory_is_a_value_error(tmp_path) -> None:
 
 def test_kv_pool_too_small_for_one_sequence_is_refused(tiny_llama: str) -> None:
     with pytest.raises(
-        ValueError, match=r"kv cache: 2 blocks of 16 tokens hold 32 tokens, fewer than max_model_len"
+        ValueError, match=r"kv cache: 2 blocks of 16 tokens hold 32 tokens, fewer than max_model_len 64"
     ):
-        make_llm(tiny_llama, num_blocks=2, block_size=16)
+        make_llm(tiny_llama, num_blocks=2, block_size=16, max_model_len=64)
+
+
+def test_an_unset_max_model_len_is_capped_to_what_the_kv_pool_holds(tiny_llama: str, caplog) -> None:
+    llm = make_llm(tiny_llama, num_blocks=2, block_size=16)
+    assert llm.engine.scheduler.max_model_len == 32
+    assert "max_model_len: 32 tokens, what the KV cache holds" in caplog.text
 
 
 def test_mistral_sliding_window_linear_rope_and_multi_query(tmp_path) -> None:
@@ -248,5 +254,5 @@ def test_presence_and_frequency_penalties_follow_openai() -> None:
     assert sample(logits, (ScheduledChunk("r", (0,), 4, (0,), SamplingParams(), 2),)) == [0]
     with pytest.raises(ValueError, match=r"presence_penalty: must be in \[-2.0, 2.0\]"):
         SamplingParams(presence_penalty=3.0)
-    with pytest.raises(ValueError, match=r"repetition_penalty: must be in \(0, 100\]"):
+    with pytest.raises(ValueError, match=r"repetition_penalty: must be in \(0, 2\]"):
         SamplingParams(repetition_penalty=0.0)

@@ -95,7 +95,7 @@ def test_stages_in_one_process_match_the_whole_model(tiny_model_factory, arch: s
 @pytest.fixture(scope="module")
 def ray_cluster():
     # Four logical CPUs: the shared pipeline's two stages plus a second pipeline for the failure test.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -139,7 +139,7 @@ def test_greedy_tokens_equal_transformers(smollm2: str, prompts, expected, chunk
 
 
 def test_two_stage_pipeline_gives_the_greedy_tokens_of_transformers(smollm2: str, prompts, expected) -> None:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # one CPU per stage actor
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # one CPU per stage actor
     try:
         llm = LLM(engine_config(smollm2, chunk_size=16, pp_size=2))
         try:

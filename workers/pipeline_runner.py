@@ -108,7 +108,7 @@ def start_local_ray(parallel: ParallelConfig) -> None:
     """Start Ray in this process, sized for one pipeline, unless it is already up."""
     if not ray.is_initialized():
         num_cpus = max(os.cpu_count() or 1, parallel.pp_size * parallel.torch_threads)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 class PipelineRunner:

@@ -61,7 +61,7 @@ def time_deployment(
     config = PredictorConfig(
         path=None if predictor_dir is None else str(predictor_dir), batch_wait_timeout_s=batch_wait_timeout_s
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         app = LengthPredictorDeployment.options(ray_actor_options={"num_cpus": 1}).bind(config)
         handle = serve.run(app, name="predictor-overhead", route_prefix=None)
