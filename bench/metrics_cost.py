@@ -33,7 +33,7 @@ def _config_with_metrics(config_path: str, enabled: bool, directory: Path) -> Pa
 
 def cmd_bench_metrics_cost(args: argparse.Namespace) -> int:
     from bench.serve import load_workload, replay, report
-    from tools.serve_cli import serving_locally
+    from cluster.local import serving_locally
 
     requests = load_workload(
         args.model_dir, args.num_requests, args.seed, args.max_prompt_tokens, args.max_output_tokens

@@ -177,7 +177,7 @@ def run_pipeline_bench(
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     import torch
 
-    from tools.commands import engine_config_from_args
+    from pipeline.config_flags import engine_config_from_args
     from workers.checkpoint import load_tokenizer
     from workers.tiny_model import make_tiny_model
 
@@ -215,23 +215,23 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
-    from tools.commands import _positive_int, add_engine_args
+    from pipeline.config_flags import add_engine_args, positive_int
 
     p = bench_subparsers.add_parser(
         "pipeline", help="pipeline bubbles: SARATHI vs prefill-first micro-batches (--policy is ignored)"
     )
     add_engine_args(p)
     p.set_defaults(pp_size=2, chunk_size=128, max_num_seqs=128, max_prefill_chunks=4)
-    p.add_argument("--num-requests", type=_positive_int, default=256)
-    p.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
-    p.add_argument("--max-output-tokens", type=_positive_int, default=128)
+    p.add_argument("--num-requests", type=positive_int, default=256)
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=512)
+    p.add_argument("--max-output-tokens", type=positive_int, default=128)
     p.add_argument("--data", default=None, help="ShareGPT pairs (.jsonl.gz); the shared data by default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--hidden-size", type=_positive_int, help="write a synthetic checkpoint this wide to --model"
+        "--hidden-size", type=positive_int, help="write a synthetic checkpoint this wide to --model"
     )
-    p.add_argument("--num-layers", type=_positive_int, default=8, help="layers of the synthetic checkpoint")
-    p.add_argument("--rounds", type=_positive_int, default=2, help="runs of each policy, alternating")
+    p.add_argument("--num-layers", type=positive_int, default=8, help="layers of the synthetic checkpoint")
+    p.add_argument("--rounds", type=positive_int, default=2, help="runs of each policy, alternating")
     p.add_argument("--one-process", action="store_true", help="also run SARATHI in one process for reference")
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_pipeline)

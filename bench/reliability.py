@@ -294,7 +294,7 @@ async def run_all(address: str, num_pools: int, queue_capacity: int, small: bool
 
 
 def cmd_bench_reliability(args: argparse.Namespace) -> int:
-    from tools.serve_cli import load_serve_config, serving_locally
+    from cluster.local import load_serve_config, serving_locally
 
     config = load_serve_config(args.config, model_dir=args.model)
     app_args = config.applications[0].args

@@ -217,7 +217,7 @@ def run_roofline(
 ) -> dict:
     runner = build_runner(model_dir, max(batches), context_tokens, dtype, device)
     if runner.device.type == "cuda":
-        machine = _measure_cuda_machine(runner.dtype, runner.device)
+        machine = measure_cuda_machine(runner.dtype, runner.device)
     else:
         machine = measure_machine(runner.dtype)
     print(
@@ -261,7 +261,7 @@ def run_roofline(
     }
 
 
-def _measure_cuda_machine(dtype: torch.dtype, device: torch.device) -> MachineLimits:
+def measure_cuda_machine(dtype: torch.dtype, device: torch.device) -> MachineLimits:
     """The same two figures on a CUDA device: a device-resident read and a large matmul."""
     import torch
 
@@ -310,21 +310,21 @@ def cmd_bench_roofline(args: argparse.Namespace) -> int:
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
-    from tools.commands import _positive_int
+    from pipeline.config_flags import positive_int
 
     p = bench_subparsers.add_parser(
         "roofline", help="decode step time against this machine's bandwidth and matmul limits"
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument(
-        "--batches", type=_positive_int, nargs="+", default=list(DEFAULT_BATCHES), help="decode batch sizes"
+        "--batches", type=positive_int, nargs="+", default=list(DEFAULT_BATCHES), help="decode batch sizes"
     )
-    p.add_argument("--context", type=_positive_int, default=256, help="context tokens of every decode")
-    p.add_argument("--steps", type=_positive_int, default=10, help="timed steps per batch (after 2 warm-up)")
+    p.add_argument("--context", type=positive_int, default=256, help="context tokens of every decode")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per batch (after 2 warm-up)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch intra-op threads (CPU; default: torch's)"
+        "--threads", type=positive_int, default=None, help="torch intra-op threads (CPU; default: torch's)"
     )
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_roofline)

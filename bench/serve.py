@@ -220,7 +220,7 @@ def print_result(result: dict[str, Any]) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from tools.serve_cli import serving_locally_at
+    from cluster.local import serving_locally_at
 
     if (args.address is None) == (args.config is None):
         raise ValueError(

@@ -131,8 +131,8 @@ def run_trace(args: argparse.Namespace) -> dict[str, Any]:
     from bench.experiments.harness import load_average, spearman, target
     from bench.metrics import summarize
     from bench.serve import replay, report
+    from cluster.local import serving_locally_at
     from cluster.predictor import DEFAULT_DIR, LengthPredictor
-    from tools.serve_cli import serving_locally_at
 
     raw = yaml.safe_load(Path(args.config).read_text()) or {}
     scheduler_args = dict((raw["applications"][0].get("args") or {}).get("scheduler") or {})

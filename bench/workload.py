@@ -182,10 +182,10 @@ def labelled_requests(
 ) -> list[WorkloadRequest]:
     """The served model's own lengths: the first ``num_requests`` held-out prompts of its length labels
     (``binserve predictor collect``; held out from the default predictor's training by
-    ``tools.predictor.records.is_validation``), rendered with the model's chat template as the collection
+    ``bench.labels.is_validation``), rendered with the model's chat template as the collection
     served them, each with the answer length the model gave (capped at ``max_output_tokens``)."""
+    from bench.labels import read_records, split_records
     from cluster.predictor import DEFAULT_DIR, LengthPredictor
-    from tools.predictor.records import read_records, split_records
     from workers.checkpoint import load_tokenizer
 
     fraction = LengthPredictor.load(DEFAULT_DIR).metadata.validation_fraction

@@ -21,7 +21,7 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import AppConfig, PoolConfig, ReplicaRouting
+from cluster.config import AppConfig, PoolConfig, PredictorPlacement, ReplicaRouting
 from cluster.engine_pool import EnginePool, replica_placement
 from cluster.ingress import GenerationIngress
 from cluster.predictor_deployment import LengthPredictorDeployment
@@ -81,7 +81,7 @@ def build_application(config: AppConfig, predictor: Application | None = None) -
     """The application for ``config``. ``predictor`` replaces the length predictor: any bound deployment
     with ``predict(prompt) -> int`` and ``bin_boundaries(num_bins) -> list[int]``. Without one, the
     predictor runs in the ingress (``predictor.placement: ingress``) or as its own deployment."""
-    if predictor is None and config.predictor.placement == "deployment":
+    if predictor is None and config.predictor.placement is PredictorPlacement.DEPLOYMENT:
         predictor = LengthPredictorDeployment.options(
             name=PREDICTOR_NAME,
             num_replicas=config.predictor.num_replicas,

@@ -35,10 +35,10 @@ from pipeline.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
-    check_choice,
     check_range,
     to_enum,
 )
+from pipeline.sampling import check_sampling
 
 
 class ReplicaRouting(str, enum.Enum):
@@ -67,7 +67,13 @@ class RouterConfig:
         return self.num_pools or self.num_bins
 
 
-PREDICTOR_PLACEMENTS = ("ingress", "deployment")
+class PredictorPlacement(str, enum.Enum):
+    """Where the prompt-only length predictor runs."""
+
+    INGRESS = "ingress"
+    DEPLOYMENT = "deployment"
+
+
 INGRESS_HEADROOM = 64
 """Calls one ingress replica accepts beyond its admission bound, to refuse them itself."""
 DEFAULT_PROBE = "default"
@@ -78,7 +84,7 @@ DEFAULT_PROBE = "default"
 class PredictorConfig:
     path: str | None = None
     """A trained predictor directory; ``None`` loads the default predictor shipped in the repository."""
-    placement: str = "ingress"
+    placement: PredictorPlacement = PredictorPlacement.INGRESS
     """Where the prompt-only predictor runs: ``ingress`` (in each ingress replica's process: no hop) or
     ``deployment`` (its own Serve deployment, batched with ``@serve.batch``; ``num_replicas``,
     ``num_cpus`` and ``batch_wait_timeout_s`` apply to it)."""
@@ -92,7 +98,7 @@ class PredictorConfig:
     def __post_init__(self) -> None:
         if self.path is not None and not self.path:
             raise ValueError("path: must name a predictor directory or be null for the default")
-        check_choice("placement", self.placement, PREDICTOR_PLACEMENTS)
+        object.__setattr__(self, "placement", to_enum("placement", self.placement, PredictorPlacement))
         check_range("max_batch_size", self.max_batch_size, 1, 4096)
         check_range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 10.0)
         check_range("num_replicas", self.num_replicas, 1)
@@ -221,20 +227,7 @@ class SamplingDefaultsConfig:
     frequency_penalty: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None:
-            check_range("max_tokens", self.max_tokens, 1)
-        if self.temperature is not None:
-            check_range("temperature", self.temperature, 0.0, 2.0)
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None:
-            check_range("top_k", self.top_k, 0)
-        if self.repetition_penalty is not None and not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty: must be in (0, 2], got {self.repetition_penalty!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if value is not None:
-                check_range(name, value, -2.0, 2.0)
+        check_sampling(vars(self))  # pipeline/sampling.py: the one table of bounds
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from cluster.auth import ApiKey
-from cluster.chat import ChatMessage
 from cluster.config import AppConfig
 from cluster.errors import GRPC_STATUS, classify, status_name
 from cluster.generation import GenerationChunk, GenerationService
@@ -36,7 +35,9 @@ from cluster.intake import GenerationInput, Intake, SamplingDefaults
 from cluster.metrics import IngressMetrics
 from cluster.predictor_client import InProcessPredictor, PredictorClient, RemotePredictor
 from cluster.router import BinRouter
+from pipeline.chat import ChatMessage
 from pipeline.request import FinishReason
+from pipeline.sampling import FIELD_NAMES
 from proto.binserve.v1 import generation_pb2 as pb
 
 _FINISH_REASONS = {
@@ -44,16 +45,6 @@ _FINISH_REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
-_OPTIONAL_FIELDS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
 
 
 def input_of(request: pb.GenerateRequest) -> GenerationInput:
@@ -66,7 +57,7 @@ def input_of(request: pb.GenerateRequest) -> GenerationInput:
         stop=tuple(request.stop),
         ignore_eos=request.ignore_eos,
         request_id=request.request_id,
-        **{name: getattr(request, name) if request.HasField(name) else None for name in _OPTIONAL_FIELDS},
+        **{name: getattr(request, name) if request.HasField(name) else None for name in FIELD_NAMES},
     )
 
 

@@ -14,15 +14,15 @@ Ranges are OpenAI's where OpenAI has the field (temperature in [0, 2], penalties
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cluster.chat import ChatMessage, check_messages, predictor_text, render_chat
 from cluster.config import IngressConfig, SamplingDefaultsConfig
+from pipeline.chat import ChatMessage, check_messages, predictor_text, render_chat
 from pipeline.config import check_range
 from pipeline.request import SamplingParams
+from pipeline.sampling import FIELD_NAMES, FIELDS, check_sampling
+from workers.checkpoint import model_sampling_defaults_of
 
 
 @dataclass(frozen=True)
@@ -50,24 +50,18 @@ class SamplingDefaults:
 
     max_tokens: int | None = None
     """``None``: as many as the context and ``ingress.max_output_tokens`` allow."""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: float = FIELDS["temperature"].default  # type: ignore[assignment]
+    top_p: float = FIELDS["top_p"].default  # type: ignore[assignment]
+    top_k: int = FIELDS["top_k"].default  # type: ignore[assignment]
+    repetition_penalty: float = FIELDS["repetition_penalty"].default  # type: ignore[assignment]
+    presence_penalty: float = FIELDS["presence_penalty"].default  # type: ignore[assignment]
+    frequency_penalty: float = FIELDS["frequency_penalty"].default  # type: ignore[assignment]
 
     @classmethod
     def resolve(cls, model_dir: str | Path, config: SamplingDefaultsConfig) -> SamplingDefaults:
-        """The deployment's YAML first, then the model's ``generation_config.json``, then greedy.
-
-        From the model only what its file states is taken (transformers' implicit ``top_k=50`` is not:
-        the model's authors did not choose it), and its sampling fields only when it samples
-        (``do_sample``); its ``repetition_penalty`` applies either way, as in ``generate``."""
-        path = Path(model_dir) / "generation_config.json"
-        model = json.loads(path.read_text()) if path.is_file() else {}
-        sampling = ("temperature", "top_p", "top_k") if model.get("do_sample") else ()
-        from_model = {k: model[k] for k in (*sampling, "repetition_penalty") if model.get(k) is not None}
+        """The deployment's YAML first, then the model's ``generation_config.json``, then the engine's
+        defaults (``pipeline/sampling.py``)."""
+        from_model = model_sampling_defaults_of(model_dir)
         from_yaml = {k: v for k, v in vars(config).items() if v is not None}
         return cls(**{**from_model, **from_yaml})
 
@@ -145,40 +139,19 @@ class Intake:
         return render_chat(self.tokenizer, request.messages), "messages"
 
     def _sampling_params(self, request: GenerationInput) -> SamplingParams:
-        d = self.defaults
-
-        def value(name: str):
-            given = getattr(request, name)
-            return getattr(d, name) if given is None else given
-
-        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-            if not math.isfinite(value(name)):
-                raise ValueError(f"{name}: must be a finite number, got {value(name)}")
-        max_tokens = request.max_tokens
-        if max_tokens is None:
-            max_tokens = min(d.max_tokens or self.limits.max_output_tokens, self.limits.max_output_tokens)
-        check_range("max_tokens", max_tokens, 1, self.limits.max_output_tokens)
-        check_range("temperature", value("temperature"), 0.0, 2.0)
-        if not 0.0 < value("top_p") <= 1.0:
-            raise ValueError(f"top_p: must be in (0, 1], got {value('top_p')!r}")
-        check_range("top_k", value("top_k"), 0)
-        if request.seed is not None:
-            check_range("seed", request.seed, 0, 2**63 - 1)
-        if not 0.0 < value("repetition_penalty") <= 2.0:
-            raise ValueError(f"repetition_penalty: must be in (0, 2], got {value('repetition_penalty')!r}")
-        check_range("presence_penalty", value("presence_penalty"), -2.0, 2.0)
-        check_range("frequency_penalty", value("frequency_penalty"), -2.0, 2.0)
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=value("temperature"),
-            top_p=value("top_p"),
-            top_k=value("top_k"),
-            seed=request.seed,
-            ignore_eos=request.ignore_eos,
-            repetition_penalty=value("repetition_penalty"),
-            presence_penalty=value("presence_penalty"),
-            frequency_penalty=value("frequency_penalty"),
-        )
+        """The request's fields over the serving defaults, each checked against the one table of bounds
+        (``pipeline/sampling.py``); ``max_tokens`` is also capped by ``ingress.max_output_tokens``."""
+        limit = self.limits.max_output_tokens
+        if request.max_tokens is not None:
+            check_range("max_tokens", request.max_tokens, 1, limit)
+        given = {name: getattr(request, name) for name in FIELD_NAMES}
+        check_sampling(given)
+        values = {
+            **{k: v for k, v in vars(self.defaults).items() if v is not None},
+            **{k: v for k, v in given.items() if v is not None},
+        }
+        values["max_tokens"] = min(values.get("max_tokens", limit), limit)
+        return SamplingParams(**values, ignore_eos=request.ignore_eos)
 
     def _stop(self, stop: tuple[str, ...]) -> tuple[str, ...]:
         limits = self.limits

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from cluster.chat import ChatMessage
 from cluster.generation import GenerationChunk
 from cluster.intake import GenerationInput
+from pipeline.chat import ChatMessage
 from pipeline.request import FinishReason
 
 

@@ -6,7 +6,7 @@ deployment. Both answer ``await predict(prompt) -> tokens`` and ``await bin_boun
     predicted_output_tokens = await predictor.predict("Write a haiku about paged attention.")
 
 In process, the prompt-only predictor costs the ingress no hop: a call to its own deployment is an actor
-round trip, a queue-length probe and (de)serialisation (measured in ``cluster/predictor/RESULTS.md``:
+round trip, a queue-length probe and (de)serialisation (measured in ``docs/PREDICTOR.md``:
 tens of ms p50 on this machine, against a 5 ms budget). Prompts that arrive while a batch is being
 encoded wait for the next one, so the batch grows with the load and a lone request waits for nothing.
 The encoder runs in a worker thread, keeping the ingress's event loop free.

@@ -10,20 +10,20 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from pipeline.config import check_range
+from pipeline.sampling import FIELD_NAMES, FIELDS, check_sampling
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each output token and when to stop."""
 
-    max_tokens: int = 16
+    max_tokens: int = FIELDS["max_tokens"].default  # type: ignore[assignment]
     """Most output tokens; generation also stops at the model's context length."""
-    temperature: float = 0.0
+    temperature: float = FIELDS["temperature"].default  # type: ignore[assignment]
     """0 is greedy; higher flattens the distribution."""
-    top_p: float = 1.0
+    top_p: float = FIELDS["top_p"].default  # type: ignore[assignment]
     """Nucleus sampling: keep the smallest set of tokens whose probability sums to at least this."""
-    top_k: int = 0
+    top_k: int = FIELDS["top_k"].default  # type: ignore[assignment]
     """Keep only the k most likely tokens; 0 keeps all."""
     seed: int | None = None
     """Per-request seed: the same seed gives the same tokens whatever else is in the batch."""
@@ -31,26 +31,16 @@ class SamplingParams:
     """Stop (and keep the token) when any of these is generated."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks force output lengths with it)."""
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = FIELDS["repetition_penalty"].default  # type: ignore[assignment]
     """transformers' semantics: the logit of every token already in the prompt or the output is divided
     by this when positive and multiplied when negative; 1 is off."""
-    presence_penalty: float = 0.0
+    presence_penalty: float = FIELDS["presence_penalty"].default  # type: ignore[assignment]
     """OpenAI's semantics: subtracted once from the logit of every token already in the output."""
-    frequency_penalty: float = 0.0
+    frequency_penalty: float = FIELDS["frequency_penalty"].default  # type: ignore[assignment]
     """OpenAI's semantics: subtracted from a token's logit once per time it is already in the output."""
 
     def __post_init__(self) -> None:
-        check_range("max_tokens", self.max_tokens, 1)
-        check_range("temperature", self.temperature, 0.0)
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
-        check_range("top_k", self.top_k, 0)
-        if self.seed is not None:
-            check_range("seed", self.seed, 0, 2**63 - 1)
-        if not 0.0 < self.repetition_penalty <= 100.0:
-            raise ValueError(f"repetition_penalty: must be in (0, 100], got {self.repetition_penalty!r}")
-        check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        check_sampling({name: getattr(self, name) for name in FIELD_NAMES})
 
     @property
     def is_greedy(self) -> bool:

@@ -53,3 +53,23 @@ def smollm2() -> str:
 
     out = Path(__file__).resolve().parents[1] / ".models" / "smollm2-135m-instruct"
     return str(convert_gguf(packaged_gguf("smollm2-135m-instruct"), out).model_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(tiny_llama: str, tmp_path_factory: pytest.TempPathFactory):
+    """One local Serve cluster (``deploy/serve-local.yaml`` made small, the tiny model with a chat template) for
+    every test that only calls it: the gRPC and OpenAI API tests. Starting one costs tens of seconds here.
+
+    A Ray cluster in this process rules out the tests that start their own, so the tests that use this one run
+    last (``pytest_collection_modifyitems``) and it ends with the session."""
+    from tests.test_chat import make_chat_model
+    from tests.test_cluster import serving
+
+    model_dir = make_chat_model(tiny_llama, tmp_path_factory.mktemp("shared") / "tiny-chat")
+    with serving(model_dir) as cluster:
+        yield cluster
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A stable sort: the shared cluster's tests move to the end, every other order is kept.
+    items.sort(key=lambda item: "shared_cluster" in getattr(item, "fixturenames", ()))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.chat import ChatMessage, predictor_text, render_chat
 from cluster.config import IngressConfig, SamplingDefaultsConfig
 from cluster.intake import GenerationInput, Intake, SamplingDefaults
+from pipeline.chat import ChatMessage, predictor_text, render_chat
 from pipeline.request import SamplingParams
 
 # SmolLM2's own template without its default system prompt: the tiny test model's.

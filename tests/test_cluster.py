@@ -22,13 +22,13 @@ import pytest
 import yaml
 
 from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC, PredictedTokensPolicy
-from cluster.chat import ChatMessage
 from cluster.client import GenerationClient, make_request
 from cluster.config import IngressConfig
 from cluster.errors import Unauthenticated
 from cluster.ingress import input_of, status_of
 from cluster.intake import GenerationInput, Intake, SamplingDefaults
 from cluster.text_stream import TextStream
+from pipeline.chat import ChatMessage
 from pipeline.driver import EngineDeadError, QueueFullError
 from pipeline.request import SamplingParams
 from proto.binserve.v1 import generation_pb2 as pb
@@ -115,7 +115,7 @@ def test_unset_proto_fields_are_unset_for_the_intake_and_set_ones_pass_through()
 
 
 def test_serve_names_a_missing_model_or_predictor_directory_and_how_to_create_it(tmp_path: Path) -> None:
-    from tools.serve_cli import check_paths, load_serve_config
+    from cluster.local import check_paths, load_serve_config
 
     missing = tmp_path / "no-model"
     config = load_serve_config(SERVE_LOCAL, model_dir=str(missing))
@@ -238,7 +238,7 @@ def serving(model_dir: str, configure: Callable[[dict], None] = lambda raw: None
     from ray.serve._private.constants import SERVE_NAMESPACE
     from ray.serve.schema import ServeDeploySchema
 
-    from tools.serve_cli import deploy, free_port
+    from cluster.local import deploy, free_port
 
     raw = yaml.safe_load(SERVE_LOCAL.read_text())
     grpc_port, http_port = free_port(), free_port()
@@ -265,17 +265,8 @@ def serving(model_dir: str, configure: Callable[[dict], None] = lambda raw: None
 
 
 @pytest.fixture(scope="module")
-def chat_model(tiny_llama: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny model with a ChatML template, so the served path can render conversations."""
-    from tests.test_chat import make_chat_model
-
-    return make_chat_model(tiny_llama, tmp_path_factory.mktemp("chat") / "tiny-chat")
-
-
-@pytest.fixture(scope="module")
-def cluster(chat_model: str) -> Iterator[Cluster]:
-    with serving(chat_model) as cluster:
-        yield cluster
+def cluster(shared_cluster: Cluster) -> Cluster:
+    return shared_cluster
 
 
 @pytest.fixture(scope="module")
@@ -603,7 +594,7 @@ def test_model_info_says_the_model_has_a_chat_template_and_its_defaults(cluster:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_messages_are_answered_as_the_rendered_prompt(cluster: Cluster, tokenizer, stream: bool) -> None:
-    from cluster.chat import render_chat
+    from pipeline.chat import render_chat
     from workers.checkpoint import load_tokenizer
 
     rendered = render_chat(load_tokenizer(cluster.model_dir), [ChatMessage(*m) for m in CONVERSATION])

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.labels import read_records
 from cluster.predictor import CHATGPT_DIR, LengthPredictor, check_predictor_for_model
 from cluster.predictor.served_model import ServedModel, warn_if_mismatched
 from tools.predictor import cli as predictor_cli
 from tools.predictor.collect import done_ids
-from tools.predictor.records import read_records
 
 NUM_PROMPTS = 16
 MAX_TOKENS = 16

@@ -18,7 +18,7 @@ from cluster.app import AUTOSCALING_POLICY, SERVICER_FUNCTION, pool_options
 from cluster.autoscaling import PredictedTokensPolicy
 from cluster.config import AppConfig
 from cluster.grpc_proxy import INSTALL_FUNCTION
-from tools.serve_cli import load_serve_config
+from cluster.local import load_serve_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SERVE_CONFIGS = ["serve-local.yaml", "serve-gpu.yaml"]

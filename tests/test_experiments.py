@@ -64,7 +64,7 @@ def test_uniform_workload_in_the_simulator_matches_the_closed_form() -> None:
     for k in (1, 4):
         requests = multibin.uniform_requests(params, k)
         edges = [64 * i // k for i in range(1, k)]
-        tokens_per_step = multibin._simulated(params, multibin.UNIT_STEP, requests, edges)
+        tokens_per_step = multibin.simulated_throughput(params, multibin.UNIT_STEP, requests, edges)
         expected = multibin.closed_form_throughput(0, 64, 4, k) * sum(r.output_tokens for r in requests) / 256
         assert tokens_per_step == pytest.approx(expected, rel=0.05)
 

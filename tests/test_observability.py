@@ -40,7 +40,7 @@ def served(tiny_llama: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """The application (two bins, two 2-stage pools) with metrics on; yields the metrics port after
     NUM_REQUESTS requests have been served."""
     from cluster.client import GenerationClient, make_request
-    from tools.serve_cli import free_port, serving_locally
+    from cluster.local import free_port, serving_locally
 
     raw = yaml.safe_load(SERVE_LOCAL.read_text())
     args = raw["applications"][0]["args"]
@@ -150,8 +150,8 @@ def test_status_shows_every_engine_replica(served: int, capsys: pytest.CaptureFi
 
 
 def test_status_without_metrics_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    from cluster.local import free_port
     from tools.cli import main
-    from tools.serve_cli import free_port
 
     with pytest.raises(SystemExit) as exit_info:
         main(["status", "--address", f"127.0.0.1:{free_port()}", "--once"])

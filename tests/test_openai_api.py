@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import openai
 import pytest
@@ -19,13 +18,11 @@ from cluster.client import GenerationClient, make_request
 from cluster.errors import Unauthenticated, UnknownModel
 from cluster.openai_api import error_response
 from pipeline.driver import EngineDeadError, QueueFullError
-from tests.test_chat import make_chat_model
 from tests.test_cluster import (
     MAX_QUEUED_REQUESTS,
     Cluster,
     assert_no_kv_block_allocated,
     num_cancelled,
-    serving,
     wait_until_idle,
 )
 
@@ -60,10 +57,9 @@ def test_failures_map_to_openais_status_and_error_body(exc: Exception, status: i
 
 
 @pytest.fixture(scope="module")
-def app(tiny_llama: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    model_dir = make_chat_model(tiny_llama, tmp_path_factory.mktemp("openai") / MODEL_ID)
-    with serving(model_dir) as cluster:
-        yield cluster
+def app(shared_cluster: Cluster) -> Cluster:
+    assert shared_cluster.model_dir.endswith(MODEL_ID)  # the model id is the checkpoint directory's name
+    return shared_cluster
 
 
 def sync_client(app: Cluster) -> openai.OpenAI:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.labels import LengthRecord, is_validation, read_records, split_records
 from bench.workload import SHAREGPT_PACKAGE
 from cluster.predictor import LengthPredictor, Prediction
 from cluster.predictor.lengths import bin_of, equal_mass_boundaries, quantile_boundaries
 from cluster.predictor.traffic_log import TrafficLog
 from tools.predictor import cli as predictor_cli
-from tools.predictor.records import LengthRecord, is_validation, read_records, split_records
 
 # 1,000 ShareGPT records hold out about 110: enough for the trained-vs-median margins below to hold for
 # any seed (with 600, held-out MAE swung by 30% between seeds), and a frozen-encoder run over them takes

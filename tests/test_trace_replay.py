@@ -12,8 +12,8 @@ import yaml
 from bench import trace_replay
 from bench.experiments import report
 from bench.experiments.harness import target, write_json
-from tools.predictor.records import is_validation
-from tools.serve_cli import load_serve_config
+from bench.labels import is_validation
+from cluster.local import load_serve_config
 
 REPO = Path(__file__).resolve().parents[1]
 META = {

@@ -6,33 +6,7 @@ import argparse
 import json
 import sys
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that build an ``EngineConfig``, one per config field; shared by every command that runs it."""
-    from pipeline.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
-    from tools.config_flags import add_config_flags
-
-    for cls in (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig):
-        add_config_flags(parser.add_argument_group(cls.__name__), cls)
-
-
-def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
-    from pipeline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-    from tools.config_flags import config_from_flags
-
-    return EngineConfig(
-        model=config_from_flags(ModelConfig, args),
-        cache=config_from_flags(CacheConfig, args),
-        scheduler=config_from_flags(SchedulerConfig, args),
-        parallel=config_from_flags(ParallelConfig, args),
-    )
+from pipeline.config_flags import add_engine_args, engine_config_from_args, positive_int
 
 
 def _set_threads(num_threads: int) -> None:
@@ -42,6 +16,15 @@ def _set_threads(num_threads: int) -> None:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    if args.shape is not None:
+        from workers.random_model import SHAPES, write_random_checkpoint
+
+        shape = SHAPES[args.shape]
+        out = write_random_checkpoint(args.dir, shape, seed=args.seed, device=args.device)
+        print(
+            f"wrote a random {shape.name} checkpoint ({shape.num_parameters:,} bf16 parameters, seed {args.seed}) to {out}"
+        )
+        return 0
     from workers.tiny_model import make_tiny_model
 
     out = make_tiny_model(args.dir, arch=args.arch, seed=args.seed)
@@ -50,14 +33,19 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipeline.request import SamplingParams
-    from tools.config_flags import config_from_flags
+    from pipeline.chat import ChatMessage
+    from pipeline.sampling import FIELD_NAMES
     from workers.llm import LLM
 
-    params = config_from_flags(SamplingParams, args)
     config = engine_config_from_args(args)
     _set_threads(config.parallel.torch_threads)
-    [done] = LLM(config).generate([args.prompt], params)
+    llm = LLM(config)
+    given = {name: getattr(args, name) for name in FIELD_NAMES if getattr(args, name) is not None}
+    params = llm.default_sampling_params(**given, ignore_eos=args.ignore_eos)
+    if args.chat:
+        [done] = llm.chat([[ChatMessage("user", args.prompt)]], params)
+    else:
+        [done] = llm.generate([args.prompt], params)
     metrics = done.completion.metrics
     result = {
         "text": done.text,
@@ -111,17 +99,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("make-tiny-model", help="write a small seeded random-weights checkpoint")
     p.add_argument("dir", help="output directory")
+    from workers.random_model import SHAPES
+
     p.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shape",
+        choices=tuple(SHAPES),
+        default=None,
+        help="instead of the tiny model: a released model's real shape, random bf16 weights (workers/random_model.py)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="where --shape's weights are drawn (cuda draws 8B in a second)"
+    )
     p.set_defaults(func=cmd_make_tiny_model)
 
+    from pipeline.config_flags import add_config_flags
     from pipeline.request import SamplingParams
-    from tools.config_flags import add_config_flags
+    from pipeline.sampling import FIELD_NAMES
 
     p = subparsers.add_parser("generate", help="generate for one prompt with the offline engine")
     add_engine_args(p)
-    add_config_flags(p.add_argument_group("SamplingParams"), SamplingParams, skip=("stop_token_ids",))
+    add_config_flags(
+        p.add_argument_group("SamplingParams"),
+        SamplingParams,
+        skip=("stop_token_ids",),
+        unset=FIELD_NAMES,
+        unset_help="the model's generation_config.json, as the server and transformers apply it",
+    )
     p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message, rendered with the chat template"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 
@@ -132,9 +141,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "offline", help="this engine vs transformers' generate_batch on ShareGPT lengths"
     )
     add_engine_args(p)
-    p.add_argument("--num-requests", type=_positive_int, default=256)
-    p.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
-    p.add_argument("--max-output-tokens", type=_positive_int, default=256)
+    p.add_argument("--num-requests", type=positive_int, default=256)
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=512)
+    p.add_argument("--max-output-tokens", type=positive_int, default=256)
     p.add_argument(
         "--data",
         default=DEFAULT_SHAREGPT,
@@ -166,6 +175,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trace_replay.register(bench_sub)
     conversations.register(bench_sub)
     prefix_overhead.register(bench_sub)
+    from bench.sim import agreement
+
+    agreement.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
     p.add_argument(

@@ -166,7 +166,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from bench.workload import poisson_arrivals
     from cluster.app import pool_name
     from cluster.config import AppConfig
-    from tools.serve_cli import serving_locally
+    from cluster.local import serving_locally
 
     model_dir = Path(args.model_dir)
     _prepare_model(model_dir)

@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from pipeline.sampling import model_sampling_defaults
+
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 # RoPE variants whose frequencies do not depend on the sequence length, so one table serves every step.
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
@@ -56,6 +58,13 @@ def rope_parameters(config: PretrainedConfig) -> dict:
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(checkpoint_dir(model_dir), local_files_only=True)
+
+
+def model_sampling_defaults_of(model_dir: str | Path) -> dict[str, float | int]:
+    """The sampling defaults the model's ``generation_config.json`` states (``pipeline/sampling.py`` says which
+    fields are taken); ``{}`` without one."""
+    path = Path(model_dir) / "generation_config.json"
+    return model_sampling_defaults(json.loads(path.read_text()) if path.is_file() else {})
 
 
 def eos_token_ids(model_dir: str | Path, config: PretrainedConfig) -> tuple[int, ...]:

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.sampling import check_sampling
+
 # GGUF architectures whose transformers model the engine runs (workers/checkpoint.py) and whose conversion
 # is tested (tests/test_gguf.py). llama.cpp writes Mistral checkpoints as "llama".
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2")
@@ -63,12 +65,9 @@ class GenerationDefaults:
     """transformers' semantics; SmolLM2-135M loops to the token cap on most prompts without it."""
 
     def __post_init__(self) -> None:
+        check_sampling(vars(self))
         if self.temperature <= 0.0:
             raise ValueError(f"temperature: must be > 0 for a sampling default, got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
-        if not 0.0 < self.repetition_penalty <= 100.0:
-            raise ValueError(f"repetition_penalty: must be in (0, 100], got {self.repetition_penalty!r}")
 
 
 @dataclass(frozen=True)

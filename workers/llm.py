@@ -1,8 +1,9 @@
 """Text in, text out: the tokenizer, a runner and the engine put together for one process.
 
 llm = LLM(EngineConfig(ModelConfig("/tmp/tiny")))
-[done] = llm.generate(["Hello"], SamplingParams(max_tokens=16))
-print(done.text, done.finish_reason)
+[done] = llm.generate(["Hello"], SamplingParams(max_tokens=16))        # greedy, as given
+[answer] = llm.chat([[ChatMessage("user", "Hi!")]], llm.default_sampling_params(max_tokens=64))
+print(done.text, answer.text)
 
 With ``ParallelConfig(pp_size=N)``, N > 1, the model runs as a pipeline of N stage actors (Ray is
 started here if it is not up) with N micro-batches in flight; ``shutdown()`` ends them.
@@ -10,21 +11,42 @@ started here if it is not up) with N micro-batches in flight; ``shutdown()`` end
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from pipeline.chat import ChatMessage, render_chat
 from pipeline.config import EngineConfig
 from pipeline.engine import Completion, Engine, Runner
 from pipeline.request import SamplingParams
 from pipeline.scheduler import Scheduler
-from workers.checkpoint import eos_token_ids, load_config, load_tokenizer
+from workers.checkpoint import eos_token_ids, load_config, load_tokenizer, model_sampling_defaults_of
 from workers.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 def build_engine(config: EngineConfig, runner: Runner) -> Engine:
-    """Wire a scheduler sized to the runner's KV pool to the runner; check the pool fits a sequence."""
+    """Wire a scheduler sized to the runner's KV pool to the runner; check the pool fits a sequence.
+
+    A ``max_model_len`` left unset is the model's context length, capped to what the KV pool holds (with a
+    one-line note): SmolLM2's 8,192 tokens need more than the CPU's default pool. One set explicitly must fit."""
     hf_config = load_config(config.model.model_dir)
+    capacity_tokens = runner.num_blocks * config.cache.block_size
     max_model_len = config.model.max_model_len or hf_config.max_position_embeddings
+    if capacity_tokens < max_model_len:
+        if config.model.max_model_len is not None:
+            raise ValueError(
+                f"kv cache: {runner.num_blocks} blocks of {config.cache.block_size} tokens hold {capacity_tokens} "
+                f"tokens, fewer than max_model_len {max_model_len}; raise kv_cache_bytes (or num_blocks) or lower "
+                "max_model_len"
+            )
+        logger.warning(
+            "max_model_len: %d tokens, what the KV cache holds (the model allows %d; raise kv_cache_bytes for more)",
+            capacity_tokens,
+            max_model_len,
+        )
+        max_model_len = capacity_tokens
     scheduler = Scheduler(
         config.scheduler,
         num_blocks=runner.num_blocks,
@@ -33,13 +55,6 @@ def build_engine(config: EngineConfig, runner: Runner) -> Engine:
         eos_token_ids=eos_token_ids(config.model.model_dir, hf_config),
         enable_prefix_caching=config.cache.enable_prefix_caching,
     )
-    capacity_tokens = scheduler.block_manager.capacity_tokens
-    if capacity_tokens < max_model_len:
-        raise ValueError(
-            f"kv cache: {runner.num_blocks} blocks of {config.cache.block_size} tokens hold {capacity_tokens} "
-            f"tokens, fewer than max_model_len {max_model_len}; raise kv_cache_bytes (or num_blocks) or lower "
-            "max_model_len"
-        )
     return Engine(runner, scheduler)
 
 
@@ -73,11 +88,35 @@ class LLM:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """The model's serving defaults (its ``generation_config.json``, as transformers' ``generate`` and the
+        server apply them; SmolLM2: temperature 0.7, top_p 0.9, repetition_penalty 1.1), then ``overrides``.
+        ``SamplingParams()`` itself is plain greedy: pass one for exact control."""
+        return replace(SamplingParams(**model_sampling_defaults_of(self.config.model.model_dir)), **overrides)
+
     def generate(
-        self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[TextCompletion]:
-        token_ids = [self.encode(p) for p in prompts]
-        done = self.engine.generate(token_ids, params)
+        """Complete each prompt as given (no chat template); ``params=None`` is the model's defaults."""
+        return self._complete([self.encode(p) for p in prompts], params)
+
+    def chat(
+        self,
+        conversations: Sequence[Sequence[ChatMessage]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[TextCompletion]:
+        """Answer each conversation, rendered with the model's chat template exactly as the server and
+        transformers' ``apply_chat_template(..., add_generation_prompt=True)`` render it."""
+        rendered = [render_chat(self.tokenizer, messages) for messages in conversations]
+        # The template carries its own special tokens.
+        return self._complete([self.tokenizer(t, add_special_tokens=False).input_ids for t in rendered], params)
+
+    def _complete(
+        self, token_ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[TextCompletion]:
+        done = self.engine.generate(token_ids, self.default_sampling_params() if params is None else params)
         return [TextCompletion(self.decode(c.output_token_ids), c) for c in done]
 
     def shutdown(self) -> None:

@@ -123,7 +123,7 @@ def _real(engines: Engines, params: Params, workload, estimate: LengthEstimates,
     return summarize(measured.metrics).output_tokens_per_s
 
 
-def _simulated(
+def simulated_throughput(
     params: Params, cost_model: StepCostModel, requests: list[SimRequest], edges: list[int]
 ) -> float:
     sim = ClusterSimulator(
@@ -163,10 +163,14 @@ def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
                 for r, p in zip(workload, estimate.output_tokens, strict=True)
             ]
             edges = estimate.bin_boundaries(k)
-            row[f"sim_{estimate.source}"] = _simulated(params, cost_model, sim_requests, edges)
-            row[f"sim_gpu_{estimate.source}"] = _simulated(params, gpu_cost_model, sim_requests, edges)
+            row[f"sim_{estimate.source}"] = simulated_throughput(params, cost_model, sim_requests, edges)
+            row[f"sim_gpu_{estimate.source}"] = simulated_throughput(
+                params, gpu_cost_model, sim_requests, edges
+            )
         uniform_edges = [l_max * i // k for i in range(1, k)]
-        row["sim_uniform"] = _simulated(params, UNIT_STEP, uniform_requests(params, k), uniform_edges)
+        row["sim_uniform"] = simulated_throughput(
+            params, UNIT_STEP, uniform_requests(params, k), uniform_edges
+        )
         row["closed_form"] = closed_form_throughput(0, l_max, params.batch_size, k) * (l_max + 1) / 2
         rows.append(row)
     gains = relative_to_one_bin(rows)

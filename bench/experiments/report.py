@@ -59,11 +59,6 @@ def model_name(model_dir: str | None) -> str:
     return Path(model_dir or DEFAULT_MODEL_DIR).name
 
 
-def result_model(result: dict[str, Any]) -> str:
-    params = result.get("params", {})
-    return model_name(params.get("model_dir") or params.get("tokenizer_dir"))
-
-
 def params_for(name: str, size: str, model_dir: str | None = None, overrides: Sequence[str] = ()) -> Any:
     """The experiment's parameters at ``size``, with ``--model`` and ``--set FIELD=VALUE`` applied."""
     module = EXPERIMENTS[name]
@@ -187,6 +182,10 @@ def target_verdicts(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[
     ]
 
 
+ROUNDS_FILE = "ROUNDS.md"
+"""Hand-written notes of each measurement round, copied to the end of the report."""
+
+
 def render_report(
     results: dict[str, dict[str, dict[str, Any]]], results_dir: str | Path, report_path: str | Path
 ) -> str:
@@ -221,6 +220,10 @@ def render_report(
             png = Path(results_dir).resolve() / model / f"{name}.png"
             if png.is_file():
                 lines += ["", f"![{module.TITLE}, {model}]({_relative(png, report_dir)})"]
+    rounds = Path(results_dir) / ROUNDS_FILE
+    if rounds.is_file():  # the notes of each measurement round, written when it was measured
+        # One heading level down: the notes' title becomes a section of the report.
+        lines += ["", *("#" + line if line.startswith("#") else line for line in rounds.read_text().splitlines())]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from bench.sim.profile import profile_engine
     from bench.workload import sharegpt_requests
-    from tools.commands import engine_config_from_args
+    from pipeline.config_flags import engine_config_from_args
     from workers.checkpoint import load_tokenizer
 
     torch.set_num_threads(args.torch_threads)
@@ -52,7 +52,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from bench.workload import azure_requests, gamma_arrivals, sharegpt_requests, with_arrivals
     from cluster.router import BinRouter
     from pipeline.config import SchedulerConfig
-    from tools.config_flags import config_from_flags
+    from pipeline.config_flags import config_from_flags
 
     cost_model = StepCostModel.load(args.profile)
     if args.workload == "sharegpt":
@@ -81,8 +81,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from pipeline.config import SchedulerConfig
-    from tools.commands import add_engine_args
-    from tools.config_flags import add_config_flags
+    from pipeline.config_flags import add_config_flags, add_engine_args
 
     p = subparsers.add_parser("profile", help="measure engine step times and fit the simulator's cost model")
     add_engine_args(p)

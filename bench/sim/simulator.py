@@ -9,8 +9,8 @@ sampled token is a non-EOS filler, since output lengths are forced (``ignore_eos
 benchmarks. Requests reach a pool through the real ``cluster.router.BinRouter`` (or all go to one pool
 for plain load balancing) and, inside a pool, a replica chosen by ``SimConfig.replica_routing``:
 
-- ``fewest_requests``: the replica with the fewest unfinished requests, known exactly (an ideal
-  length-blind balancer);
+- ``None``: the replica with the fewest unfinished requests, known exactly (an ideal length-blind
+  balancer, for reference: no deployment has it);
 - ``power_of_two``: Serve's default, the one with fewer unfinished requests of two drawn at random;
 - ``least_predicted_work``: binserve's ``cluster.router.PredictedWorkBook`` as the deployed router runs
   it: each replica's requests' predicted work (``Request.predicted_work_tokens``) reported every
@@ -26,15 +26,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bench.sim.cost_model import StepCostModel
+from cluster.config import ReplicaRouting
 from cluster.router import BinRouter, PredictedWorkBook
-from pipeline.config import SchedulerConfig, check_range
+from pipeline.config import SchedulerConfig, check_range, to_enum
 from pipeline.engine import RequestMetrics
 from pipeline.plan import StepOutput, StepPlan
 from pipeline.request import Request, SamplingParams
 from pipeline.scheduler import Scheduler
 
 _FILLER_TOKEN = 0
-REPLICA_ROUTINGS = ("fewest_requests", "power_of_two", "least_predicted_work")
 
 
 @dataclass(frozen=True)
@@ -61,17 +61,18 @@ class SimConfig:
     num_blocks: int = 100_000
     block_size: int = 16
     max_model_len: int = 1 << 20
-    replica_routing: str = "fewest_requests"
-    """How a pool picks a replica: ``fewest_requests``, ``power_of_two`` or ``least_predicted_work``."""
+    replica_routing: ReplicaRouting | None = None
+    """How a pool picks a replica, as a deployment's ``pools.replica_routing`` does (``power_of_two`` or
+    ``least_predicted_work``); ``None``: the ideal balancer, fewest unfinished requests known exactly."""
     routing_stats_period_s: float = 0.5
     """``least_predicted_work``: how often replicas report their work (the deployed default)."""
     seed: int = 0
     """Random draws of ``power_of_two`` and tie-breaks."""
 
     def __post_init__(self) -> None:
-        if self.replica_routing not in REPLICA_ROUTINGS:
-            raise ValueError(
-                f"replica_routing: must be one of {', '.join(REPLICA_ROUTINGS)}, got {self.replica_routing!r}"
+        if self.replica_routing is not None:
+            object.__setattr__(
+                self, "replica_routing", to_enum("replica_routing", self.replica_routing, ReplicaRouting)
             )
         check_range("num_replicas", self.num_replicas, 1)
         check_range("num_blocks", self.num_blocks, 1)
@@ -163,7 +164,7 @@ class ClusterSimulator:
             bin_id=route.bin_id,
         )
         replica.scheduler.add(request)
-        if self.config.replica_routing == "least_predicted_work":
+        if self.config.replica_routing is ReplicaRouting.LEAST_PREDICTED_WORK:
             self._work_book.add(id(replica), index, work_tokens, self.now_s)
         # Start the replica after every arrival of this instant is queued (a later sequence number at the
         # same time), so a burst forms one batch rather than a batch of the first arrival alone.
@@ -172,9 +173,9 @@ class ClusterSimulator:
 
     def _choose_replica(self, pool: list[_Replica], work_tokens: int) -> _Replica:
         routing = self.config.replica_routing
-        if routing == "fewest_requests" or len(pool) == 1:
+        if routing is None or len(pool) == 1:
             return min(pool, key=lambda r: len(r.scheduler.requests))
-        if routing == "power_of_two":
+        if routing is ReplicaRouting.POWER_OF_TWO:
             return min(self._rng.sample(pool, 2), key=lambda r: len(r.scheduler.requests))
         by_id = {id(r): r for r in pool}
         for replica in pool:  # the reports due by now (stale by up to one period, as deployed)

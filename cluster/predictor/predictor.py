@@ -23,7 +23,7 @@ import torch
 
 from cluster.predictor import DEFAULT_DIR
 from cluster.predictor.encoder import PromptEncoder
-from cluster.predictor.lengths import Prediction, bin_of, equal_mass_boundaries, quantile
+from cluster.predictor.lengths import Prediction, bin_of, equal_mass_boundaries
 from cluster.predictor.model import LengthModel, tokens_from_log
 from cluster.predictor.served_encoder import ServedModelEncoder
 from cluster.predictor.served_model import ServedModel, warn_if_mismatched
@@ -179,9 +179,6 @@ class LengthPredictor:
         """``num_bins - 1`` inclusive upper edges (tokens) of equal-mass bins of the training lengths;
         map a length to its bin with ``lengths.bin_of``."""
         return equal_mass_boundaries(self.metadata.length_quantiles, num_bins)
-
-    def training_quantile(self, q: float) -> float:
-        return quantile(self.metadata.length_quantiles, q)
 
 
 def build_model(

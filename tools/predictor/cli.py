@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from tools.predictor import probe
 
 if TYPE_CHECKING:
-    from tools.predictor.records import LengthRecord
+    from bench.labels import LengthRecord
 
 DEFAULT_THREADS = 2
 
@@ -219,8 +219,8 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _read(args: argparse.Namespace, sources: list[Path] | None = None) -> list[LengthRecord]:
+    from bench.labels import LengthRecord, count_tokens, read_records
     from bench.workload import SHAREGPT_PACKAGE, read_sharegpt
-    from tools.predictor.records import LengthRecord, count_tokens, read_records
 
     if args.max_examples is not None and args.max_examples < 1:
         raise ValueError(f"max_examples: must be at least 1, got {args.max_examples}")
@@ -306,10 +306,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from bench.labels import count_tokens, split_records
     from cluster.predictor.predictor import LengthPredictor
     from cluster.predictor.served_model import ServedModel
     from tools.predictor.evaluate import evaluate
-    from tools.predictor.records import count_tokens, split_records
 
     if args.latency_calls < 1:
         raise ValueError(f"latency_calls: must be at least 1, got {args.latency_calls}")
@@ -364,8 +364,8 @@ def run_overhead(args: argparse.Namespace) -> int:
 
 
 def run_noise_floor(args: argparse.Namespace) -> int:
+    from bench.labels import read_records
     from tools.predictor.evaluate import noise_floor
-    from tools.predictor.records import read_records
 
     figures = noise_floor(read_records(args.first, args.tokenizer), read_records(args.second, args.tokenizer))
     print(format_table({"baselines": {}, "noise floor": figures}, rows=("noise floor",)))

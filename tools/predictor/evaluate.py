@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from bench.labels import LengthRecord
 from cluster.predictor.lengths import bin_of, quantile, quantile_boundaries
 from cluster.predictor.predictor import LengthPredictor
-from tools.predictor.records import LengthRecord
 
 NUM_LATENCY_CALLS = 30
 NUM_WARMUP_CALLS = 3

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.predictor.records import is_validation
+from bench.labels import is_validation
 
 RIDGE_STRENGTHS = (10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0)
 REPORT_POSITIONS = (0, 16, 32, 64, 128, 256)
@@ -157,7 +157,7 @@ def held_out_report(
 
 def prompt_only_guesses(predictor_dir: str, record_ids: list[str], model_dir: Path) -> dict[str, int]:
     """A prompt-only predictor's whole-output guesses for ShareGPT ids, from the user turn as the ingress
-    gives it (``cluster.chat.predictor_text``)."""
+    gives it (``pipeline.chat.predictor_text``)."""
     from bench.workload import read_sharegpt
     from cluster.predictor import LengthPredictor
 

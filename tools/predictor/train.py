@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bench.labels import LengthRecord, split_records
 from cluster.predictor.encoder import NUM_ENCODER_LAYERS
 from cluster.predictor.lengths import BUCKET_QUANTILES, bin_of, quantile, quantile_boundaries
 from cluster.predictor.model import HEADS, MISSING
 from cluster.predictor.predictor import ENCODERS, LengthPredictor, PredictorMetadata, build_model
 from cluster.predictor.served_model import ServedModel
-from tools.predictor.records import LengthRecord, split_records
 
 NUM_LENGTH_QUANTILES = 1000
 MIN_TRAINING_RECORDS = 8

@@ -1,4 +1,4 @@
-"""Command-line flags derived from the config dataclasses, so defaults and help cannot drift from the code.
+"""Command-line flags derived from the config dataclasses (the CLI and the benchmarks' commands share them), so defaults and help cannot drift from the code.
 
     add_config_flags(parser, SchedulerConfig)               # --policy, --chunk-size, ... with their docs
     scheduler = config_from_flags(SchedulerConfig, args)
@@ -76,8 +76,12 @@ def add_config_flags(
     cls: type,
     only: typing.Collection[str] | None = None,
     skip: typing.Collection[str] = (),
+    unset: typing.Collection[str] = (),
+    unset_help: str = "",
 ) -> None:
-    """One flag per init field of dataclass ``cls`` (or of ``only``), destination the field's name."""
+    """One flag per init field of dataclass ``cls`` (or of ``only``), destination the field's name. A field in
+    ``unset`` defaults to ``None`` (the caller fills it in, e.g. from the model) and its help ends with
+    ``unset_help`` and the field's own default."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -91,8 +95,13 @@ def add_config_flags(
             kwargs["required"] = True
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kwargs["default"] = default.value if isinstance(default, enum.Enum) else default
-            kwargs["help"] += " (default: %(default)s)"
+            default = default.value if isinstance(default, enum.Enum) else default
+            if f.name in unset:
+                kwargs["default"] = None
+                kwargs["help"] += f" (default: {unset_help}, else {default})".replace("%", "%%")
+            else:
+                kwargs["default"] = default
+                kwargs["help"] += " (default: %(default)s)"
         parser.add_argument(FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-")), **kwargs)
 
 
@@ -102,3 +111,29 @@ def config_from_flags(cls: type, args: argparse.Namespace, **overrides: Any) -> 
         f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)
     }
     return cls(**{**values, **overrides})
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that build an ``EngineConfig``, one per config field; shared by every command that runs it."""
+    from pipeline.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig):
+        add_config_flags(parser.add_argument_group(cls.__name__), cls)
+
+
+def engine_config_from_args(args: argparse.Namespace):  # -> EngineConfig
+    from pipeline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=config_from_flags(ModelConfig, args),
+        cache=config_from_flags(CacheConfig, args),
+        scheduler=config_from_flags(SchedulerConfig, args),
+        parallel=config_from_flags(ParallelConfig, args),
+    )
