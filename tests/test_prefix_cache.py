@@ -118,3 +118,46 @@ def test_caching_off_reports_no_cached_tokens(tiny_llama: str) -> None:
     first, second = converse(llm, SamplingParams(max_tokens=4))
     assert all(c.metrics.num_cached_tokens == 0 for c in first + second)
     assert llm.engine.scheduler.block_manager.num_cached_blocks == 0
+
+
+def test_the_conversation_bench_replays_every_turn_with_identical_answers(tiny_llama: str, tmp_path) -> None:
+    """``binserve bench conversations`` on the tiny model (with a chat template): a smoke run, no timing."""
+    import argparse
+    import json
+
+    from bench.conversations import cmd_bench_conversations, register
+    from tests.test_chat import make_chat_model
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    model_dir = make_chat_model(tiny_llama, tmp_path / "chat")
+    args = parser.parse_args(
+        [
+            "conversations",
+            "--model",
+            model_dir,
+            "--num-conversations",
+            "2",
+            "--max-turns",
+            "3",
+            "--rate",
+            "100",
+        ]
+        + [
+            "--think-s",
+            "0.01",
+            "--max-output-tokens",
+            "8",
+            "--max-model-len",
+            "1024",
+            "--json",
+            str(tmp_path / "c.json"),
+        ]
+    )
+    assert cmd_bench_conversations(args) == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["identical_greedy_outputs"]
+    on, off = report["rows"]["caching on"], report["rows"]["caching off"]
+    assert on["num_turns"] == off["num_turns"] >= 4 and on["num_follow_up_turns"] >= 2
+    assert off["cached_prompt_tokens"] == 0 < on["cached_prompt_tokens"]
+    assert 0.0 <= report["rerender"]["matching_fraction_tokens"] <= 1.0
