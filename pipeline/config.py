@@ -86,6 +86,9 @@ class CacheConfig:
     """On CUDA: the share of the device's free memory, after weights are loaded, given to the KV pool."""
     num_blocks: int | None = None
     """Force the pool to exactly this many blocks (tests use it to exercise preemption)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full blocks whose prefix an earlier request computed (each block named by a hash
+    of its parent's name and its tokens; unused cached blocks are evicted least recently freed first)."""
 
     def __post_init__(self) -> None:
         check_range("block_size", self.block_size, 1, 1024)

@@ -55,6 +55,8 @@ class RequestMetrics:
     num_preemptions: int
     predicted_output_tokens: int | None
     bin_id: int
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache."""
 
     @property
     def ttft_s(self) -> float | None:
@@ -85,6 +87,7 @@ class RequestMetrics:
             finished_s=request.finished_s,
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens,
             num_preemptions=request.num_preemptions,
             predicted_output_tokens=request.predicted_output_tokens,
             bin_id=request.bin_id,
@@ -101,6 +104,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     metrics: RequestMetrics | None = None
     """Set on the final output."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (known from the first output on)."""
 
     @property
     def is_finished(self) -> bool:
@@ -183,6 +188,7 @@ class Engine:
                     num_output_tokens=request.num_output_tokens,
                     finish_reason=update.finish_reason,
                     metrics=RequestMetrics.of(request) if update.finish_reason else None,
+                    num_cached_tokens=request.num_cached_tokens,
                 )
             )
         return outputs

@@ -120,6 +120,9 @@ class Request:
     is_in_flight: bool = False
     """Part of a micro-batch that has been planned but whose output has not come back yet."""
     num_preemptions: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV the prefix cache already held: as looked up on arrival while the request
+    waits, then as found when it was first admitted (what its usage reports)."""
     refined_output_tokens: int | None = None
     """The whole output's length as predicted while decoding (a probe on the model's hidden states)."""
     admitted_s: float | None = None
@@ -188,9 +191,11 @@ class Request:
 
     @property
     def predicted_work_tokens(self) -> int:
-        """Tokens still to compute by the prediction: prompt tokens not yet prefilled (all of them again after
-        a preemption) plus predicted remaining output; what replica routing balances."""
-        return max(0, self.num_prompt_tokens - self.num_computed_tokens) + self.predicted_remaining_tokens
+        """Tokens still to compute by the prediction: prompt tokens neither prefilled nor found in the prefix
+        cache (after a preemption, those beyond the first admission's cache hit) plus predicted remaining
+        output; what replica routing balances."""
+        num_prefilled = max(self.num_computed_tokens, self.num_cached_tokens)
+        return max(0, self.num_prompt_tokens - num_prefilled) + self.predicted_remaining_tokens
 
     @property
     def sort_length(self) -> int:

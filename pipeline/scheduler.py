@@ -8,7 +8,8 @@ which order new ones are admitted.
 
 Liveness (no state with unfinished requests stops making progress, at any pipeline depth):
 
-- Admission reserves a new request's whole prompt, beyond what the running prefills still need to
+- Admission reserves a new request's whole prompt (less its cached prefix, counting the cached blocks
+  it takes off the free list), beyond what the running prefills still need to
   finish theirs and a watermark, not only its first chunk; so admitted prefills can complete.
 - Growth that finds the pool dry preempts an idle request admitted *after* the one growing (the one
   with the longest predicted remaining output, the newest among equals).
@@ -16,6 +17,11 @@ Liveness (no state with unfinished requests stops making progress, at any pipeli
   return, and the pool holds at least one whole sequence (``Engine`` checks it), so it finishes.
 
 With pipeline parallelism several plans are in flight; a request is in at most one of them.
+
+Prefix caching (``BlockManager``) is invisible here but for one number: a request admitted (new, or
+resumed after preemption) starts with ``num_computed_tokens`` at its cached prefix's length, so the token
+budget, admission's reservation and the predicted work count only uncached tokens. When a plan comes back,
+the full blocks it wrote are named for sharing.
 """
 
 from __future__ import annotations
@@ -84,11 +90,12 @@ class Scheduler:
         block_size: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
+        enable_prefix_caching: bool = False,
     ) -> None:
         self.config = config
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.policy = batching_policy(config)
         self.waiting = waiting_queue(config)
         self.running: list[Request] = []  # in admission order: the newest is preempted first
@@ -102,7 +109,10 @@ class Scheduler:
     # ---- intake ---------------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        """Queue a request; the engine has validated it."""
+        """Queue a request; the engine has validated it. Its cached prefix as of now estimates its work."""
+        request.num_cached_tokens = (
+            len(self.block_manager.cached_prefix(request)) * self.block_manager.block_size
+        )
         self.requests[request.request_id] = request
         self.waiting.add(request)
 
@@ -153,27 +163,30 @@ class Scheduler:
             is_new = request.status is RequestStatus.WAITING
             if is_new and len(self.running) >= self.config.max_num_seqs:
                 return
-            num_tokens = request.num_uncomputed_tokens
+            cached_block_ids = self.block_manager.cached_prefix(request) if is_new else []
+            num_tokens = request.num_uncomputed_tokens - len(cached_block_ids) * self.block_manager.block_size
             if not whole_prompts:
                 num_tokens = min(num_tokens, plan.budget_tokens)
             elif num_tokens > plan.budget_tokens:
                 return
-            end = request.num_computed_tokens + num_tokens
             if is_new:
-                if not self._can_admit(request):
+                if not self._can_admit(request, cached_block_ids):
                     return  # admit in strict queue order: the head of the line is not overtaken
-                self.block_manager.grow(request, end)
-                self.admit(request, now_s)
-            elif not self._grow_or_preempt(request, end, plan):
+                self.admit(request, now_s, cached_block_ids)
+                self.block_manager.grow(request, request.num_computed_tokens + num_tokens)
+            elif not self._grow_or_preempt(request, request.num_computed_tokens + num_tokens, plan):
                 continue
             plan.take(request, num_tokens)
 
-    def _can_admit(self, request: Request) -> bool:
-        """Whether the request's reservation fits beside the running requests' and the watermark."""
+    def _can_admit(self, request: Request, cached_block_ids: list[int]) -> bool:
+        """Whether the request's reservation fits beside the running requests' and the watermark: the
+        blocks beyond its cached prefix, plus the cached blocks it takes off the free list."""
         num_reserved = sum(self._num_reserved_blocks(r) for r in self.running)
         if self.running:
             num_reserved += self._num_watermark_blocks
-        return self._num_reserved_blocks(request) <= self.block_manager.num_free_blocks - num_reserved
+        num_needed = max(0, self._num_reserved_blocks(request) - len(cached_block_ids))
+        num_needed += self.block_manager.num_taken_from_free(cached_block_ids)
+        return num_needed <= self.block_manager.num_free_blocks - num_reserved
 
     def _num_reserved_blocks(self, request: Request) -> int:
         """Blocks a request is still owed: the rest of its prompt (all of it after a preemption) and, with
@@ -190,13 +203,20 @@ class Scheduler:
         num_missing = self.block_manager.num_missing_blocks(request, min(num_tokens, self.max_model_len))
         return min(num_missing, self.block_manager.num_blocks)
 
-    def admit(self, request: Request, now_s: float) -> None:
-        """Move a waiting request to running (its blocks are grown by whoever schedules it)."""
+    def admit(self, request: Request, now_s: float, cached_block_ids: list[int] | None = None) -> None:
+        """Move a waiting request to running holding its cached prefix (``cached_block_ids``, looked up
+        here if not given), computed from there; the rest of its blocks are grown when it is scheduled."""
+        if cached_block_ids is None:
+            cached_block_ids = self.block_manager.cached_prefix(request)
+        self.block_manager.take(request, cached_block_ids)
+        request.num_computed_tokens = len(cached_block_ids) * self.block_manager.block_size
         self.waiting.remove(request)
         self.running.append(request)
         request.status = RequestStatus.RUNNING
         if request.admitted_s is None:
             request.admitted_s = now_s
+            request.num_cached_tokens = request.num_computed_tokens
+            self.block_manager.count_lookup(request.num_prompt_tokens, request.num_cached_tokens)
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, plan: PlanBuilder) -> bool:
         """Grow ``request`` to ``num_tokens`` positions, preempting the newest idle requests admitted after
@@ -245,6 +265,7 @@ class Scheduler:
             if request.is_finished:
                 continue  # aborted while its micro-batch was in flight
             request.is_in_flight = False
+            self.block_manager.name_full_blocks(request, chunk.end_pos)
             if token_id is None:
                 continue
             if refined_output_tokens is not None:
@@ -273,6 +294,7 @@ class Scheduler:
         elif request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         self.block_manager.free(request)
+        self.block_manager.forget(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.finished_s = now_s

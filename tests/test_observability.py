@@ -157,3 +157,20 @@ def test_status_without_metrics_is_a_usage_error(capsys: pytest.CaptureFixture) 
         main(["status", "--address", f"127.0.0.1:{free_port()}", "--once"])
     assert exit_info.value.code == 2
     assert "metrics-export-port" in capsys.readouterr().err
+
+
+def test_status_shows_each_replicas_prefix_hit_rate() -> None:
+    from tools.status import Scrape, render
+
+    now = Scrape()
+    replica = {"deployment": "engine-pool-0", "replica": "r1"}
+    for name, value in (
+        ("running_requests", 1.0),
+        ("kv_blocks_used", 3.0),
+        ("kv_blocks_free", 5.0),
+        ("prefix_queried_tokens", 400.0),
+        ("prefix_hit_tokens", 100.0),
+    ):
+        now.samples[name].append((replica, value))
+    [row] = [line for line in render(now, None).splitlines() if line.startswith("engine-pool-0")]
+    assert "3/8" in row and " 25% " in row

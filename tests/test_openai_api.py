@@ -116,6 +116,23 @@ def test_chat_streamed_equals_whole_equals_grpc(app: Cluster) -> None:
     )
 
 
+def test_a_resent_conversation_reports_its_cached_prompt_tokens(app: Cluster) -> None:
+    """One replica per pool and the same prediction for the same prompt: the resend finds the first
+    call's full blocks (16 tokens each; the last token is always computed) in its replica's cache."""
+    messages = [
+        {"role": "system", "content": "You answer in one short sentence, always politely and in English."},
+        {"role": "user", "content": "Which is larger, a whale or a mouse, and by roughly how much?"},
+    ]
+    first = sync_client(app).chat.completions.create(messages=messages, **GREEDY)
+    again = sync_client(app).chat.completions.create(messages=messages, **GREEDY)
+    via_grpc = grpc_chat(app, messages, GREEDY["max_tokens"])
+    num_prompt_tokens = first.usage.prompt_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content
+    num_cached = (num_prompt_tokens - 1) // 16 * 16
+    assert again.usage.prompt_tokens_details.cached_tokens == num_cached > 0
+    assert via_grpc.usage.num_cached_prompt_tokens == num_cached
+
+
 def test_completions_equal_grpc_for_the_same_prompt(app: Cluster) -> None:
     prompt = "Write a haiku about paged attention."
     whole = sync_client(app).completions.create(prompt=prompt, stop=[], **GREEDY)

@@ -117,6 +117,7 @@ def test_the_service_has_unary_streaming_and_info_rpcs() -> None:
             },
         ),
         (pb.ChatMessage, {"role", "content"}),
+        (pb.Usage, {"num_prompt_tokens", "num_output_tokens", "num_cached_prompt_tokens"}),
     ],
 )
 def test_messages_carry_the_documented_fields(message, fields: set[str]) -> None:

@@ -153,7 +153,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-hf", action="store_true", help="run only this engine")
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_offline)
-    from bench import admission, gpu_check, metrics_cost, reliability, roofline, trace_replay
+    from bench import (
+        admission,
+        conversations,
+        gpu_check,
+        metrics_cost,
+        prefix_overhead,
+        reliability,
+        roofline,
+        trace_replay,
+    )
     from bench import pipeline as pipeline_bench
 
     pipeline_bench.register(bench_sub)
@@ -164,6 +173,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     metrics_cost.register(bench_sub)
     admission.register(bench_sub)
     trace_replay.register(bench_sub)
+    conversations.register(bench_sub)
+    prefix_overhead.register(bench_sub)
     from bench.sim import agreement
 
     agreement.register(bench_sub)

@@ -5,7 +5,8 @@
     binserve status --address 127.0.0.1:9100 --once     # one snapshot (scripts, tests)
 
 One row per engine replica (pool, replica): running and waiting requests, KV blocks used of the pool,
-predicted outstanding tokens (the autoscaling signal), pipeline bubbles, and TTFT / TBT p50 over the
+the prefix cache's hit rate (prompt tokens found cached, since the replica started), predicted
+outstanding tokens (the autoscaling signal), pipeline bubbles, and TTFT / TBT p50 over the
 last refresh interval (from the histograms' change since the previous scrape; the first screen shows
 them since the replica started). Below: requests by bin and by outcome.
 """
@@ -81,6 +82,7 @@ def render(now: Scrape, before: Scrape | None) -> str:
     keys = ("deployment", "replica")
     running, waiting = now.by("running_requests", *keys), now.by("waiting_requests", *keys)
     used, free = now.by("kv_blocks_used", *keys), now.by("kv_blocks_free", *keys)
+    queried, hits = now.by("prefix_queried_tokens", *keys), now.by("prefix_hit_tokens", *keys)
     outstanding, bubbles = (
         now.by("outstanding_predicted_tokens", *keys),
         now.by("pipeline_bubble_fraction", *keys),
@@ -88,17 +90,18 @@ def render(now: Scrape, before: Scrape | None) -> str:
     lines = [
         f"binserve status at {time.strftime('%H:%M:%S')}",
         "",
-        f"{'pool':<15} {'replica':<10} {'running':>7} {'waiting':>7} {'KV used':>13} {'predicted':>9} "
-        f"{'bubbles':>7} {'TTFT p50':>8} {'TBT p50':>7}",
-        f"{'':<15} {'':<10} {'':>7} {'':>7} {'':>13} {'tokens':>9} {'':>7} {'ms':>8} {'ms':>7}",
+        f"{'pool':<15} {'replica':<10} {'running':>7} {'waiting':>7} {'KV used':>13} {'prefix':>6} "
+        f"{'predicted':>9} {'bubbles':>7} {'TTFT p50':>8} {'TBT p50':>7}",
+        f"{'':<15} {'':<10} {'':>7} {'':>7} {'':>13} {'hits':>6} {'tokens':>9} {'':>7} {'ms':>8} {'ms':>7}",
     ]
     for key in sorted(running):
         total_blocks = used.get(key, 0) + free.get(key, 0)
         kv = f"{used.get(key, 0):.0f}/{total_blocks:.0f}"
         bubble = f"{bubbles[key]:.2f}" if key in bubbles else "-"
+        hit_rate = f"{hits.get(key, 0) / queried[key]:.0%}" if queried.get(key) else "-"
         lines.append(
             f"{key[0]:<15} {key[1][-10:]:<10} {running[key]:>7.0f} {waiting.get(key, 0):>7.0f} {kv:>13} "
-            f"{outstanding.get(key, 0):>9.0f} {bubble:>7} "
+            f"{hit_rate:>6} {outstanding.get(key, 0):>9.0f} {bubble:>7} "
             f"{fmt_ms(histogram_p50(now, before, 'ttft_seconds', key)):>8} "
             f"{fmt_ms(histogram_p50(now, before, 'tbt_seconds', key)):>7}"
         )

@@ -53,6 +53,7 @@ def build_engine(config: EngineConfig, runner: Runner) -> Engine:
         block_size=config.cache.block_size,
         max_model_len=max_model_len,
         eos_token_ids=eos_token_ids(config.model.model_dir, hf_config),
+        enable_prefix_caching=config.cache.enable_prefix_caching,
     )
     return Engine(runner, scheduler)
 

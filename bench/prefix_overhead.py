@@ -1,0 +1,127 @@
+"""What prefix caching costs when nothing hits (issue 22's 0%-hit target).
+
+    binserve bench prefix-overhead --model .models/smollm2-135m-instruct --pairs 5 --json out/prefix-overhead.json
+
+Unique ShareGPT prompts (raw, no chat template, so no shared system prompt) run to completion with
+prefix caching off and on, alternating, over one loaded model; each run is a fresh scheduler (an empty
+cache). Per run: the engine process's CPU seconds per generated token (``time.process_time``, which other
+processes' load disturbs less than wall time) and wall throughput. Reported: each pair's on/off ratio,
+their mean and a 95% confidence interval (t distribution over the pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+
+from bench import write_report
+from bench.workload import sharegpt_requests
+from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pipeline.request import SamplingParams
+
+# Two-sided 95% t quantiles by degrees of freedom (pairs - 1).
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def mean_ci95(values: list[float]) -> dict[str, float]:
+    """Mean and its 95% interval (t distribution; 1.96 beyond 10 values)."""
+    mean = statistics.fmean(values)
+    half = 0.0
+    if len(values) >= 2:
+        half = _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from workers.llm import LLM, build_engine
+
+    load_at_start = os.getloadavg()
+    torch.set_num_threads(args.threads)
+    config = EngineConfig(
+        ModelConfig(args.model, max_model_len=args.max_model_len),
+        CacheConfig(kv_cache_bytes=args.kv_cache_bytes),
+        SchedulerConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs),
+    )
+    llm = LLM(config)
+    requests = sharegpt_requests(
+        llm.tokenizer, args.num_requests, args.seed, args.max_prompt_tokens, args.max_output_tokens
+    )
+    prompts = [r.prompt_token_ids for r in requests]
+    params = [SamplingParams(max_tokens=r.output_tokens, ignore_eos=True) for r in requests]
+    llm.engine.generate(prompts, params)  # warm-up, untimed: the first run pays allocator and cache misses
+    runs = []
+    for pair in range(args.pairs):
+        # Alternate which goes first, so a drift in the machine's load favours neither.
+        order = (False, True) if pair % 2 == 0 else (True, False)
+        for caching in order:
+            cache = dataclasses.replace(config.cache, enable_prefix_caching=caching)
+            engine = build_engine(dataclasses.replace(config, cache=cache), llm.runner)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            done = engine.generate(prompts, params)
+            cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
+            num_tokens = sum(len(c.output_token_ids) for c in done)
+            runs.append(
+                {
+                    "pair": pair,
+                    "caching": caching,
+                    "cpu_ms_per_token": 1000 * cpu_s / num_tokens,
+                    "output_tokens_per_s": num_tokens / wall_s,
+                    "hit_tokens": engine.scheduler.block_manager.num_hit_tokens,
+                    "load_average": os.getloadavg(),
+                }
+            )
+            print(runs[-1], flush=True)
+    by_pair = {(r["pair"], r["caching"]): r for r in runs}
+    cpu_ratios = [
+        by_pair[(p, True)]["cpu_ms_per_token"] / by_pair[(p, False)]["cpu_ms_per_token"]
+        for p in range(args.pairs)
+    ]
+    throughput_ratios = [
+        by_pair[(p, True)]["output_tokens_per_s"] / by_pair[(p, False)]["output_tokens_per_s"]
+        for p in range(args.pairs)
+    ]
+    return {
+        "params": {k: v for k, v in vars(args).items() if k != "func"},
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "load_average_start": load_at_start,
+        "cpu_per_token_ratio_on_off": mean_ci95(cpu_ratios),
+        "throughput_ratio_on_off": mean_ci95(throughput_ratios),
+        "runs": runs,
+    }
+
+
+def cmd_bench_prefix_overhead(args: argparse.Namespace) -> int:
+    report = run(args)
+    cpu, tput = report["cpu_per_token_ratio_on_off"], report["throughput_ratio_on_off"]
+    print(
+        f"caching on / off, {args.pairs} pairs: CPU per token {cpu['mean']:.3f} "
+        f"[{cpu['ci95_low']:.3f}, {cpu['ci95_high']:.3f}], throughput {tput['mean']:.3f} "
+        f"[{tput['ci95_low']:.3f}, {tput['ci95_high']:.3f}]; load at start {report['load_average_start']}"
+    )
+    write_report(args.json, report)
+    return 0
+
+
+def register(bench_subparsers: argparse._SubParsersAction) -> None:
+    p = bench_subparsers.add_parser(
+        "prefix-overhead",
+        help="prefix caching's cost at a 0%% hit rate: alternating off/on pairs (real engine)",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--pairs", type=int, default=5, help="off/on pairs, alternating which runs first")
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--max-output-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20)
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write the report here")
+    p.set_defaults(func=cmd_bench_prefix_overhead)
