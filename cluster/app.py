@@ -22,7 +22,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import AppConfig, PoolConfig, ReplicaRouting
-from cluster.engine_pool import EnginePool, replica_placement
+from cluster.engine_pool import EnginePool, RunnerFactory, replica_placement
 from cluster.ingress import GenerationIngress
 from cluster.predictor_deployment import LengthPredictorDeployment
 from cluster.replica_router import LeastPredictedWorkRouter
@@ -77,10 +77,13 @@ def pool_options(engine: EngineConfig, pools: PoolConfig) -> dict[str, Any]:
     return options
 
 
-def build_application(config: AppConfig, predictor: Application | None = None) -> Application:
+def build_application(
+    config: AppConfig, predictor: Application | None = None, runner_factory: RunnerFactory | None = None
+) -> Application:
     """The application for ``config``. ``predictor`` replaces the length predictor: any bound deployment
     with ``predict(prompt) -> int`` and ``bin_boundaries(num_bins) -> list[int]``. Without one, the
-    predictor runs in the ingress (``predictor.placement: ingress``) or as its own deployment."""
+    predictor runs in the ingress (``predictor.placement: ingress``) or as its own deployment.
+    ``runner_factory`` replaces the model in every engine replica (``bench/path_runner.py``)."""
     if predictor is None and config.predictor.placement == "deployment":
         predictor = LengthPredictorDeployment.options(
             name=PREDICTOR_NAME,
@@ -94,6 +97,7 @@ def build_application(config: AppConfig, predictor: Application | None = None) -
             pool_id,
             config.pools.max_queued_requests,
             config.metrics.interval_s if config.metrics.enabled else None,
+            runner_factory,
         )
         for pool_id in range(config.router.resolved_num_pools)
     ]

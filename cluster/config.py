@@ -377,3 +377,8 @@ def _check_type(path: str, value: object, hint: Any) -> object:
     raise ValueError(
         f"{path}: must be {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}"
     )
+
+
+def parse_section(cls: type, data: object, path: str) -> Any:
+    """A YAML section outside ``AppConfig`` (a benchmark's own), parsed and checked like its sections."""
+    return _parse(cls, data, path)

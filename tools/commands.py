@@ -145,6 +145,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_offline)
     from bench import admission, gpu_check, metrics_cost, reliability, roofline, trace_replay
+    from bench import path as path_bench
     from bench import pipeline as pipeline_bench
 
     pipeline_bench.register(bench_sub)
@@ -155,6 +156,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     metrics_cost.register(bench_sub)
     admission.register(bench_sub)
     trace_replay.register(bench_sub)
+    path_bench.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
     p.add_argument(
