@@ -159,9 +159,12 @@ async def measure(
 
     from cluster.client import GenerationClient
 
-    async with GenerationClient(addresses.grpc) as client, aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
-    ) as session:
+    async with (
+        GenerationClient(addresses.grpc) as client,
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+        ) as session,
+    ):
         if api == "grpc":
             await client.wait_ready()
 
@@ -233,7 +236,8 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
                     level = asyncio.run(measure(api, addresses, num_streams, args, pids, step_s))
                     print_level(level)
                     levels.append(level)
-    result: dict[str, Any] = {
+    run = {
+        "label": args.label,
         "command": "binserve bench path " + " ".join(sys.argv[3:]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started_s)),
         "load_average_start": load_at_start,
@@ -244,10 +248,87 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
         "duration_s": args.duration_s,
         "levels": [asdict(level) for level in levels],
     }
-    if args.label is not None:
-        result["label"] = args.label
-    write_report(args.json, result)
+    if args.json is not None:
+        write_report(args.json, with_run(args.json, run))
     return 0
+
+
+# ---- the report's section (``binserve bench report`` renders docs/results/<model>/path.json) ------------
+
+TITLE = "The serving path alone: streamed tokens/s and CPU per token with a zero-cost runner"
+TARGET_TOKENS_PER_S = 20_000
+TARGET_CPU_US_PER_TOKEN = 50.0
+TARGET_STREAMS = 256
+
+
+def with_run(path: str, run: dict[str, Any]) -> dict[str, Any]:
+    """The result file's runs with ``run`` added (replacing one with the same label), and its targets
+    judged on the newest run."""
+    existing = json.loads(Path(path).read_text()) if Path(path).is_file() else {"runs": []}
+    runs = [r for r in existing["runs"] if r["label"] is None or r["label"] != run["label"]] + [run]
+    return {"runs": runs, "targets": targets(run)}
+
+
+def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
+    at = [lv for lv in run["levels"] if lv["num_streams"] == TARGET_STREAMS]
+    if not at:
+        return []
+    tokens_per_s = min(lv["tokens_per_s"] for lv in at)
+    cpu_us = max(lv["cpu_us_per_token"] for lv in at)
+    return [
+        {
+            "target": f">= {TARGET_TOKENS_PER_S:,} streamed tokens/s at {TARGET_STREAMS} streams (gRPC and HTTP)",
+            "value": tokens_per_s,
+            "threshold": TARGET_TOKENS_PER_S,
+            "met": tokens_per_s >= TARGET_TOKENS_PER_S,
+        },
+        {
+            "target": f"<= {TARGET_CPU_US_PER_TOKEN:.0f} us CPU per streamed token, summed over proxy, ingress "
+            f"and engine replica, at {TARGET_STREAMS} streams",
+            "value": cpu_us,
+            "threshold": TARGET_CPU_US_PER_TOKEN,
+            "met": cpu_us <= TARGET_CPU_US_PER_TOKEN,
+        },
+    ]
+
+
+def render(result: dict[str, Any]) -> str:
+    from bench.experiments.harness import markdown_table
+
+    rows = []
+    for run in result["runs"]:
+        for lv in run["levels"]:
+            cpu = lv["cpu_s_per_1k_tokens"]
+            rows.append(
+                [
+                    run["label"] or "-",
+                    lv["api"],
+                    str(lv["num_streams"]),
+                    f"{lv['tokens_per_s']:,.0f}",
+                    f"{lv['tokens_per_message']:.1f}",
+                    f"{1000 * lv['p50_ttft_s']:.1f}",
+                    f"{1000 * lv['ttft_added_s']:.1f}",
+                    *(f"{1000 * cpu[name]:.0f}" for name in ("proxy", "ingress", "engine")),
+                    f"{lv['cpu_us_per_token']:.0f}",
+                    f"{lv['load_average'][0]:.1f}",
+                ]
+            )
+    header = ["run", "API", "streams", "tokens/s", "tokens/message", "TTFT p50 ms", "TTFT added ms"]
+    header += ["proxy us/token", "ingress us/token", "engine us/token", "sum us/token", "load"]
+    notes = [
+        f"- {run['label'] or '-'}: `{run['command']}`, {run['date_utc']} UTC, step {1000 * run['step_s']:.0f} ms, "
+        f"{run['max_tokens']} tokens per request, load average {run['load_average_start'][0]:.1f} at the "
+        f"start and {run['load_average_end'][0]:.1f} at the end"
+        for run in result["runs"]
+    ]
+    intro = (
+        "Serve's proxy -> ingress -> engine pool -> driver, with `bench/path_runner.py`'s runner (deterministic "
+        "tokens at a fixed step time, no model) in the one engine replica (`deploy/bench-path.yaml`): every "
+        "figure is the serving machinery's. CPU is each process's own (user + system) per streamed token; "
+        "'TTFT added' is the client's p50 TTFT minus one engine step. The load column is the 1-minute load "
+        "average when the level ended (this 2-core machine is shared)."
+    )
+    return "\n".join([intro, "", markdown_table(header, rows), "", *notes])
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -259,6 +340,10 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="forced output tokens per request")
     p.add_argument("--duration-s", type=float, default=10.0, help="callers start requests until then")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
-    p.add_argument("--label", help="a name for this run in the JSON (e.g. before, after)")
-    p.add_argument("--json", help="write the report here")
+    p.add_argument(
+        "--label", help="a name for this run (before, after): a result file keeps one run per label"
+    )
+    p.add_argument(
+        "--json", help="add the run to this result file (docs/results/tiny-llama/path.json for the report)"
+    )
     p.set_defaults(func=cmd_bench_path)

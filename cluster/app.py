@@ -95,7 +95,7 @@ def build_application(
         EnginePool.options(name=pool_name(pool_id), **pool_options(config.engine, config.pools)).bind(
             config.engine,
             pool_id,
-            config.pools.max_queued_requests,
+            config.pools,
             config.metrics.interval_s if config.metrics.enabled else None,
             runner_factory,
         )

@@ -1,6 +1,6 @@
 """An engine pool: a Serve deployment whose replicas each own one engine and stream its tokens back.
 
-    pool = EnginePool.options(name="engine-pool-0").bind(engine_config, pool_id=0, max_queued_requests=256)
+    pool = EnginePool.options(name="engine-pool-0").bind(engine_config, pool_id=0, pools=PoolConfig())
     async for out in handle.options(stream=True).generate.remote(NewRequest(...)):   # RequestOutput
         ...
 
@@ -28,6 +28,7 @@ from typing import Any
 from ray import serve
 
 from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
+from cluster.config import PoolConfig
 from cluster.metrics import EngineMetrics, EngineSnapshot
 from cluster.replica_router import routing_stats
 from pipeline.config import EngineConfig
@@ -81,7 +82,7 @@ def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) ->
 
 
 def build_driver(
-    config: EngineConfig, max_queued_requests: int, runner_factory: RunnerFactory | None = None
+    config: EngineConfig, pools: PoolConfig, runner_factory: RunnerFactory | None = None
 ) -> EngineDriver:
     """An engine driver for this config, the one thing a replica needs: one ``ModelRunner`` with every
     layer in this process, or (``pp_size > 1``) a pipeline of stage actors in this replica's placement
@@ -103,7 +104,12 @@ def build_driver(
         from workers.runner import ModelRunner
 
         runner = ModelRunner(config.model, config.cache)
-    return EngineDriver(build_engine(config, runner), max_queued_requests=max_queued_requests)
+    return EngineDriver(
+        build_engine(config, runner),
+        max_queued_requests=pools.max_queued_requests,
+        max_buffered_tokens=pools.max_buffered_tokens,
+        min_stream_interval_s=pools.stream_interval_s,
+    )
 
 
 @serve.deployment
@@ -112,7 +118,7 @@ class EnginePool:
         self,
         config: EngineConfig,
         pool_id: int,
-        max_queued_requests: int,
+        pools: PoolConfig,
         metrics_interval_s: float | None = 1.0,
         runner_factory: RunnerFactory | None = None,
     ) -> None:
@@ -124,7 +130,7 @@ class EnginePool:
         # on a shared host cost far more than they give.
         torch.set_num_threads(config.parallel.torch_threads)
         self.pool_id = pool_id
-        self.driver = build_driver(config, max_queued_requests, runner_factory)
+        self.driver = build_driver(config, pools, runner_factory)
         self._num_requests_by_bin: collections.Counter[int] = collections.Counter()
         self._num_cancelled_requests = 0
         self.metrics: EngineMetrics | None = None
