@@ -316,7 +316,8 @@ def render(result: dict[str, Any]) -> str:
     header = ["run", "API", "streams", "tokens/s", "tokens/message", "TTFT p50 ms", "TTFT added ms"]
     header += ["proxy us/token", "ingress us/token", "engine us/token", "sum us/token", "load"]
     notes = [
-        f"- {run['label'] or '-'}: `{run['command']}`, {run['date_utc']} UTC, step {1000 * run['step_s']:.0f} ms, "
+        f"- {run['label'] or '-'}{' (code: ' + run['code'] + ')' if run.get('code') else ''}: "
+        f"`{run['command']}`, {run['date_utc']} UTC, step {1000 * run['step_s']:.0f} ms, "
         f"{run['max_tokens']} tokens per request, load average {run['load_average_start'][0]:.1f} at the "
         f"start and {run['load_average_end'][0]:.1f} at the end"
         for run in result["runs"]
@@ -325,8 +326,9 @@ def render(result: dict[str, Any]) -> str:
         "Serve's proxy -> ingress -> engine pool -> driver, with `bench/path_runner.py`'s runner (deterministic "
         "tokens at a fixed step time, no model) in the one engine replica (`deploy/bench-path.yaml`): every "
         "figure is the serving machinery's. CPU is each process's own (user + system) per streamed token; "
-        "'TTFT added' is the client's p50 TTFT minus one engine step. The load column is the 1-minute load "
-        "average when the level ended (this 2-core machine is shared)."
+        "'TTFT added' is the client's p50 TTFT minus one engine step (with 32 and 256 streams it includes the "
+        "queue of that many requests sent at once). The load column is the 1-minute load average when the "
+        "level ended (this 2-core machine is shared)."
     )
     return "\n".join([intro, "", markdown_table(header, rows), "", *notes])
 
