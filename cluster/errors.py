@@ -7,7 +7,7 @@
 | INVALID_ARGUMENT | INVALID_ARGUMENT   | 400  | any ``ValueError`` (ingress checks, engine checks)  |
 | UNAUTHENTICATED  | UNAUTHENTICATED    | 401  | ``Unauthenticated`` (a missing or wrong API key)    |
 | NOT_FOUND        | NOT_FOUND          | 404  | ``UnknownModel``                                    |
-| QUEUE_FULL       | RESOURCE_EXHAUSTED | 429  | the engine's or Serve's queue bound, a stalled stream |
+| QUEUE_FULL       | RESOURCE_EXHAUSTED | 429  | queue bounds (engine, Serve); a stalled stream      |
 | UNAVAILABLE      | UNAVAILABLE        | 503  | a dead engine or replica                            |
 
 A ``ValueError``'s message starts with the field it names (``top_p: must be in (0, 1], got 5``);
