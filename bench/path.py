@@ -68,6 +68,37 @@ class Level:
     load_average: tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class EngineAlone:
+    """The same requests (one round of them, all at once) on the engine in this process: no Serve."""
+
+    num_streams: int
+    tokens_per_s: float
+    cpu_us_per_token: float
+
+
+def engine_alone(app_args: dict[str, Any], model_dir: str, num_streams: int, max_tokens: int) -> EngineAlone:
+    """What the served path adds to: the config's scheduler on the path runner, driven by ``Engine.generate``."""
+
+    from bench.path_runner import PathRunnerConfig
+    from cluster.config import AppConfig, parse_section
+    from pipeline.request import SamplingParams
+    from workers.checkpoint import load_tokenizer
+    from workers.llm import build_engine
+
+    args = dict(app_args)
+    runner = parse_section(PathRunnerConfig, args.pop("path_runner", None), "path_runner")
+    args["model"] = {**args["model"], "model_dir": model_dir}
+    config = AppConfig.from_args(args).engine
+    engine = build_engine(config, runner(config))
+    prompt = tuple(load_tokenizer(model_dir)(PROMPT).input_ids)
+    cpu_start_s, start_s = time.process_time(), time.perf_counter()
+    done = engine.generate([prompt] * num_streams, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    cpu_s, elapsed_s = time.process_time() - cpu_start_s, time.perf_counter() - start_s
+    num_tokens = sum(len(c.output_token_ids) for c in done)
+    return EngineAlone(num_streams, num_tokens / elapsed_s, 1e6 * cpu_s / num_tokens)
+
+
 def serve_pids() -> dict[str, int]:
     """PIDs of the proxy, ingress and engine replica actors of the application this process serves: its
     descendants whose title (``ray::CLASS``) names them (other Ray clusters on the host are not ours)."""
@@ -229,6 +260,14 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
     levels: list[Level] = []
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = _model_dir(args, Path(scratch))
+        app_args = raw["applications"][0]["args"]
+        alone = [engine_alone(app_args, model_dir, n, args.max_tokens) for n in args.streams]
+        for a in alone:
+            print(
+                f"engine alone {a.num_streams:4d} streams: {a.tokens_per_s:9.0f} tokens/s, "
+                f"{a.cpu_us_per_token:.1f} us CPU per token",
+                flush=True,
+            )
         with serving_locally_at(args.config, model_dir, num_cpus=args.num_cpus) as addresses:
             pids = serve_pids()
             for num_streams in args.streams:
@@ -247,6 +286,7 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "duration_s": args.duration_s,
         "levels": [asdict(level) for level in levels],
+        "engine_alone": [asdict(a) for a in alone],
     }
     if args.json is not None:
         write_report(args.json, with_run(args.json, run))
@@ -295,7 +335,7 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
 def render(result: dict[str, Any]) -> str:
     from bench.experiments.harness import markdown_table
 
-    rows = []
+    rows, engine_notes = [], []
     for run in result["runs"]:
         for lv in run["levels"]:
             cpu = lv["cpu_s_per_1k_tokens"]
@@ -315,6 +355,16 @@ def render(result: dict[str, Any]) -> str:
             )
     header = ["run", "API", "streams", "tokens/s", "tokens/message", "TTFT p50 ms", "TTFT added ms"]
     header += ["proxy us/token", "ingress us/token", "engine us/token", "sum us/token", "load"]
+    for run in result["runs"]:
+        if run.get("engine_alone"):
+            figures = ", ".join(
+                f"{a['num_streams']} streams {a['tokens_per_s']:,.0f} tokens/s and {a['cpu_us_per_token']:.0f} us"
+                for a in run["engine_alone"]
+            )
+            rows_note = (
+                f"- {run['label']}: the engine alone (the same requests, once, in one process): {figures}"
+            )
+            engine_notes.append(rows_note)
     notes = [
         f"- {run['label'] or '-'}{' (code: ' + run['code'] + ')' if run.get('code') else ''}: "
         f"`{run['command']}`, {run['date_utc']} UTC, step {1000 * run['step_s']:.0f} ms, "
@@ -330,7 +380,7 @@ def render(result: dict[str, Any]) -> str:
         "queue of that many requests sent at once). The load column is the 1-minute load average when the "
         "level ended (this 2-core machine is shared)."
     )
-    return "\n".join([intro, "", markdown_table(header, rows), "", *notes])
+    return "\n".join([intro, "", markdown_table(header, rows), "", *notes, *engine_notes])
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
