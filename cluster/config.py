@@ -10,7 +10,7 @@
     parallel:  ParallelConfig   pp_size, torch_threads
     router:    RouterConfig     num_bins, num_pools
     predictor: PredictorConfig  path, max_batch_size, batch_wait_timeout_s, num_cpus
-    pools:     PoolConfig       replicas, autoscaling bounds, queue limit, resources, replica routing
+    pools:     PoolConfig       replicas, autoscaling bounds, queue limit, resources, replica routing, streaming
     ingress:   IngressConfig    request limits, API key, replicas, resources
     sampling:  SamplingDefaultsConfig  what a request that leaves a field unset gets (over the model's)
     metrics:   MetricsConfig    export the binserve_* metrics or not, and how often replicas sample gauges
