@@ -22,7 +22,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import AppConfig, PoolConfig, PredictorPlacement, ReplicaRouting
-from cluster.engine_pool import EnginePool, replica_placement
+from cluster.engine_pool import EnginePool, RunnerFactory, replica_placement
 from cluster.ingress import GenerationIngress
 from cluster.predictor_deployment import LengthPredictorDeployment
 from cluster.replica_router import LeastPredictedWorkRouter
@@ -35,14 +35,23 @@ SERVICER_FUNCTION = "proto.binserve.v1.generation_pb2_grpc.add_GenerationService
 AUTOSCALING_POLICY = "cluster.autoscaling:PredictedTokensPolicy"
 
 
+INLINE_USER_CODE = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+"""The runtime env of the ingress and engine replicas: Serve runs their methods on the replica's own event
+loop instead of a second thread's, so each streamed message skips a hop between two loops and a replica
+takes a request's tokens as fast as Serve sends its messages (measured by ``binserve bench path``). Every
+method of theirs is async and never blocks, or is sync and runs in Serve's thread pool."""
+
+
 def pool_name(pool_id: int) -> str:
     return f"engine-pool-{pool_id}"
 
 
 def pool_options(engine: EngineConfig, pools: PoolConfig) -> dict[str, Any]:
     """Serve deployment options for one engine pool (every pool is configured alike)."""
+    placement = replica_placement(engine, pools.num_cpus, pools.num_gpus)
     options: dict[str, Any] = {
-        **replica_placement(engine, pools.num_cpus, pools.num_gpus),
+        **placement,
+        "ray_actor_options": {**placement["ray_actor_options"], "runtime_env": INLINE_USER_CODE},
         # The engine's SSJF queue must hold the waiting requests, not Serve's FIFO in front of it: admit
         # one more call than the engine queues, so a full queue answers QueueFullError (RESOURCE_EXHAUSTED).
         "max_ongoing_requests": pools.max_queued_requests + 1,
@@ -77,10 +86,13 @@ def pool_options(engine: EngineConfig, pools: PoolConfig) -> dict[str, Any]:
     return options
 
 
-def build_application(config: AppConfig, predictor: Application | None = None) -> Application:
+def build_application(
+    config: AppConfig, predictor: Application | None = None, runner_factory: RunnerFactory | None = None
+) -> Application:
     """The application for ``config``. ``predictor`` replaces the length predictor: any bound deployment
     with ``predict(prompt) -> int`` and ``bin_boundaries(num_bins) -> list[int]``. Without one, the
-    predictor runs in the ingress (``predictor.placement: ingress``) or as its own deployment."""
+    predictor runs in the ingress (``predictor.placement: ingress``) or as its own deployment.
+    ``runner_factory`` replaces the model in every engine replica (``bench/path_runner.py``)."""
     if predictor is None and config.predictor.placement is PredictorPlacement.DEPLOYMENT:
         predictor = LengthPredictorDeployment.options(
             name=PREDICTOR_NAME,
@@ -92,15 +104,16 @@ def build_application(config: AppConfig, predictor: Application | None = None) -
         EnginePool.options(name=pool_name(pool_id), **pool_options(config.engine, config.pools)).bind(
             config.engine,
             pool_id,
-            config.pools.max_queued_requests,
+            config.pools,
             config.metrics.interval_s if config.metrics.enabled else None,
+            runner_factory,
         )
         for pool_id in range(config.router.resolved_num_pools)
     ]
     return GenerationIngress.options(
         name=INGRESS_NAME,
         num_replicas=config.ingress.num_replicas,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        ray_actor_options={"num_cpus": config.ingress.num_cpus, "runtime_env": INLINE_USER_CODE},
         # Load is shed at three places, cheapest first: the gRPC proxy's gate (cluster/grpc_proxy.py),
         # the ingress beyond its admission bound (it takes INGRESS_HEADROOM calls more to refuse them
         # itself), the pools beyond theirs.

@@ -10,7 +10,7 @@
     parallel:  ParallelConfig   pp_size, torch_threads
     router:    RouterConfig     num_bins, num_pools
     predictor: PredictorConfig  path, max_batch_size, batch_wait_timeout_s, num_cpus
-    pools:     PoolConfig       replicas, autoscaling bounds, queue limit, resources, replica routing
+    pools:     PoolConfig       replicas, autoscaling bounds, queue limit, resources, replica routing, streaming
     ingress:   IngressConfig    request limits, API key, replicas, resources
     sampling:  SamplingDefaultsConfig  what a request that leaves a field unset gets (over the model's)
     metrics:   MetricsConfig    export the binserve_* metrics or not, and how often replicas sample gauges
@@ -133,12 +133,21 @@ class PoolConfig:
     routing_stats_period_s: float = 0.5
     """How often each replica reports its predicted work to the callers (``least_predicted_work``); between
     reports a caller adds the requests it sent."""
+    stream_interval_s: float = 0.0
+    """Least seconds between two streamed messages of one request after its first token. 0 (the default):
+    a replica sends a request's new tokens whenever its caller has taken the previous ones, so a caller
+    that keeps up gets every token at once and one that falls behind gets fewer, larger messages."""
+    max_buffered_tokens: int = 1024
+    """Tokens of one request a replica holds for a caller that has stopped taking them; beyond them the
+    request is aborted (its KV blocks freed) and the call fails with RESOURCE_EXHAUSTED."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "replica_routing", to_enum("replica_routing", self.replica_routing, ReplicaRouting)
         )
         check_range("routing_stats_period_s", self.routing_stats_period_s, 0.05, 60.0)
+        check_range("stream_interval_s", self.stream_interval_s, 0.0, 10.0)
+        check_range("max_buffered_tokens", self.max_buffered_tokens, 1)
         check_range("min_replicas", self.min_replicas, 0)
         check_range("max_replicas", self.max_replicas, max(1, self.min_replicas))
         check_range("target_outstanding_tokens", self.target_outstanding_tokens, 1)
@@ -370,3 +379,8 @@ def _check_type(path: str, value: object, hint: Any) -> object:
     raise ValueError(
         f"{path}: must be {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}"
     )
+
+
+def parse_section(cls: type, data: object, path: str) -> Any:
+    """A YAML section outside ``AppConfig`` (a benchmark's own), parsed and checked like its sections."""
+    return _parse(cls, data, path)

@@ -1,6 +1,6 @@
 """An engine pool: a Serve deployment whose replicas each own one engine and stream its tokens back.
 
-    pool = EnginePool.options(name="engine-pool-0").bind(engine_config, pool_id=0, max_queued_requests=256)
+    pool = EnginePool.options(name="engine-pool-0").bind(engine_config, pool_id=0, pools=PoolConfig())
     async for out in handle.options(stream=True).generate.remote(NewRequest(...)):   # RequestOutput
         ...
 
@@ -21,19 +21,24 @@ import collections
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 
 from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
+from cluster.config import PoolConfig
 from cluster.metrics import EngineMetrics, EngineSnapshot
 from cluster.replica_router import routing_stats
 from pipeline.config import EngineConfig
 from pipeline.driver import EngineDriver
-from pipeline.engine import RequestOutput
+from pipeline.engine import RequestOutput, Runner
 from pipeline.request import NewRequest
+
+RunnerFactory = Callable[[EngineConfig], Runner]
+"""Builds a replica's runner from its config, in the replica's process (it must pickle: Serve ships it).
+The served default is the model (``build_driver``); benchmarks inject others (``bench/path_runner.py``)."""
 
 
 @dataclass(frozen=True)
@@ -76,13 +81,18 @@ def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) ->
     }
 
 
-def build_driver(config: EngineConfig, max_queued_requests: int) -> EngineDriver:
+def build_driver(
+    config: EngineConfig, pools: PoolConfig, runner_factory: RunnerFactory | None = None
+) -> EngineDriver:
     """An engine driver for this config, the one thing a replica needs: one ``ModelRunner`` with every
     layer in this process, or (``pp_size > 1``) a pipeline of stage actors in this replica's placement
-    group (bundle 0 is the replica's own; see ``replica_placement``), ``pp_size`` micro-batches in flight."""
+    group (bundle 0 is the replica's own; see ``replica_placement``), ``pp_size`` micro-batches in flight;
+    or what ``runner_factory`` builds."""
     from workers.llm import build_engine
 
-    if config.parallel.pp_size > 1:
+    if runner_factory is not None:
+        runner = runner_factory(config)
+    elif config.parallel.pp_size > 1:
         from ray.util import get_current_placement_group
 
         from workers.pipeline_runner import PipelineRunner
@@ -94,7 +104,12 @@ def build_driver(config: EngineConfig, max_queued_requests: int) -> EngineDriver
         from workers.runner import ModelRunner
 
         runner = ModelRunner(config.model, config.cache)
-    return EngineDriver(build_engine(config, runner), max_queued_requests=max_queued_requests)
+    return EngineDriver(
+        build_engine(config, runner),
+        max_queued_requests=pools.max_queued_requests,
+        max_buffered_tokens=pools.max_buffered_tokens,
+        min_stream_interval_s=pools.stream_interval_s,
+    )
 
 
 @serve.deployment
@@ -103,17 +118,19 @@ class EnginePool:
         self,
         config: EngineConfig,
         pool_id: int,
-        max_queued_requests: int,
+        pools: PoolConfig,
         metrics_interval_s: float | None = 1.0,
+        runner_factory: RunnerFactory | None = None,
     ) -> None:
-        """``metrics_interval_s``: how often the replica's gauges are sampled; None exports no metrics."""
+        """``metrics_interval_s``: how often the replica's gauges are sampled; None exports no metrics.
+        ``runner_factory``: the replica's runner instead of the model (benchmarks of the serving path)."""
         import torch
 
         # One intra-op thread per stage unless configured: OpenMP threads spinning against each other
         # on a shared host cost far more than they give.
         torch.set_num_threads(config.parallel.torch_threads)
         self.pool_id = pool_id
-        self.driver = build_driver(config, max_queued_requests)
+        self.driver = build_driver(config, pools, runner_factory)
         self._num_requests_by_bin: collections.Counter[int] = collections.Counter()
         self._num_cancelled_requests = 0
         self.metrics: EngineMetrics | None = None

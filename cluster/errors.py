@@ -7,7 +7,7 @@
 | INVALID_ARGUMENT | INVALID_ARGUMENT   | 400  | any ``ValueError`` (ingress checks, engine checks)  |
 | UNAUTHENTICATED  | UNAUTHENTICATED    | 401  | ``Unauthenticated`` (a missing or wrong API key)    |
 | NOT_FOUND        | NOT_FOUND          | 404  | ``UnknownModel``                                    |
-| QUEUE_FULL       | RESOURCE_EXHAUSTED | 429  | the engine's or Serve's queue bound                 |
+| QUEUE_FULL       | RESOURCE_EXHAUSTED | 429  | queue bounds (engine, Serve); a stalled stream      |
 | UNAVAILABLE      | UNAVAILABLE        | 503  | a dead engine or replica                            |
 
 A ``ValueError``'s message starts with the field it names (``top_p: must be in (0, 1], got 5``);
@@ -24,7 +24,7 @@ import grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from pipeline.driver import EngineDeadError, QueueFullError
+from pipeline.driver import EngineDeadError, QueueFullError, StalledStreamError
 
 
 class ErrorKind(enum.Enum):
@@ -47,7 +47,7 @@ _KINDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Error
     (ValueError, ErrorKind.INVALID_ARGUMENT),
     (Unauthenticated, ErrorKind.UNAUTHENTICATED),
     (UnknownModel, ErrorKind.NOT_FOUND),
-    ((QueueFullError, BackPressureError), ErrorKind.QUEUE_FULL),
+    ((QueueFullError, StalledStreamError, BackPressureError), ErrorKind.QUEUE_FULL),
     ((EngineDeadError, ActorDiedError, ActorUnavailableError), ErrorKind.UNAVAILABLE),
 )
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")

@@ -127,24 +127,29 @@ class GenerationService:
         is_engine_done = False
         try:
             async for output in outputs:
+                # One message of the replica: every token of the request since its previous message.
                 first_token_s = first_token_s or time.perf_counter()
                 is_engine_done = output.finish_reason is not None
-                delta = text.push(output.new_token_ids)
+                token_ids = output.new_token_ids
+                delta, num_taken = text.push_until_stop(token_ids)
+                num_dropped = len(token_ids) - num_taken  # made after a stop string ended the text
+                if num_dropped:
+                    token_ids = token_ids[:num_taken]
                 if is_engine_done:
                     delta += text.finish()
                 finish_reason = FinishReason.STOP if text.is_stopped else output.finish_reason
                 if finish_reason is None:
-                    yield GenerationChunk(delta, output.new_token_ids, routing)
+                    yield GenerationChunk(delta, token_ids, routing)
                     continue
                 final = FinalStats(
                     num_prompt_tokens=len(prepared.prompt_token_ids),
-                    num_output_tokens=output.num_output_tokens,
+                    num_output_tokens=output.num_output_tokens - num_dropped,
                     ttft_s=first_token_s - arrival_s,
                     total_s=time.perf_counter() - arrival_s,
                     predict_s=predict_s,
                     num_cached_prompt_tokens=output.num_cached_tokens,
                 )
-                yield GenerationChunk(delta, output.new_token_ids, routing, finish_reason, final)
+                yield GenerationChunk(delta, token_ids, routing, finish_reason, final)
                 return
         finally:
             if not is_engine_done:

@@ -5,6 +5,8 @@
         send(text.push(new_token_ids))     # possibly "" while a stop string or a character is pending
     send(text.finish())
 
+    delta, num_taken = text.push_until_stop(new_token_ids)    # a batch: the tokens up to a stop string
+
 Both APIs (gRPC and HTTP) stream what ``push`` releases, so their texts are equal by construction.
 """
 
@@ -40,6 +42,19 @@ class TextStream:
         self.token_ids.extend(new_token_ids)
         self._decoded += self._decode_new(is_final=False)
         return self._release(is_final=False)
+
+    def push_until_stop(self, new_token_ids: Sequence[int]) -> tuple[str, int]:
+        """Append tokens up to the one that completes a stop string; return the text they release and how
+        many of them were taken (all, unless a stop string ended the text). A batch of several tokens
+        then ends exactly where the same tokens pushed one by one would have ended it."""
+        if not self.stop:
+            return self.push(new_token_ids), len(new_token_ids)
+        released = []
+        for num_taken, token_id in enumerate(new_token_ids, start=1):
+            released.append(self.push((token_id,)))
+            if self.is_stopped:
+                return "".join(released), num_taken
+        return "".join(released), len(new_token_ids)
 
     def finish(self) -> str:
         """No more tokens: release everything still held back (unless a stop string cut the text)."""

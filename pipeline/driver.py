@@ -19,7 +19,9 @@ marks the driver unhealthy; nothing waits forever.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from pipeline.engine import Engine, RequestOutput
@@ -34,21 +36,67 @@ class QueueFullError(RuntimeError):
     """Too many unfinished requests; try again later or elsewhere."""
 
 
+class StalledStreamError(RuntimeError):
+    """The caller stopped taking a request's tokens; the request was aborted and its blocks freed."""
+
+
 class _Stream:
-    """Delivers one request's outputs from the driver thread to the caller's event loop."""
+    """One request's outputs on their way from the driver thread to the caller's event loop.
+
+    The driver appends under its lock; the caller takes everything buffered when it wakes, so a caller
+    that keeps up gets each step's token at once and one that falls behind gets fewer, larger batches.
+    ``has_items`` is set (on the caller's loop) only when the buffer goes from empty to not empty."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.items: list[RequestOutput | BaseException] = []
+        self.num_buffered_tokens = 0
+        self.has_items = asyncio.Event()
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def append(self, item: RequestOutput | BaseException) -> bool:
+        """Buffer an item (the driver's lock held); True if the caller must be woken."""
+        self.items.append(item)
+        if isinstance(item, RequestOutput):
+            self.num_buffered_tokens += len(item.new_token_ids)
+        return len(self.items) == 1
+
+    def take(self) -> list[RequestOutput | BaseException]:
+        """Everything buffered (the driver's lock held)."""
+        items, self.items = self.items, []
+        self.num_buffered_tokens = 0
+        self.has_items.clear()  # a wake already scheduled for these items finds nothing: harmless
+        return items
+
+
+def _wake(streams: list[_Stream]) -> None:
+    for stream in streams:
+        stream.has_items.set()
+
+
+def merged(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: every new token, the last one's count, finish and
+    metrics."""
+    if len(outputs) == 1:
+        return outputs[0]
+    token_ids = tuple(t for out in outputs for t in out.new_token_ids)
+    return dataclasses.replace(outputs[-1], new_token_ids=token_ids)
 
 
 class EngineDriver:
-    def __init__(self, engine: Engine, max_queued_requests: int = 1024) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_queued_requests: int = 1024,
+        max_buffered_tokens: int = 1024,
+        min_stream_interval_s: float = 0.0,
+    ) -> None:
+        """``max_buffered_tokens``: tokens of one request its caller may leave untaken; beyond them the
+        request is aborted (``StalledStreamError``). ``min_stream_interval_s``: least time between two
+        batches of one request after its first token (0: each batch goes out when the caller wakes)."""
         self.engine = engine
         self.max_queued_requests = max_queued_requests
+        self.max_buffered_tokens = max_buffered_tokens
+        self.min_stream_interval_s = min_stream_interval_s
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._adds: list[tuple[NewRequest, _Stream]] = []
@@ -96,8 +144,9 @@ class EngineDriver:
     # ---- callers (any asyncio loop) -------------------------------------------------------------
 
     async def generate(self, new: NewRequest) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; the last has ``finish_reason`` set. Cancelling the iteration
-        (or breaking out of it) aborts the request and frees its blocks."""
+        """Stream a request's outputs; the last has ``finish_reason`` set. Each output carries every token
+        produced since the previous one (one per step while the caller keeps up). Cancelling the
+        iteration (or breaking out of it) aborts the request and frees its blocks."""
         if self.num_unfinished >= self.max_queued_requests:
             raise QueueFullError(f"queue is full: {self.max_queued_requests} unfinished requests")
         stream = _Stream(asyncio.get_running_loop())
@@ -110,14 +159,22 @@ class EngineDriver:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True  # nothing left to abort: it was refused or the engine died
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    finished = True
-                    return
+                await stream.has_items.wait()
+                with self._lock:
+                    items = stream.take()
+                outputs = [item for item in items if isinstance(item, RequestOutput)]
+                if outputs:
+                    output = merged(outputs)
+                    finished = output.finish_reason is not None
+                    sent_s = time.monotonic()
+                    yield output
+                    if finished:
+                        return
+                if len(outputs) < len(items):
+                    finished = True  # refused, stalled or the engine died: nothing left to abort
+                    raise items[-1]
+                if self.min_stream_interval_s > 0 and outputs:  # tokens buffer meanwhile
+                    await asyncio.sleep(sent_s + self.min_stream_interval_s - time.monotonic())
         finally:
             if not finished:
                 self._abort(new.request_id, stream)
@@ -138,7 +195,7 @@ class EngineDriver:
             try:
                 self.engine.add_request(new)  # validates, duplicate ids included
             except ValueError as exc:
-                stream.put(exc)
+                self._deliver(stream, exc)
                 continue
             with self._lock:
                 self._streams[new.request_id] = stream
@@ -150,15 +207,37 @@ class EngineDriver:
             if is_registered:
                 self.engine.abort(request_id)
 
+    def _deliver(self, stream: _Stream, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            wake = stream.append(item)
+        if wake:
+            stream.loop.call_soon_threadsafe(_wake, [stream])
+
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            stream.put(out)
-            if out.finish_reason is not None:
-                with self._lock:
-                    self._streams.pop(out.request_id, None)
+        """Buffer a step's outputs and wake their callers: one wake-up call per event loop, not per token."""
+        to_wake: dict[asyncio.AbstractEventLoop, list[_Stream]] = {}
+        stalled: list[str] = []
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                if out.finish_reason is not None:
+                    del self._streams[out.request_id]
+                elif stream.num_buffered_tokens >= self.max_buffered_tokens:
+                    # The caller stopped reading: abort rather than buffer (and compute) without bound.
+                    del self._streams[out.request_id]
+                    stalled.append(out.request_id)
+                    out = StalledStreamError(
+                        f"request {out.request_id!r}: its caller left {stream.num_buffered_tokens} tokens "
+                        f"untaken (max_buffered_tokens {self.max_buffered_tokens}); aborted"
+                    )
+                if stream.append(out):
+                    to_wake.setdefault(stream.loop, []).append(stream)
+        for request_id in stalled:
+            self.engine.abort(request_id)
+        for loop, streams in to_wake.items():
+            loop.call_soon_threadsafe(_wake, streams)
 
     def _loop(self) -> None:
         try:
@@ -181,6 +260,6 @@ class EngineDriver:
             adds, self._adds = self._adds, []
         for request_id, stream in streams.items():
             self.engine.abort(request_id)
-            stream.put(error)
+            self._deliver(stream, error)
         for _, stream in adds:
-            stream.put(error)
+            self._deliver(stream, error)

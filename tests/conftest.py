@@ -58,15 +58,16 @@ def smollm2() -> str:
 @pytest.fixture(scope="session")
 def shared_cluster(tiny_llama: str, tmp_path_factory: pytest.TempPathFactory):
     """One local Serve cluster (``deploy/serve-local.yaml`` made small, the tiny model with a chat template) for
-    every test that only calls it: the gRPC and OpenAI API tests. Starting one costs tens of seconds here.
+    every test that only calls it: the gRPC and OpenAI API tests. Starting one costs tens of seconds here. Its
+streams coalesce (``tests.test_cluster.coalescing``).
 
     A Ray cluster in this process rules out the tests that start their own, so the tests that use this one run
     last (``pytest_collection_modifyitems``) and it ends with the session."""
     from tests.test_chat import make_chat_model
-    from tests.test_cluster import serving
+    from tests.test_cluster import coalescing, serving
 
     model_dir = make_chat_model(tiny_llama, tmp_path_factory.mktemp("shared") / "tiny-chat")
-    with serving(model_dir) as cluster:
+    with serving(model_dir, coalescing) as cluster:
         yield cluster
 
 

@@ -177,6 +177,36 @@ def test_text_stream_cuts_at_the_first_stop_string(tokenizer, stop: str) -> None
     assert stream.is_stopped == (stop in text)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 5, 100])
+@pytest.mark.parametrize("stop", ["wörld", "d!", "emoji 🙂", "never there"])
+def test_a_batch_of_tokens_stops_where_the_same_tokens_one_by_one_stop(tokenizer, stop: str, batch_size: int):
+    """A coalesced message (several tokens) ends the text, and the tokens kept, exactly where the same
+    tokens pushed one by one would."""
+    token_ids = tokenizer(
+        "Hello wörld! Ünïcödé, emoji 🙂 and spaces   end.", add_special_tokens=False
+    ).input_ids
+    one_by_one, expected_text, num_expected = TextStream(tokenizer, [stop, "zzz"]), [], 0
+    for t in token_ids:
+        expected_text.append(one_by_one.push([t]))
+        num_expected += 1
+        if one_by_one.is_stopped:
+            break
+    expected_text.append(one_by_one.finish())
+    batched, text, num_taken = TextStream(tokenizer, [stop, "zzz"]), [], 0
+    for start in range(0, len(token_ids), batch_size):
+        batch = token_ids[start : start + batch_size]
+        delta, taken = batched.push_until_stop(batch)
+        text.append(delta)
+        num_taken += taken
+        if batched.is_stopped:
+            assert taken <= len(batch)
+            break
+        assert taken == len(batch)
+    text.append(batched.finish())
+    assert "".join(text) == "".join(expected_text) and num_taken == num_expected
+    assert batched.is_stopped == one_by_one.is_stopped
+
+
 def policy_context(
     per_replica: dict[str, float], current: int = 2, target: int = 2, waiting: float = 0.0
 ) -> SimpleNamespace:
@@ -264,9 +294,31 @@ def serving(model_dir: str, configure: Callable[[dict], None] = lambda raw: None
         ray.shutdown()
 
 
+STREAM_INTERVAL_S = 0.1
+"""The shared cluster coalesces: each streamed message carries every token made in 0.1 s (dozens with the
+tiny model), so every test of it (here and in tests/test_openai_api.py) also checks that coalesced streams
+keep the exact semantics."""
+
+
+def coalescing(raw: dict) -> None:
+    raw["applications"][0]["args"]["pools"]["stream_interval_s"] = STREAM_INTERVAL_S
+
+
 @pytest.fixture(scope="module")
 def cluster(shared_cluster: Cluster) -> Cluster:
     return shared_cluster
+
+
+def one_by_one(tokenizer, token_ids: list[int], stop: list[str]) -> tuple[str, list[int]]:
+    """What a stream of one token per message answers: the text, and the tokens up to the one that
+    completes a stop string."""
+    text, pieces, kept = TextStream(tokenizer, stop), [], []
+    for t in token_ids:
+        pieces.append(text.push([t]))
+        kept.append(t)
+        if text.is_stopped:
+            break
+    return "".join(pieces) + text.finish(), kept
 
 
 @pytest.fixture(scope="module")
@@ -505,6 +557,40 @@ def test_a_stop_string_ends_the_text_and_the_request(cluster: Cluster, offline_g
     )
     assert reply.text == full_text.split(stop)[0]
     assert reply.finish_reason == pb.FINISH_REASON_STOP
+    assert_no_kv_block_allocated(wait_until_idle(cluster))
+
+
+def test_coalesced_streams_answer_what_one_token_per_message_answers(cluster: Cluster, tokenizer) -> None:
+    prompts = PROMPTS[:4]
+
+    async def answers(stops: list[list[str]]):
+        async with GenerationClient(cluster.address) as client:
+
+            async def streamed(request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
+                return [m async for m in client.generate_stream(request)]
+
+            requests = [
+                make_request(p, max_tokens=40, ignore_eos=True, stop=s)
+                for p, s in zip(prompts, stops, strict=True)
+            ]
+            unary = [client.generate(r) for r in requests]
+            return await asyncio.gather(*unary), await asyncio.gather(*(streamed(r) for r in requests))
+
+    full, _ = run(answers([[]] * len(prompts)))
+    # A stop string from the middle of each answer: it falls inside a message of several tokens.
+    texts = [tokenizer.decode(list(r.token_ids), skip_special_tokens=True) for r in full]
+    stops = [[t[len(t) // 2 : len(t) // 2 + 3]] for t in texts]
+    unary, streams = run(answers(stops))
+    for response, messages, whole, stop in zip(unary, streams, full, stops, strict=True):
+        text, kept = one_by_one(tokenizer, list(whole.token_ids), stop)
+        assert [t for m in messages for t in m.token_ids] == list(response.token_ids) == kept
+        assert "".join(m.text for m in messages) == response.text == text
+        assert messages[-1].finish_reason == response.finish_reason == pb.FINISH_REASON_STOP
+        assert messages[-1].usage.num_output_tokens == response.usage.num_output_tokens == len(kept)
+        assert messages[-1].usage.num_prompt_tokens == whole.usage.num_prompt_tokens
+    # Coalesced: fewer messages than tokens, and some stop string completed inside a message of several.
+    assert sum(len(m) for m in streams) < sum(len(r.token_ids) for r in unary)
+    assert any(len(m[-1].token_ids) > 1 for m in streams)
     assert_no_kv_block_allocated(wait_until_idle(cluster))
 
 

@@ -14,7 +14,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from cluster.app import AUTOSCALING_POLICY, SERVICER_FUNCTION, pool_options
+from cluster.app import AUTOSCALING_POLICY, INLINE_USER_CODE, SERVICER_FUNCTION, pool_options
 from cluster.autoscaling import PredictedTokensPolicy
 from cluster.config import AppConfig
 from cluster.grpc_proxy import INSTALL_FUNCTION
@@ -158,7 +158,7 @@ def test_autoscaling_pools_use_the_predicted_tokens_policy() -> None:
     assert "num_replicas" not in options
     # With pipeline stages the replica reserves its own bundle and one GPU bundle per stage.
     assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}]
-    assert options["ray_actor_options"] == {"num_cpus": 1.0}
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "runtime_env": INLINE_USER_CODE}
     # The engine queue is the SSJF queue: Serve hands the replica one call more than it queues.
     assert options["max_ongoing_requests"] == config.pools.max_queued_requests + 1
 
@@ -169,7 +169,7 @@ def test_fixed_pools_of_one_stage_take_the_model_resources_themselves() -> None:
     )
     options = pool_options(config.engine, config.pools)
     assert options["num_replicas"] == 2 and "autoscaling_config" not in options
-    assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0}
+    assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0, "runtime_env": INLINE_USER_CODE}
     assert "placement_group_bundles" not in options
 
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 
 import pytest
 
 from pipeline.config import SchedulerConfig
-from pipeline.driver import EngineDeadError, EngineDriver, QueueFullError
+from pipeline.driver import EngineDeadError, EngineDriver, QueueFullError, StalledStreamError
 from pipeline.engine import Engine
-from pipeline.request import NewRequest, SamplingParams
+from pipeline.request import FinishReason, NewRequest, SamplingParams
 from pipeline.scheduler import Scheduler
 from tests.fake_runner import FakeRunner
 
@@ -32,6 +33,11 @@ async def collect(driver: EngineDriver, request_id: str, max_tokens: int) -> lis
     ]
 
 
+def num_tokens(outputs: list) -> int:
+    """Tokens streamed: an output carries every token made since the caller took the previous one."""
+    return sum(len(o.new_token_ids) for o in outputs)
+
+
 def test_concurrent_streams_get_all_their_tokens() -> None:
     driver = make_driver()
 
@@ -41,7 +47,10 @@ def test_concurrent_streams_get_all_their_tokens() -> None:
     results = asyncio.run(main())
     driver.stop()
     for i, outs in enumerate(results):
-        assert len(outs) == 5 + i and outs[-1].finish_reason is not None
+        assert num_tokens(outs) == 5 + i and outs[-1].finish_reason is not None
+        assert [o.num_output_tokens for o in outs] == list(
+            itertools.accumulate(len(o.new_token_ids) for o in outs)
+        )
     assert driver.engine.scheduler.block_manager.num_free_blocks == 64
 
 
@@ -57,7 +66,7 @@ def test_bad_request_raises_value_error_and_others_continue() -> None:
                 pass
         return await collect(driver, "good", 4)
 
-    assert len(asyncio.run(main())) == 4
+    assert num_tokens(asyncio.run(main())) == 4
     driver.stop()
 
 
@@ -103,7 +112,7 @@ def test_queue_full_is_refused() -> None:
         runner.gate.set()
         return await first
 
-    assert len(asyncio.run(main())) == 3
+    assert num_tokens(asyncio.run(main())) == 3
     driver.stop()
 
 
@@ -126,3 +135,44 @@ def test_runner_failure_fails_requests_and_marks_unhealthy() -> None:
     asyncio.run(main())
     assert not driver.is_healthy
     driver.stop()
+
+
+def test_a_caller_that_falls_behind_gets_every_token_in_fewer_larger_outputs() -> None:
+    [offline] = Engine(
+        FakeRunner(64, 4), Scheduler(SchedulerConfig(chunk_size=16), 64, 4, 128, eos_token_ids=())
+    ).generate([(1, 2, 3)], SamplingParams(max_tokens=60))
+    driver = make_driver()
+
+    async def main():
+        outputs = []
+        async for out in driver.generate(NewRequest("slow", (1, 2, 3), SamplingParams(max_tokens=60))):
+            outputs.append(out)
+            await asyncio.sleep(0.02)  # the fake runner makes several tokens meanwhile
+        return outputs
+
+    outputs = asyncio.run(main())
+    driver.stop()
+    assert tuple(t for o in outputs for t in o.new_token_ids) == offline.output_token_ids
+    assert len(outputs) < 60 and max(len(o.new_token_ids) for o in outputs) > 1
+    assert [o.finish_reason for o in outputs] == [None] * (len(outputs) - 1) + [FinishReason.LENGTH]
+    assert outputs[-1].num_output_tokens == 60 and outputs[-1].metrics.num_output_tokens == 60
+
+
+def test_a_caller_that_stops_reading_is_aborted_and_its_blocks_freed() -> None:
+    driver = make_driver(max_buffered_tokens=8)
+
+    async def main():
+        stream = driver.generate(NewRequest("stalled", (1, 2, 3), SamplingParams(max_tokens=100)))
+        await stream.__anext__()
+        for _ in range(200):  # stop reading until the driver gives up on the caller
+            if not driver.engine.has_unfinished:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(StalledStreamError, match=r"max_buffered_tokens 8\); aborted"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(main())
+    driver.stop()
+    assert not driver.engine.has_unfinished
+    assert driver.engine.scheduler.block_manager.num_free_blocks == 64

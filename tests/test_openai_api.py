@@ -23,6 +23,7 @@ from tests.test_cluster import (
     Cluster,
     assert_no_kv_block_allocated,
     num_cancelled,
+    one_by_one,
     wait_until_idle,
 )
 
@@ -153,6 +154,34 @@ def test_a_stop_string_cuts_the_text_in_both_apis(app: Cluster) -> None:
     for stop_field in (stop, [stop, "never there"]):  # a string or a list, as OpenAI takes it
         cut = client.completions.create(prompt="Tell me a story.", stop=stop_field, **GREEDY)
         assert cut.choices[0].text == full.split(stop)[0] and cut.choices[0].finish_reason == "stop"
+
+
+def test_a_coalesced_sse_stream_stops_where_one_token_per_message_stops(app: Cluster) -> None:
+    from workers.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(app.model_dir)
+    prompt, forced = "Tell me a story.", dict(max_tokens=40, extra_body={"ignore_eos": True})
+
+    async def whole_tokens():
+        async with GenerationClient(app.address) as client:
+            return await client.generate(
+                make_request(prompt, max_tokens=40, ignore_eos=True, temperature=0.0)
+            )
+
+    token_ids = list(asyncio.run(whole_tokens()).token_ids)
+    full = tokenizer.decode(token_ids, skip_special_tokens=True)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]  # inside a message of several tokens
+    text, kept = one_by_one(tokenizer, token_ids, [stop])
+    client = sync_client(app)
+    options = dict(model=MODEL_ID, prompt=prompt, stop=[stop], temperature=0.0, **forced)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **options))
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == text and len(pieces) < len(kept)  # coalesced: fewer events than tokens
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].usage.completion_tokens == len(kept)
+    whole = client.completions.create(**options)
+    assert whole.choices[0].text == text and whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens == len(kept)
+    assert_no_kv_block_allocated(wait_until_idle(app))
 
 
 def test_include_usage_sends_a_last_chunk_with_the_usage(app: Cluster) -> None:

@@ -163,6 +163,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         roofline,
         trace_replay,
     )
+    from bench import path as path_bench
     from bench import pipeline as pipeline_bench
 
     pipeline_bench.register(bench_sub)
@@ -178,6 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from bench.sim import agreement
 
     agreement.register(bench_sub)
+    path_bench.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
     p.add_argument(

@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench import trace_replay
+from bench import path, trace_replay
 from bench.experiments import hf, multibin, pipeline_bubbles, replica_routing, sarathi, scale, ssjf
 from bench.experiments.harness import (
     DEFAULT_MODEL_DIR,
@@ -48,7 +48,11 @@ EXPERIMENTS: dict[str, ModuleType] = {
 }
 # Results of their own, longer commands (a real cluster, ``binserve bench trace``): rendered and judged with
 # the rest, not run by the report.
-MEASURED_ELSEWHERE: dict[str, ModuleType] = {"replica_routing": replica_routing, "trace": trace_replay}
+MEASURED_ELSEWHERE: dict[str, ModuleType] = {
+    "replica_routing": replica_routing,
+    "trace": trace_replay,
+    "path": path,  # binserve bench path
+}
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
 USES_PREDICTOR = ("ssjf", "multibin", "scale")
 TARGETS_FILE = "targets.json"
