@@ -252,7 +252,7 @@ def _model_dir(args: argparse.Namespace, scratch: Path) -> str:
 
 
 def cmd_bench_path(args: argparse.Namespace) -> int:
-    from tools.serve_cli import serving_locally_at
+    from cluster.local import serving_locally_at
 
     raw = yaml.safe_load(Path(args.config).read_text())
     step_s = raw["applications"][0]["args"]["path_runner"]["step_s"]
