@@ -201,8 +201,3 @@ class Request:
         """Tokens still to compute by the prediction: prompt tokens not yet prefilled (all of them again after
         a preemption) plus predicted remaining output; what replica routing balances."""
         return max(0, self.num_prompt_tokens - self.num_computed_tokens) + self.predicted_remaining_tokens
-
-    @property
-    def sort_length(self) -> int:
-        """SSJF key: the predicted remaining output (shortest remaining first)."""
-        return self.predicted_remaining_tokens
