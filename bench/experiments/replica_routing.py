@@ -90,6 +90,10 @@ class Params:
     service_s_per_token: float = 0.02
     """``SchedulerConfig.service_s_per_token`` for ``hrrn`` and ``ssjf_bounded``: a SARATHI step of this
     profile at 32 decodes plus a 512-token chunk takes about 20 ms."""
+    max_wait_floor_s: float = 10.0
+    """``SchedulerConfig.max_wait_floor_s``: the wait bound of ``hrrn`` and ``ssjf_bounded``."""
+    max_wait_service_multiple: float = 4.0
+    """``SchedulerConfig.max_wait_service_multiple``."""
     use_trained_predictor: bool = False
     seed: int = 0
     systems: tuple[tuple[str, str, str], ...] = field(
@@ -136,6 +140,8 @@ def simulate(
         chunk_size=params.chunk_size,
         queue_order=queue_order,
         service_s_per_token=params.service_s_per_token,
+        max_wait_floor_s=params.max_wait_floor_s,
+        max_wait_service_multiple=params.max_wait_service_multiple,
     )
     config = SimConfig(
         scheduler=scheduler,
@@ -347,6 +353,8 @@ def main() -> None:
         "queue orders (comma-separated QueueOrder values, e.g. fcfs,ssjf,ssjf_bounded,hrrn)",
     )
     parser.add_argument("--service-s-per-token", type=float, default=Params.service_s_per_token)
+    parser.add_argument("--max-wait-floor-s", type=float, default=Params.max_wait_floor_s)
+    parser.add_argument("--max-wait-service-multiple", type=float, default=Params.max_wait_service_multiple)
     parser.add_argument(
         "--merge", nargs=2, metavar="JSON", help="instead of running: merge two runs' grids (merge_runs)"
     )
@@ -369,6 +377,8 @@ def main() -> None:
             tokenizer_dir=args.tokenizer,
             spearmans=tuple(float(r) for r in args.spearmans.split(",") if r),
             service_s_per_token=args.service_s_per_token,
+            max_wait_floor_s=args.max_wait_floor_s,
+            max_wait_service_multiple=args.max_wait_service_multiple,
             **({"systems": systems_of(args.queue_orders)} if args.queue_orders else {}),
         )
         result = run(params)
