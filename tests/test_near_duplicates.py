@@ -101,3 +101,29 @@ def test_group_bootstrap_widens_the_interval_when_prompts_repeat() -> None:
     record_low, record_high = spearman_ci95(copies_estimates, copies_truth, num_resamples=300)
     assert low < spearman(copies_estimates, [float(t) for t in copies_truth]) < high
     assert high - low > 1.4 * (record_high - record_low)
+
+
+def test_a_held_out_prompt_is_leaked_when_its_group_has_a_trained_prompt() -> None:
+    from tools.predictor.generalisation import Corpus
+    from tools.predictor.records import is_validation
+
+    ids = [f"c{i}_0" for i in range(200)]
+    corpus = Corpus(group_of_id={i: n // 2 for n, i in enumerate(ids)}, ids=ids)  # groups of two
+    trained = corpus.trained_groups(0.3)
+    for n, record_id in enumerate(ids):
+        partner = ids[n ^ 1]
+        expected = not (is_validation(record_id, 0.3) and is_validation(partner, 0.3))
+        assert (corpus.group_of_id[record_id] in trained) == expected
+
+
+def test_out_of_fold_estimates_come_from_a_line_fitted_without_the_fold() -> None:
+    import numpy as np
+
+    from tools.predictor.generalisation import fold_estimates
+
+    x = np.arange(10, dtype=float)
+    y = 2 * x + 1
+    y[0] = 100.0  # an outlier in fold 0 pulls only the other folds' lines
+    estimates = fold_estimates(x, y, [0] * 5 + [1] * 5)
+    assert estimates[:5] == pytest.approx(list(2 * x[:5] + 1))  # fold 0 scored by fold 1's exact line
+    assert estimates[5:] != pytest.approx(list(2 * x[5:] + 1))
