@@ -26,6 +26,8 @@ class QueueOrder(str, enum.Enum):
 
     FCFS = "fcfs"
     SSJF = "ssjf"
+    SSJF_BOUNDED = "ssjf_bounded"
+    HRRN = "hrrn"
 
 
 def to_enum(name: str, value: object, enum_cls: type[enum.Enum]) -> enum.Enum:
@@ -115,9 +117,22 @@ class SchedulerConfig:
     max_prefill_chunks: int = 1
     """Prefill chunks per SARATHI iteration; 1 is decode-maximal batching."""
     queue_order: QueueOrder = QueueOrder.FCFS
-    """``fcfs`` by arrival, or ``ssjf`` by predicted output length (shortest first)."""
+    """``fcfs`` by arrival; ``ssjf`` least predicted work first (``Request.predicted_work_tokens``) with a
+    fixed aging threshold; ``ssjf_bounded`` the same with the wait bound instead; ``hrrn`` highest response
+    ratio next, (wait + predicted service) / predicted service, with the wait bound."""
     aging_threshold_s: float = 30.0
     """SSJF aging guard: requests that have waited this long are served first, oldest first."""
+    service_s_per_token: float = 0.02
+    """Seconds of a replica's time per token of a request's predicted work: turns predicted work into the
+    predicted service time of ``hrrn`` and of the wait bound. About one step's time, since each output token
+    costs its request a step (prompt tokens, many to a step, are overcharged): ~0.02 s for an 8B model on an
+    H100, ~0.06 s for SmolLM2-135M on one CPU core."""
+    max_wait_floor_s: float = 10.0
+    """Wait bound of ``ssjf_bounded`` and ``hrrn``: no request waits for admission longer than
+    max(max_wait_floor_s, max_wait_service_multiple x its predicted service time) while the load is below
+    capacity. A request that has waited half its bound is served first (earliest bound first)."""
+    max_wait_service_multiple: float = 4.0
+    """The wait bound's multiple of a request's predicted service time (see ``max_wait_floor_s``)."""
     group_by_bin: bool = False
     """Static and dynamic batches are drawn from one bin only (Multi-Bin batching in one replica)."""
     batch_wait_timeout_s: float = 0.05
@@ -140,6 +155,9 @@ class SchedulerConfig:
         check_range("max_num_seqs", self.max_num_seqs, 1)
         check_range("max_prefill_chunks", self.max_prefill_chunks, 1)
         check_range("aging_threshold_s", self.aging_threshold_s, 0.0)
+        check_range("service_s_per_token", self.service_s_per_token, 1e-6, 60.0)
+        check_range("max_wait_floor_s", self.max_wait_floor_s, 0.0)
+        check_range("max_wait_service_multiple", self.max_wait_service_multiple, 0.0)
         check_range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0)
         check_range("watermark_fraction", self.watermark_fraction, 0.0, 0.5)
         check_range("predicted_output_margin", self.predicted_output_margin, 0.0, 10.0)

@@ -8,8 +8,9 @@ Two kinds, chosen once from ``SchedulerConfig`` by ``batching_policy`` and ``wai
   under ``chunk_size`` tokens), ``PrefillFirst`` (whole prompts; a step that can admit a prompt does
   only prefills: vLLM v0 / Orca) and ``Batch`` (static: a batch is admitted at once and runs to its last
   request; dynamic: it also starts once its oldest request has waited ``batch_wait_timeout_s``).
-- **Waiting queues** order the requests that hold no KV blocks: ``FCFSQueue`` by arrival, ``SSJFQueue``
-  shortest predicted job first with an aging guard.
+- **Waiting queues** order the requests that hold no KV blocks: ``FCFSQueue`` by arrival; ``SSJFQueue``
+  least predicted work first with a fixed aging guard; ``BoundedSSJFQueue`` the same with aging tied to
+  the job's size (``WaitBound``); ``HRRNQueue`` highest response ratio next under the same bound.
 
 Adding a policy is adding a class here and a member to the config's enum; the scheduler does not change.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.config import QueueOrder, SchedulerConfig, SchedulerPolicy
@@ -58,27 +60,101 @@ class FCFSQueue(WaitingQueue):
         return sorted(self._requests, key=lambda r: r.arrival_s)
 
 
-class SSJFQueue(WaitingQueue):
-    """Shortest predicted output first (ties by arrival), except that requests which have waited at least
-    ``aging_threshold_s`` come first, oldest first: a long job is delayed by at most the threshold plus
-    the work already admitted ahead of it."""
+class AgingQueue(WaitingQueue):
+    """Requests that have waited past their aging limit first, earliest limit first; the rest by
+    ``priority`` (smallest first; ties keep arrival order). Every order but FCFS is one of these: they
+    differ only in the limit and the priority, and all rank by ``Request.predicted_work_tokens``."""
+
+    @abstractmethod
+    def aging_limit_s(self, request: Request) -> float:
+        """How long the request may wait before it is served ahead of every priority."""
+
+    @abstractmethod
+    def priority(self, request: Request, now_s: float) -> float:
+        """The request's rank among those not yet past their limit (smaller is served first)."""
+
+    def ordered(self, now_s: float) -> list[Request]:
+        by_arrival = sorted(self._requests, key=lambda r: r.arrival_s)
+        limits = {r.request_id: r.arrival_s + self.aging_limit_s(r) for r in by_arrival}
+        aged = [r for r in by_arrival if now_s >= limits[r.request_id]]
+        rest = [r for r in by_arrival if now_s < limits[r.request_id]]
+        aged.sort(key=lambda r: limits[r.request_id])
+        rest.sort(key=lambda r: self.priority(r, now_s))  # stable: equal priorities keep arrival order
+        return aged + rest
+
+
+class SSJFQueue(AgingQueue):
+    """Least predicted work first, except that requests which have waited at least ``aging_threshold_s``
+    come first, oldest first: a long job is delayed by at most the threshold plus the work already
+    admitted ahead of it."""
 
     def __init__(self, aging_threshold_s: float) -> None:
         super().__init__()
         self.aging_threshold_s = aging_threshold_s
 
-    def ordered(self, now_s: float) -> list[Request]:
-        by_arrival = sorted(self._requests, key=lambda r: r.arrival_s)
-        starved = [r for r in by_arrival if now_s - r.arrival_s >= self.aging_threshold_s]
-        rest = [r for r in by_arrival if now_s - r.arrival_s < self.aging_threshold_s]
-        rest.sort(key=lambda r: r.sort_length)  # stable: equal predictions keep arrival order
-        return starved + rest
+    def aging_limit_s(self, request: Request) -> float:
+        return self.aging_threshold_s
+
+    def priority(self, request: Request, now_s: float) -> float:
+        return request.predicted_work_tokens
+
+
+@dataclass(frozen=True)
+class WaitBound:
+    """The longest a request should wait for admission: max(``floor_s``, ``service_multiple`` x its
+    predicted service time), the service time being its predicted work times ``s_per_token``.
+
+    A queue keeps it by serving a request first once it has waited half its bound; the other half is the
+    headroom for a slot and blocks to free, which below capacity takes about one short job."""
+
+    s_per_token: float
+    floor_s: float
+    service_multiple: float
+
+    @classmethod
+    def of(cls, config: SchedulerConfig) -> WaitBound:
+        return cls(config.service_s_per_token, config.max_wait_floor_s, config.max_wait_service_multiple)
+
+    def service_s(self, request: Request) -> float:
+        return max(1, request.predicted_work_tokens) * self.s_per_token
+
+    def max_wait_s(self, request: Request) -> float:
+        return max(self.floor_s, self.service_multiple * self.service_s(request))
+
+
+class BoundedSSJFQueue(AgingQueue):
+    """Least predicted work first, with aging tied to the job's size: a request is served first once it has
+    waited half its ``WaitBound`` (so a long job ages later than a short one, but always within its bound)."""
+
+    def __init__(self, bound: WaitBound) -> None:
+        super().__init__()
+        self.bound = bound
+
+    def aging_limit_s(self, request: Request) -> float:
+        return self.bound.max_wait_s(request) / 2
+
+    def priority(self, request: Request, now_s: float) -> float:
+        return request.predicted_work_tokens
+
+
+class HRRNQueue(BoundedSSJFQueue):
+    """Highest response ratio next: (wait + predicted service) / predicted service, largest first (SGLang's
+    HRRN). A fresh short job beats a fresh long one, and a job's ratio grows faster the shorter it is, so
+    the long ones rise as they wait; the ``WaitBound`` aging caps what is left of their tail."""
+
+    def priority(self, request: Request, now_s: float) -> float:
+        service_s = self.bound.service_s(request)
+        return -(now_s - request.arrival_s + service_s) / service_s
 
 
 def waiting_queue(config: SchedulerConfig) -> WaitingQueue:
-    if config.queue_order is QueueOrder.SSJF:
-        return SSJFQueue(config.aging_threshold_s)
-    return FCFSQueue()
+    makers = {
+        QueueOrder.FCFS: FCFSQueue,
+        QueueOrder.SSJF: lambda: SSJFQueue(config.aging_threshold_s),
+        QueueOrder.SSJF_BOUNDED: lambda: BoundedSSJFQueue(WaitBound.of(config)),
+        QueueOrder.HRRN: lambda: HRRNQueue(WaitBound.of(config)),
+    }
+    return makers[config.queue_order]()
 
 
 # ---- batching policies ------------------------------------------------------------------------------

@@ -191,13 +191,9 @@ class Request:
 
     @property
     def predicted_work_tokens(self) -> int:
-        """Tokens still to compute by the prediction: prompt tokens neither prefilled nor found in the prefix
-        cache (after a preemption, those beyond the first admission's cache hit) plus predicted remaining
-        output; what replica routing balances."""
+        """A request's predicted service, the one definition every queue order, the replica router, the
+        autoscaler and the simulator use: prompt tokens neither prefilled nor found in the prefix cache (after a
+        preemption, those beyond the first admission's cache hit) plus predicted remaining output."""
         num_prefilled = max(self.num_computed_tokens, self.num_cached_tokens)
         return max(0, self.num_prompt_tokens - num_prefilled) + self.predicted_remaining_tokens
 
-    @property
-    def sort_length(self) -> int:
-        """SSJF key: the predicted remaining output (shortest remaining first)."""
-        return self.predicted_remaining_tokens

@@ -398,6 +398,23 @@ def test_routing_runs_on_two_grids_merge_and_judge_the_capacity_ratio() -> None:
     assert merged["params"]["rates"] == [200.0, 260.0, 300.0, 340.0, 400.0]
     capacities = {r["system"]: r["mean JCT <= 4 s"] for r in merged["rows"]}
     assert capacities == {blind: 200.0, aware: 340.0}  # blind fails at 260, aware holds up to 340
-    [verdict] = replica_routing.targets(merged)
+    verdict, tail = replica_routing.targets(merged)
     assert (verdict["value"], verdict["met"]) == (1.7, True)
+    # The tail target: >= 1.2x under mean JCT and >= 1.0x under p99 TTFT (every p99 TTFT here is 0, so
+    # both rows hold it up to 400): the lesser of 1.7 / 1.2 and 1.0 / 1.0.
+    assert (tail["value"], tail["met"]) == (1.0, True)
     assert "1.70x" in replica_routing.render(merged)
+
+
+def test_routing_rows_for_chosen_queue_orders() -> None:
+    from bench.experiments import replica_routing
+
+    systems = replica_routing.systems_of("fcfs,hrrn")
+    assert [(routing, order) for _, routing, order in systems] == [
+        ("power_of_two", "fcfs"),
+        ("least_predicted_work", "fcfs"),
+        ("least_predicted_work", "hrrn"),
+    ]
+    assert systems[2][0] == "length-aware (least predicted work, HRRN)"
+    with pytest.raises(ValueError, match="queue_order: must be one of fcfs, ssjf, ssjf_bounded, hrrn"):
+        replica_routing.systems_of("ssjf,lifo")

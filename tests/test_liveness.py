@@ -175,6 +175,9 @@ def scenarios(draw: st.DrawFn) -> tuple:
         max_prefill_chunks=draw(st.integers(1, 3)),
         group_by_bin=draw(st.booleans()),
         aging_threshold_s=draw(st.sampled_from([0.0, 0.05, 30.0])),
+        max_wait_floor_s=draw(st.sampled_from([0.0, 0.05, 10.0])),
+        max_wait_service_multiple=draw(st.sampled_from([0.0, 4.0])),
+        service_s_per_token=draw(st.sampled_from([0.001, 0.02])),
         watermark_fraction=draw(st.sampled_from([0.0, 0.01, 0.2])),
         reserve_predicted_output=draw(st.booleans()),
     )
