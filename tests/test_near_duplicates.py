@@ -104,8 +104,8 @@ def test_group_bootstrap_widens_the_interval_when_prompts_repeat() -> None:
 
 
 def test_a_held_out_prompt_is_leaked_when_its_group_has_a_trained_prompt() -> None:
+    from bench.labels import is_validation
     from tools.predictor.generalisation import Corpus
-    from tools.predictor.records import is_validation
 
     ids = [f"c{i}_0" for i in range(200)]
     corpus = Corpus(group_of_id={i: n // 2 for n, i in enumerate(ids)}, ids=ids)  # groups of two

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.labels import LengthRecord, count_tokens, is_validation, read_records
 from tools.predictor.evaluate import spearman
 from tools.predictor.near_duplicates import group_bootstrap_ci, grouped_folds, prompt_groups
-from tools.predictor.records import LengthRecord, count_tokens, is_validation, read_records
 
 NUM_FOLDS = 5
 REPO_DIR = Path(__file__).resolve().parents[2]
