@@ -1,7 +1,8 @@
 """Placement across nodes: one replica's pipeline stages on two nodes give exactly the tokens of one
 process; ``parallel.stage_placement`` decides; the proxy runs where ``proxy_location`` says.
 
-A head node (1 CPU) and two GPU-type worker nodes (3 CPUs each), each its own raylet.
+A head node (1 CPU) and two GPU-type worker nodes (3 CPUs each), each its own raylet
+(``bench/local_cluster.py``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench.local_cluster import APP_NAME, MultiNodeCluster, deployed, multinode_cluster
 from cluster.client import GenerationClient, make_request
 from pipeline.config import EngineConfig, ModelConfig, ParallelConfig, StagePlacement
 from pipeline.request import SamplingParams
-from tests.multinode.nodes import MultiNodeCluster, multinode_cluster
-from tests.multinode.serving import deployed
 
 PROMPTS = ["Hello", "a b c d e f g", "Write a long story about a dragon who learns to cook.", "x"]
 MAX_TOKENS = 16
@@ -33,7 +33,10 @@ def one_process_tokens(chat_model: str) -> list[list[int]]:
     from workers.llm import LLM
 
     llm = LLM(EngineConfig(ModelConfig(chat_model, device="cpu")))
-    return [list(d.completion.output_token_ids) for d in llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))]
+    return [
+        list(d.completion.output_token_ids)
+        for d in llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
+    ]
 
 
 @pytest.mark.parametrize("placement", list(StagePlacement))
@@ -60,6 +63,8 @@ def test_a_served_replica_spread_over_two_nodes_gives_one_process_tokens_through
 ) -> None:
     from ray import serve
 
+    from cluster.app import pool_name
+
     def spread_pipeline(raw: dict) -> None:
         args = raw["applications"][0]["args"]
         args["parallel"] = {"pp_size": 2, "stage_placement": "spread"}
@@ -71,7 +76,7 @@ def test_a_served_replica_spread_over_two_nodes_gives_one_process_tokens_through
             return await asyncio.gather(*calls)
 
     with deployed(chat_model, spread_pipeline) as served:
-        stats = served.pool(0).stats.remote().result()
+        stats = serve.get_deployment_handle(pool_name(0), app_name=APP_NAME).stats.remote().result()
         responses = asyncio.run(generate_all(served.address))
         proxy_nodes = set(serve.status().proxies)
     replica_node, *stage_nodes = stats.node_ids
