@@ -73,6 +73,8 @@ class LossReport:
     seconds_until_engines_idle: float | None
     """From the loss until no surviving engine replica holds a request: the lost calls' engine requests
     (a lost ingress replica's) are aborted, not generated to their end for nobody."""
+    probe_codes: dict[str, int]
+    """How the new requests sent after the loss, until one was served, ended."""
 
     @property
     def codes(self) -> dict[str, int]:
@@ -114,6 +116,7 @@ async def lose_under_load(
     loss: Loss,
     num_streams: int = 8,
     max_tokens: int = 1500,
+    stagger_s: float = 0.25,
     recovery_timeout_s: float = 180.0,
 ) -> LossReport:
     """Start ``num_streams`` streams of ``max_tokens`` forced tokens; once each has 3 messages, lose what
@@ -124,6 +127,9 @@ async def lose_under_load(
         flowing = [asyncio.Event() for _ in range(num_streams)]
 
         async def stream(i: int) -> None:
+            # Staggered: the replica router sees each stream before the next (a burst of equal requests
+            # can land on one replica, and the loss would then take all or none of them).
+            await asyncio.sleep(i * stagger_s)
             request = make_request(f"{i}. {PROMPT}", max_tokens=max_tokens, ignore_eos=True)
             code, details = "OK", ""
             try:
@@ -146,8 +152,9 @@ async def lose_under_load(
             await asyncio.to_thread(nodes.remove, nodes.node_of(lost[0].node_id))
         else:
             os.kill(lost[0].pid, signal.SIGKILL)
+        served_again = asyncio.create_task(_until_served(client, lost_at_s, recovery_timeout_s))
         await asyncio.gather(*tasks)
-        served_again_s = await _until_served(client, lost_at_s, recovery_timeout_s)
+        served_again_s, probe_codes = await served_again
     idle_s = await _until_engines_idle(lost_at_s, recovery_timeout_s)
     replaced_s = await _until_replaced(lost, replica_counts, lost_at_s, recovery_timeout_s)
     lost_ids = [a.actor_id for a in lost]
@@ -162,17 +169,24 @@ async def lose_under_load(
         seconds_until_served_again=served_again_s,
         seconds_until_replicas_replaced=replaced_s,
         seconds_until_engines_idle=idle_s,
+        probe_codes=probe_codes,
     )
 
 
-async def _until_served(client: GenerationClient, since_s: float, timeout_s: float) -> float | None:
+async def _until_served(
+    client: GenerationClient, since_s: float, timeout_s: float
+) -> tuple[float | None, dict[str, int]]:
+    """Seconds from the loss until a new request is served (asked from the loss on, while the streams
+    that survived it still run), and how the requests sent until then ended."""
+    codes: Counter[str] = Counter()
     while time.monotonic() - since_s < timeout_s:
         try:
             await client.generate(make_request("Hello", max_tokens=2), timeout_s=10)
-            return time.monotonic() - since_s
-        except grpc.aio.AioRpcError:
+            return time.monotonic() - since_s, dict(codes)
+        except grpc.aio.AioRpcError as exc:
+            codes[exc.code().name] += 1
             await asyncio.sleep(0.2)
-    return None
+    return None, dict(codes)
 
 
 async def _until_engines_idle(since_s: float, timeout_s: float) -> float | None:
@@ -215,13 +229,52 @@ async def _until_replaced(
 
 # ---- the command ----------------------------------------------------------------------------------------
 
+WHAT_IS_LOST = {
+    Loss.NODE.value: "a GPU node (an engine replica on it)",
+    Loss.INGRESS.value: "the ingress replica the proxy calls",
+}
+
+
+def render(report: dict) -> str:
+    """docs/RELIABILITY.md's table for a report of this command."""
+
+    def seconds(value: float | None) -> str:
+        return "never" if value is None else f"{value:.1f} s"
+
+    lines = [
+        "| lost | streams OK / UNAVAILABLE / other | failed streams ended by | new requests until one is "
+        "served | served again after | Serve replaced it after | engines idle after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for loss in WHAT_IS_LOST:
+        r = report[loss]
+        codes = dict(r["codes"])
+        ok, unavailable = codes.pop("OK", 0), codes.pop("UNAVAILABLE", 0)
+        probes = ", ".join(f"{n} {code}" for code, n in sorted(r["probe_codes"].items())) or "none refused"
+        lines.append(
+            f"| {WHAT_IS_LOST[loss]} | {ok} / {unavailable} / {sum(codes.values())} "
+            f"| {seconds(r['seconds_until_failed_calls_ended'])} | {probes} "
+            f"| {seconds(r['seconds_until_served_again'])} | {seconds(r['seconds_until_replicas_replaced'])} "
+            f"| {seconds(r['seconds_until_engines_idle'])} |"
+        )
+    lines.append(
+        f"\n{report['num_streams']} streams of {report['node']['max_tokens']} forced tokens, "
+        f"{report['date']}; load average {report['load_average_at_start']:.1f} at the start, "
+        f"{report['load_average_at_end']:.1f} at the end."
+    )
+    return "\n".join(lines)
+
 
 def cmd_bench_node_loss(args: argparse.Namespace) -> int:
     from bench.local_cluster import deployed, multinode_cluster
     from workers.tiny_model import make_tiny_model
 
     model_dir = args.model or str(make_tiny_model(args.scratch, arch="llama", seed=0))
-    report: dict = {"load_average_at_start": os.getloadavg()[0], "num_streams": args.num_streams}
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_at_start": os.getloadavg()[0],
+        "num_streams": args.num_streams,
+    }
     with multinode_cluster(num_gpu_nodes=2, cpus_per_gpu_node=2) as nodes, deployed(model_dir) as served:
         for loss in (Loss.NODE, Loss.INGRESS):  # the order of tests/multinode/test_node_loss.py
             result = asyncio.run(lose_under_load(served.address, nodes, loss, args.num_streams))
@@ -235,6 +288,7 @@ def cmd_bench_node_loss(args: argparse.Namespace) -> int:
             )
     report["load_average_at_end"] = os.getloadavg()[0]
     write_report(args.json, report)
+    print(render(report))
     return 0
 
 
