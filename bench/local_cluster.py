@@ -76,12 +76,8 @@ def multinode_cluster(num_gpu_nodes: int = 2, cpus_per_gpu_node: int = 2) -> Ite
     from ray.cluster_utils import Cluster
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    from tools.serve_cli import free_port
-
     cluster = Cluster()
-    _started(
-        lambda: cluster.add_node(num_cpus=HEAD_CPUS, include_dashboard=False, gcs_server_port=free_port())
-    )
+    gcs_address = _start_head(cluster, lambda address: {})
     nodes = MultiNodeCluster(cluster)
     try:
         for _ in range(num_gpu_nodes):
@@ -91,6 +87,45 @@ def multinode_cluster(num_gpu_nodes: int = 2, cpus_per_gpu_node: int = 2) -> Ite
     finally:
         ray.shutdown()
         cluster.shutdown()
+        _kill_processes_of(gcs_address)  # a worker raylet from a try that timed out, if any
+
+
+def _start_head(cluster: Any, head_args: Callable[[str], dict], attempts: int = 3) -> str:
+    """Start the head node on a free port (``head_args(gcs_address)`` adds arguments); a try that times
+    out is ended, its processes killed, and the next gets another port. Returns the GCS address."""
+    from ray._private.services import get_node_ip_address
+
+    from tools.serve_cli import free_port
+
+    for attempt in range(attempts):
+        port = free_port()
+        gcs_address = f"{get_node_ip_address()}:{port}"
+        try:
+            args = {"num_cpus": HEAD_CPUS, "include_dashboard": False, **head_args(gcs_address)}
+            cluster.add_node(gcs_server_port=port, **args)
+            return gcs_address
+        except Exception as exc:  # Ray raises a bare Exception ("timed out during startup")
+            _kill_processes_of(gcs_address)
+            if "timed out during startup" not in str(exc) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _kill_processes_of(gcs_address: str) -> None:
+    """Kill this cluster's Ray processes that no ``Node`` object ends: the GCS and raylets of a try that
+    timed out, the fake provider's raylets (started without a reaper), and every process under them. Only
+    processes whose command line names this cluster's GCS address or port are touched."""
+    import psutil
+
+    port = gcs_address.rsplit(":", 1)[1]
+    markers = (gcs_address, f"--gcs_server_port={port}")
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        if any(marker in cmdline for marker in markers) and ("raylet" in cmdline or "gcs_server" in cmdline):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in process.children(recursive=True):
+                    child.kill()
+                process.kill()
 
 
 def _started(start: Callable[[], Any], attempts: int = 3) -> Any:
@@ -209,3 +244,94 @@ def deployed(model_dir: str, configure: Callable[[dict], None] = lambda raw: Non
         yield Served(f"127.0.0.1:{grpc_port}")
     finally:
         serve.shutdown()
+
+
+# ---- Ray's autoscaler on its fake multi-node provider ------------------------------------------------
+
+GPU_NODE_TYPE = "gpu_node"
+
+
+def fake_provider_config(gcs_address: str, cpus_per_gpu_node: int, max_gpu_nodes: int) -> dict:
+    """The autoscaler's cluster config for Ray's fake multi-node provider (the wheel lacks the base file
+    ``ray.cluster_utils.AutoscalingCluster`` reads): a head that holds no replica, and a GPU node type
+    the autoscaler starts as raylets on this machine, joining ``gcs_address``."""
+    return {
+        "cluster_name": "binserve-fake",
+        "max_workers": max_gpu_nodes,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.2,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,  # else it assumes <this host>:6379, which may be another's cluster
+        },
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": HEAD_CPUS}, "node_config": {}, "max_workers": 0},
+            GPU_NODE_TYPE: {
+                "resources": {"CPU": cpus_per_gpu_node, "GPU": 1},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": max_gpu_nodes,
+            },
+        },
+        "docker": {},
+        "auth": {"ssh_user": "ubuntu"},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+@contextlib.contextmanager
+def autoscaling_cluster(
+    config_dir: Path, cpus_per_gpu_node: int = 2, max_gpu_nodes: int = 2
+) -> Iterator[MultiNodeCluster]:
+    """A head node whose autoscaler starts and removes GPU nodes on demand (the fake provider's raylets
+    on this machine), this process its driver. Unlike ``AutoscalingCluster.start`` this runs no
+    ``ray stop --force`` (which would end every Ray cluster on the machine); afterwards the raylets the
+    autoscaler started for this cluster, and their workers, are killed."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    def with_autoscaler(gcs_address: str) -> dict:
+        config = fake_provider_config(gcs_address, cpus_per_gpu_node, max_gpu_nodes)
+        config_path = config_dir / "autoscaler.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        return {"autoscaling_config": str(config_path)}
+
+    # The autoscaler (Ray's monitor process, started with the head) reads these from its environment.
+    env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    cluster = Cluster()
+    gcs_address = ""
+    try:
+        gcs_address = _start_head(cluster, with_autoscaler)
+        ray.init(address=cluster.address, namespace=SERVE_NAMESPACE, log_to_driver=False)
+        yield MultiNodeCluster(cluster)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if gcs_address:
+            _kill_processes_of(gcs_address)  # the fake provider's raylets
+
+
+def num_gpu_nodes_alive() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0)

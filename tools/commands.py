@@ -144,7 +144,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-hf", action="store_true", help="run only this engine")
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_offline)
-    from bench import admission, gpu_check, metrics_cost, node_loss, reliability, roofline, trace_replay
+    from bench import (
+        admission,
+        gpu_check,
+        metrics_cost,
+        node_loss,
+        reliability,
+        roofline,
+        scaling,
+        trace_replay,
+    )
     from bench import pipeline as pipeline_bench
 
     pipeline_bench.register(bench_sub)
@@ -153,6 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench_serve.register(bench_sub)
     reliability.register(bench_sub)
     node_loss.register(bench_sub)
+    scaling.register(bench_sub)
     metrics_cost.register(bench_sub)
     admission.register(bench_sub)
     trace_replay.register(bench_sub)
