@@ -6,8 +6,8 @@ starts a GPU node for it -> the replica serves; idle -> Serve removes it -> the 
 One engine pool between 1 and 2 replicas of one (declared) GPU each, on a head node with no GPU: even the
 first replica needs a node the autoscaler starts. Streams arrive one a second until a request runs on the
 second replica; every stream must complete (no admitted request lost). Reported: load -> GPU node up,
-load -> second replica RUNNING, load -> a request served by it; streams done -> Serve down to one replica,
--> the idle node removed.
+load -> second replica RUNNING, load -> a request served by it; last arrival -> Serve down to one
+replica, -> the idle node removed (Serve's graceful shutdown lets a removed replica finish its streams).
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ class ScalingReport:
     seconds_until_replica_running: float | None
     seconds_until_new_replica_serves: float | None
     seconds_until_scaled_down: float | None
-    """From the last stream's end until Serve runs one replica again."""
+    """From the last arrival (the load drains from then on) until Serve runs one replica again."""
     seconds_until_node_removed: float | None
-    """From the last stream's end until the idle GPU node is gone."""
+    """From the last arrival until the idle GPU node is gone."""
 
 
 def num_running_replicas() -> int:
@@ -101,14 +101,17 @@ async def scale_up_and_down(
                 marks["replica_running"] = elapsed_s
             if "replica_running" in marks and await asyncio.to_thread(is_served_by_new_node, first_node_ids):
                 marks["new_replica_serves"] = elapsed_s
-        await asyncio.gather(*tasks)
-    idle_s = time.monotonic()
-    while time.monotonic() - idle_s < timeout_s and "node_removed" not in marks:
-        if "scaled_down" not in marks and await asyncio.to_thread(num_running_replicas) == 1:
-            marks["scaled_down"] = time.monotonic() - idle_s
-        if "scaled_down" in marks and await asyncio.to_thread(num_gpu_nodes_alive) == 1:
-            marks["node_removed"] = time.monotonic() - idle_s
-        await asyncio.sleep(0.5)
+        stop_s = time.monotonic()  # no more arrivals: the load only drains from here
+
+        async def until_scaled_in() -> None:
+            while time.monotonic() - stop_s < timeout_s and "node_removed" not in marks:
+                if "scaled_down" not in marks and await asyncio.to_thread(num_running_replicas) == 1:
+                    marks["scaled_down"] = time.monotonic() - stop_s
+                if "scaled_down" in marks and await asyncio.to_thread(num_gpu_nodes_alive) == 1:
+                    marks["node_removed"] = time.monotonic() - stop_s
+                await asyncio.sleep(0.5)
+
+        await asyncio.gather(*tasks, until_scaled_in())
     return ScalingReport(
         codes=dict(codes),
         num_streams=len(tasks),
@@ -117,6 +120,27 @@ async def scale_up_and_down(
         seconds_until_new_replica_serves=marks.get("new_replica_serves"),
         seconds_until_scaled_down=marks.get("scaled_down"),
         seconds_until_node_removed=marks.get("node_removed"),
+    )
+
+
+def render(report: dict) -> str:
+    """docs/RELIABILITY.md's table for a report of this command."""
+
+    def seconds(key: str) -> str:
+        return "never" if report[key] is None else f"{report[key]:.1f} s"
+
+    codes = ", ".join(f"{n} {code}" for code, n in sorted(report["codes"].items()))
+    return "\n".join(
+        [
+            "| deployed (first replica on a started node) | load -> GPU node up | -> 2nd replica RUNNING "
+            "| -> it serves a request | last arrival -> one replica | -> node removed | streams |",
+            "|---|---|---|---|---|---|---|",
+            f"| {seconds('seconds_until_deployed_on_a_started_node')} | {seconds('seconds_until_node_added')} "
+            f"| {seconds('seconds_until_replica_running')} | {seconds('seconds_until_new_replica_serves')} "
+            f"| {seconds('seconds_until_scaled_down')} | {seconds('seconds_until_node_removed')} | {codes} |",
+            f"\n{report['date']}; load average {report['load_average_at_start']:.1f} at the start, "
+            f"{report['load_average_at_end']:.1f} at the end.",
+        ]
     )
 
 
@@ -136,7 +160,7 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
         report.update(asdict(asyncio.run(scale_up_and_down(served.address))))
     report["load_average_at_end"] = os.getloadavg()[0]
     write_report(args.json, report)
-    print(report)
+    print(render(report))
     return 0
 
 
