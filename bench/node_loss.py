@@ -71,8 +71,8 @@ class LossReport:
     seconds_until_served_again: float | None
     seconds_until_replicas_replaced: float | None
     seconds_until_engines_idle: float | None
-    """From the loss until no surviving engine replica holds a request: the lost calls' engine requests
-    (a lost ingress replica's) are aborted, not generated to their end for nobody."""
+    """From the loss until no surviving engine replica holds a request. A lost ingress replica's engine
+    requests are not aborted today: they run to their end (docs/RELIABILITY.md, "Losing a node")."""
     probe_codes: dict[str, int]
     """How the new requests sent after the loss, until one was served, ended."""
 

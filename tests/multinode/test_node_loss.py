@@ -70,5 +70,5 @@ def test_a_lost_ingress_replica_fails_its_calls_with_unavailable_and_another_ser
     assert report.seconds_until_failed_calls_ended < HANG_GUARD_S
     assert report.seconds_until_served_again is not None, report
     assert report.seconds_until_replicas_replaced is not None, report
-    # The lost calls' engine requests are aborted (or were finished), not left holding their KV blocks.
+    # The lost calls' engine requests end (today by running to their end: not aborted), none is held.
     assert report.seconds_until_engines_idle is not None, report
