@@ -54,6 +54,8 @@ test: lint test-main test-multinode
 test-main: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
+# Several raylets on this machine (ray.cluster_utils): placement across nodes, node loss, autoscaling. Its
+# own pytest process: such clusters cannot live beside the main suite's Ray cluster in one process.
 test-multinode: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/multinode
 

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
 
 from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
@@ -58,12 +59,14 @@ class EngineStats:
     """Pipeline stages (micro-batches in flight) of this replica's runner."""
     pids: tuple[int, ...]
     """Processes of this replica: the replica itself, then its stage actors (fault checks kill them)."""
+    node_ids: tuple[str, ...]
+    """The Ray nodes of those processes, in the same order."""
 
 
 def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) -> dict[str, Any]:
     """Serve options placing one replica: ``ray_actor_options``, and with ``pp_size > 1`` the placement
     group every replica reserves: its own bundle, then one per stage actor (a GPU each, or the stage's
-    CPU threads), packed together.
+    CPU threads), packed together or spread over nodes (``parallel.stage_placement``).
 
     ``pp_size == 1``: the replica runs the model itself, so it takes ``num_cpus`` and ``num_gpus``.
     ``pp_size > 1``: the replica only schedules (``num_cpus``, no GPU); ``build_driver`` places the stage
@@ -71,13 +74,13 @@ def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) ->
     """
     if engine.parallel.pp_size == 1:
         return {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
-    from workers.pipeline_runner import pipeline_bundles, uses_gpus
+    from workers.pipeline_runner import PLACEMENT_STRATEGIES, pipeline_bundles, uses_gpus
 
     stages = pipeline_bundles(engine.parallel, use_gpu=uses_gpus(engine))
     return {
         "ray_actor_options": {"num_cpus": num_cpus},
         "placement_group_bundles": [{"CPU": num_cpus}, *stages],
-        "placement_group_strategy": "PACK",
+        "placement_group_strategy": PLACEMENT_STRATEGIES[engine.parallel.stage_placement],
     }
 
 
@@ -167,6 +170,10 @@ class EnginePool:
             num_cancelled_requests=self._num_cancelled_requests,
             pp_size=self.driver.engine.runner.depth,
             pids=(os.getpid(), *getattr(self.driver.engine.runner, "stage_pids", ())),
+            node_ids=(
+                ray.get_runtime_context().get_node_id(),
+                *getattr(self.driver.engine.runner, "stage_node_ids", ()),
+            ),
         )
 
     def _report_metrics(self, interval_s: float) -> None:

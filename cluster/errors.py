@@ -8,7 +8,7 @@
 | UNAUTHENTICATED  | UNAUTHENTICATED    | 401  | ``Unauthenticated`` (a missing or wrong API key)    |
 | NOT_FOUND        | NOT_FOUND          | 404  | ``UnknownModel``                                    |
 | QUEUE_FULL       | RESOURCE_EXHAUSTED | 429  | queue bounds (engine, Serve); a stalled stream      |
-| UNAVAILABLE      | UNAVAILABLE        | 503  | a dead engine or replica                            |
+| UNAVAILABLE      | UNAVAILABLE        | 503  | a dead engine, replica, worker or node              |
 
 A ``ValueError``'s message starts with the field it names (``top_p: must be in (0, 1], got 5``);
 ``field_of`` reads it back for OpenAI's ``param``.
@@ -21,8 +21,8 @@ import enum
 import re
 
 import grpc
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from pipeline.driver import EngineDeadError, QueueFullError, StalledStreamError
 
@@ -43,12 +43,22 @@ class UnknownModel(Exception):
     """The request names a model this deployment does not serve."""
 
 
+LOST_REPLICA_ERRORS: tuple[type[BaseException], ...] = (
+    RayActorError,
+    NodeDiedError,
+    WorkerCrashedError,
+    ObjectLostError,
+    DeploymentUnavailableError,
+)
+"""A replica lost with its process or its node: ``RayActorError`` (it died, or is unreachable: "Socket
+closed"), or what a lost node takes with it (its workers, the objects it owned), or no replica left."""
+
 _KINDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], ErrorKind], ...] = (
     (ValueError, ErrorKind.INVALID_ARGUMENT),
     (Unauthenticated, ErrorKind.UNAUTHENTICATED),
     (UnknownModel, ErrorKind.NOT_FOUND),
     ((QueueFullError, StalledStreamError, BackPressureError), ErrorKind.QUEUE_FULL),
-    ((EngineDeadError, ActorDiedError, ActorUnavailableError), ErrorKind.UNAVAILABLE),
+    ((EngineDeadError, *LOST_REPLICA_ERRORS), ErrorKind.UNAVAILABLE),
 )
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 

@@ -1,5 +1,5 @@
-"""What Serve's gRPC proxy registers for binserve: load shedding at the edge, and a fix for a lost
-stream cancellation.
+"""What Serve's gRPC proxy registers for binserve: load shedding at the edge, a fix for a lost stream
+cancellation, and UNAVAILABLE (not INTERNAL) for calls whose ingress replica is lost.
 
 Serve config: ``grpc_options.grpc_servicer_functions`` lists ``cluster.grpc_proxy.install`` and then the
 generated ``add_GenerationServicer_to_server``. The proxy process imports and calls each once at
@@ -21,6 +21,11 @@ with ``GeneratorExit`` there, not cancelled in its ``await`` on the replica, and
 ``ProxyResponseGenerator`` that would have cancelled the replica call is simply dropped: the request then
 runs to its end before its KV blocks are freed (measured: 2 of 30 cancelled streams). Dropped without
 having finished, it now cancels the replica call, which aborts the request in the engine at once.
+
+Lost ingress replicas (Ray Serve 2.60): when the ingress replica of a call dies (its process, or the node
+it ran on), the proxy's handle call raises ``RayActorError`` and Serve answers INTERNAL, a code clients
+treat as a bug and do not retry. It is now UNAVAILABLE, like a lost engine replica behind the ingress
+(``cluster/errors.py``); the proxy routes the retry to a live ingress replica.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+
+from cluster.errors import LOST_REPLICA_ERRORS
 
 INSTALL_FUNCTION = "cluster.grpc_proxy.install"
 """What ``grpc_options.grpc_servicer_functions`` must list besides the generated servicer function."""
@@ -118,6 +125,7 @@ def gate_handlers(factory: Callable, gate: ShedGate) -> Callable:
 def install(servicer: Any, server: Any) -> None:
     """Called by Serve's gRPC proxy at start-up; registers no service."""
     cancel_abandoned_replica_calls()
+    report_lost_ingress_as_unavailable()
     factory = getattr(server, "service_handler_factory", None)
     if factory is not None and not getattr(server, "_binserve_gated", False):
         server.service_handler_factory = gate_handlers(factory, ShedGate())
@@ -138,3 +146,25 @@ def cancel_abandoned_replica_calls() -> None:
 
     ProxyResponseGenerator.__del__ = __del__
     ProxyResponseGenerator._binserve_cancels_when_dropped = True
+
+
+LOST_INGRESS_MESSAGE = "proxy: the ingress replica serving this call was lost; retry ({})"
+
+
+def report_lost_ingress_as_unavailable() -> None:
+    """Make Serve's gRPC proxy answer UNAVAILABLE, not INTERNAL, when a call's ingress replica is lost."""
+    from ray.serve._private import proxy
+    from ray.serve._private.proxy_request_response import ResponseStatus
+
+    serves_status = proxy.get_grpc_response_status
+    if getattr(serves_status, "_binserve_lost_ingress", False):
+        return
+
+    def get_grpc_response_status(exc: BaseException, request_timeout_s: Any, request_id: str) -> Any:
+        if isinstance(exc, LOST_REPLICA_ERRORS):
+            message = LOST_INGRESS_MESSAGE.format(str(exc)[:300])
+            return ResponseStatus(code=grpc.StatusCode.UNAVAILABLE, is_error=True, message=message)
+        return serves_status(exc, request_timeout_s, request_id)
+
+    get_grpc_response_status._binserve_lost_ingress = True
+    proxy.get_grpc_response_status = get_grpc_response_status

@@ -30,6 +30,17 @@ class QueueOrder(str, enum.Enum):
     HRRN = "hrrn"
 
 
+class StagePlacement(str, enum.Enum):
+    """Where one replica's pipeline stages go relative to each other (a Ray placement group strategy)."""
+
+    PACK = "pack"
+    """On as few nodes as will hold them: stage-to-stage transfers stay inside a node (NVLink, shared
+    memory). Stages still spill onto other nodes when one node has too few free GPUs."""
+    SPREAD = "spread"
+    """On different nodes where there are enough (best effort): a replica whose stages each need a whole
+    node's memory, or one that should not put every stage behind one node's failure."""
+
+
 def to_enum(name: str, value: object, enum_cls: type[enum.Enum]) -> enum.Enum:
     """``value`` (a member or its string) as a member of ``enum_cls``; ``ValueError`` lists the choices."""
     try:
@@ -171,8 +182,14 @@ class ParallelConfig:
     """Pipeline stages, one worker (and one GPU, where there are GPUs) each."""
     torch_threads: int = 1
     """Intra-op threads per worker process on CPU."""
+    stage_placement: StagePlacement = StagePlacement.PACK
+    """``pack``: a replica's stages on as few nodes as possible; ``spread``: on different nodes where
+    possible. Applies to the replica's placement group (its own bundle and one per stage)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "stage_placement", to_enum("stage_placement", self.stage_placement, StagePlacement)
+        )
         check_range("pp_size", self.pp_size, 1, 64)
         check_range("torch_threads", self.torch_threads, 1, 256)
 

@@ -7,10 +7,21 @@ from pathlib import Path
 
 import pytest
 
+MULTINODE = Path(__file__).resolve().parent / "multinode"
+
 # Two cores here: one intra-op thread per process avoids OpenMP threads spinning against each other.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Leave tests/multinode out unless it (or a test in it) is named: its ``ray.cluster_utils`` clusters
+    cannot live beside this suite's Ray cluster in one process (``make test-multinode`` runs it alone)."""
+    if collection_path != MULTINODE:
+        return None
+    named = (Path(arg.split("::")[0]).resolve() for arg in config.args)
+    return not any(path == MULTINODE or MULTINODE in path.parents for path in named) or None
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -54,6 +54,8 @@ def test_local_config_is_smollm2_on_cpu_in_two_bins_and_two_stages() -> None:
 def test_gpu_config_autoscales_four_bins_of_two_stage_replicas() -> None:
     config = AppConfig.from_args(serve_config_of("serve-gpu.yaml")["applications"][0]["args"])
     assert config.engine.model.device == "cuda" and config.engine.parallel.pp_size == 2
+    assert config.engine.parallel.stage_placement == "pack"  # tests/multinode runs pack and spread
+    assert config.ingress.num_replicas == 2  # tests/multinode loses one under load
     assert config.router.num_bins == 4
     assert config.pools.is_autoscaling and config.pools.min_replicas < config.pools.max_replicas
 

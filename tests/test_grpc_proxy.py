@@ -1,4 +1,5 @@
-"""The proxy's load-shedding gate: it learns the ingress's bound from its refusals and forgets it."""
+"""The proxy's load-shedding gate (it learns the ingress's bound from its refusals and forgets it), and
+the codes of lost replicas."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def test_gate_forgets_its_limit_after_the_hold_so_added_capacity_is_found() -> N
 def test_a_gate_with_no_refusals_admits_everything() -> None:
     gate = ShedGate()
     assert all(gate.try_enter() for _ in range(10_000)) and gate.num_shed == 0
+
+
+def test_a_lost_ingress_replica_is_unavailable_at_the_proxy_and_a_lost_engine_at_the_ingress() -> None:
+    import grpc
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, OwnerDiedError
+    from ray.serve._private import proxy
+
+    from cluster.errors import ErrorKind, classify
+    from cluster.grpc_proxy import report_lost_ingress_as_unavailable
+
+    report_lost_ingress_as_unavailable()
+    report_lost_ingress_as_unavailable()  # once only: the proxy calls install once per servicer function
+    status = proxy.get_grpc_response_status(ActorUnavailableError("Socket closed", None), None, "r1")
+    assert status.code is grpc.StatusCode.UNAVAILABLE and status.message.startswith("proxy: the ingress")
+    assert proxy.get_grpc_response_status(RuntimeError("a bug"), None, "r2").code is grpc.StatusCode.INTERNAL
+    for lost in (ActorDiedError(), ActorUnavailableError("Socket closed", None), NodeDiedError("gone")):
+        assert classify(lost)[0] is ErrorKind.UNAVAILABLE
+    assert classify(OwnerDiedError("ab" * 14, "", ""))[0] is ErrorKind.UNAVAILABLE

@@ -9,7 +9,14 @@ import pytest
 import ray
 import torch
 
-from pipeline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from pipeline.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    StagePlacement,
+)
 from pipeline.driver import EngineDeadError, EngineDriver
 from pipeline.request import FinishReason, NewRequest, SamplingParams
 from workers.checkpoint import load_config
@@ -65,6 +72,18 @@ def test_ranges_count_flops_so_the_embedding_costs_nothing(tiny_llama: str) -> N
 def test_bundles_are_one_gpu_or_the_stage_threads_per_stage() -> None:
     assert pipeline_bundles(ParallelConfig(pp_size=3), use_gpu=True) == [{"GPU": 1.0}] * 3
     assert pipeline_bundles(ParallelConfig(pp_size=2, torch_threads=2), use_gpu=False) == [{"CPU": 2.0}] * 2
+
+
+def test_stage_placement_is_the_replicas_placement_group_strategy(tiny_llama: str) -> None:
+    from cluster.engine_pool import replica_placement
+
+    model = ModelConfig(tiny_llama, device="cpu")
+    for placement, strategy in (("pack", "PACK"), ("spread", "SPREAD")):
+        config = EngineConfig(model, parallel=ParallelConfig(pp_size=2, stage_placement=placement))
+        assert replica_placement(config, num_cpus=0.5, num_gpus=0.0)["placement_group_strategy"] == strategy
+    assert ParallelConfig().stage_placement is StagePlacement.PACK
+    with pytest.raises(ValueError, match="stage_placement: must be one of pack, spread, got 'strict'"):
+        ParallelConfig(stage_placement="strict")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: the last stage's lm_head is the tied embedding

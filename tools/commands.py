@@ -158,9 +158,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         conversations,
         gpu_check,
         metrics_cost,
+        node_loss,
         prefix_overhead,
         reliability,
         roofline,
+        scaling,
         trace_replay,
     )
     from bench import path as path_bench
@@ -171,6 +173,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gpu_check.register(bench_sub)
     bench_serve.register(bench_sub)
     reliability.register(bench_sub)
+    node_loss.register(bench_sub)
+    scaling.register(bench_sub)
     metrics_cost.register(bench_sub)
     admission.register(bench_sub)
     trace_replay.register(bench_sub)

@@ -13,9 +13,11 @@ NCCL between GPUs), never through the driver; the last stage samples and only it
 the last stage works on micro-batch k the first is already on k+1 (SARATHI's micro-batches of uniform
 compute keep them all equally busy).
 
-Placement: one bundle per stage (``pipeline_bundles``), PACK strategy. Standalone, the runner reserves
-its own placement group; in a Ray Serve replica that reserved ``placement_group_bundles=[replica
-bundle, *pipeline_bundles(...)]``, pass the replica's group and ``first_bundle_index=1``.
+Placement: one bundle per stage (``pipeline_bundles``), packed on few nodes or spread over many
+(``parallel.stage_placement``). Standalone, the runner reserves its own placement group; in a Ray Serve
+replica that reserved ``placement_group_bundles=[replica bundle, *pipeline_bundles(...)]``, pass the
+replica's group and ``first_bundle_index=1``. Across nodes the compiled graph's channels go through Ray's
+object transfer instead of one node's shared memory; the tokens are the same.
 
 Failure: a dead stage actor tears the graph down (Ray's monitor), so a pending ``collect`` raises
 ``StageFailedError`` naming the stage at once; a hung stage raises after ``step_timeout_s``.
@@ -34,10 +36,10 @@ from ray.dag import InputNode
 from ray.dag.compiled_dag_node import CompiledDAG
 from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayChannelTimeoutError
 from ray.experimental.compiled_dag_ref import CompiledDAGRef
-from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pipeline.config import EngineConfig, ParallelConfig
+from pipeline.config import EngineConfig, ParallelConfig, StagePlacement
 from pipeline.plan import StepOutput, StepPlan
 from workers.checkpoint import load_config
 from workers.partition import stage_layer_ranges
@@ -104,6 +106,14 @@ def pipeline_bundles(parallel: ParallelConfig, use_gpu: bool) -> list[dict[str, 
     return [dict(bundle) for _ in range(parallel.pp_size)]
 
 
+PLACEMENT_STRATEGIES: dict[StagePlacement, str] = {
+    StagePlacement.PACK: "PACK",
+    StagePlacement.SPREAD: "SPREAD",
+}
+"""Ray's placement group strategy for each ``parallel.stage_placement`` (both best effort: a replica is
+placed whenever the cluster has room, on however many nodes it takes)."""
+
+
 def start_local_ray(parallel: ParallelConfig) -> None:
     """Start Ray in this process, sized for one pipeline, unless it is already up."""
     if not ray.is_initialized():
@@ -131,6 +141,8 @@ class PipelineRunner:
         self.depth = len(stages)
         self.stage_pids: tuple[int, ...] = ()
         """The stage actors' processes (set by ``create``; fault checks kill them)."""
+        self.stage_node_ids: tuple[str, ...] = ()
+        """The Ray nodes the stage actors run on, in stage order (set by ``create``)."""
         self.step_timeout_s = step_timeout_s
         # On GPU hosts there are cores to spare and a blocking read has the lowest latency.
         self._poll_interval_s = None if use_gpu else 0.0005
@@ -159,7 +171,9 @@ class PipelineRunner:
         owned = None
         if placement_group is None:
             bundles = pipeline_bundles(parallel, use_gpu)
-            placement_group = owned = ray.util.placement_group(bundles, strategy="PACK")
+            placement_group = owned = ray.util.placement_group(
+                bundles, strategy=PLACEMENT_STRATEGIES[parallel.stage_placement]
+            )
             try:
                 ray.get(owned.ready(), timeout=placement_timeout_s)
             except GetTimeoutError:
@@ -187,6 +201,8 @@ class PipelineRunner:
             [vocab_size, *_] = ray.get([s.load.remote(cache) for s in stages])
             runner = cls(stages, ranges, num_blocks, vocab_size, use_gpu, step_timeout_s, owned)
             runner.stage_pids = tuple(ray.get([s.pid.remote() for s in stages]))
+            node_of_bundle = placement_group_table(placement_group)["bundles_to_node_id"]
+            runner.stage_node_ids = tuple(node_of_bundle[first_bundle_index + i] for i in range(len(stages)))
             return runner
         except BaseException:
             for stage in stages:

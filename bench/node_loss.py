@@ -1,0 +1,301 @@
+"""Losing a node, or an ingress replica, while requests stream through the gRPC proxy.
+
+    binserve bench node-loss --json out/node_loss.json        # a 3-raylet cluster on this machine, ~3 min
+
+On a head node and two GPU-type nodes (``bench/local_cluster.py``: deploy/serve-gpu.yaml made small,
+one pool of 2 engine replicas, 2 ingress replicas, the proxy on the head), long streams run; then
+
+- **node**: the GPU node of one engine replica is killed (raylet and every worker process, SIGKILL);
+- **ingress**: the process of the ingress replica the head's proxy calls is killed (a lost node takes its
+  ingress replicas with it; the head here cannot be removed, it holds the driver).
+
+Reported: how each stream ended, when the failed ones ended (from the kill), whether each failure names a
+replica that was lost, the time until a new request is served, and until Serve has replaced the lost
+replicas (every deployment at its replica count, none on a dead node). tests/multinode asserts the
+behaviour (UNAVAILABLE only for the calls that were on what was lost, the rest complete, service whole
+again); this command measures the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import enum
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import grpc
+from ray.exceptions import RayActorError
+
+from bench import write_report
+from bench.local_cluster import (
+    ActorInfo,
+    MultiNodeCluster,
+    alive_actors,
+    num_outstanding_requests,
+    replicas_by_node,
+)
+from cluster.app import INGRESS_NAME, pool_name
+from cluster.client import GenerationClient, make_request
+
+PROMPT = "Write a long story about a lighthouse keeper and the sea, with many chapters."
+
+
+class Loss(str, enum.Enum):
+    NODE = "node"
+    """The GPU node of one engine replica."""
+    INGRESS = "ingress"
+    """An ingress replica the head's proxy calls (it prefers those on its own node)."""
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    code: str
+    num_messages: int
+    seconds_after_loss: float
+    """When the stream ended, from the kill (negative: before it)."""
+    names_lost_replica: bool
+    """The error's message names an actor that was lost (always False for OK)."""
+
+
+@dataclass(frozen=True)
+class LossReport:
+    loss: str
+    lost_actors: tuple[str, ...]
+    """``ServeReplica:...`` class names of the actors that were killed."""
+    streams: tuple[StreamEnd, ...]
+    max_tokens: int
+    seconds_until_served_again: float | None
+    seconds_until_replicas_replaced: float | None
+    seconds_until_engines_idle: float | None
+    """From the loss until no surviving engine replica holds a request. A lost ingress replica's engine
+    requests are not aborted today: they run to their end (docs/RELIABILITY.md, "Losing a node")."""
+    probe_codes: dict[str, int]
+    """How the new requests sent after the loss, until one was served, ended."""
+
+    @property
+    def codes(self) -> dict[str, int]:
+        return dict(Counter(s.code for s in self.streams))
+
+    @property
+    def failed(self) -> tuple[StreamEnd, ...]:
+        return tuple(s for s in self.streams if s.code != "OK")
+
+    @property
+    def seconds_until_failed_calls_ended(self) -> float | None:
+        return max((s.seconds_after_loss for s in self.failed), default=None)
+
+    def as_json(self) -> dict:
+        return {
+            **asdict(self),
+            "codes": self.codes,
+            "seconds_until_failed_calls_ended": self.seconds_until_failed_calls_ended,
+        }
+
+
+def victims(loss: Loss, head_node_id: str) -> list[ActorInfo]:
+    """What ``loss`` kills: every actor on the GPU node of an engine replica (one without an ingress
+    replica where there is one, so that the head's proxy keeps its ingress), or an ingress replica the
+    head's proxy calls (it prefers those on its own node)."""
+    ingress = replicas_by_node(INGRESS_NAME)
+    if loss is Loss.NODE:
+        engine_nodes = sorted(n for n in replicas_by_node(pool_name(0)) if n != head_node_id)
+        if not engine_nodes:
+            raise ValueError("loss: no engine replica on a GPU node to lose")
+        node_id = min(engine_nodes, key=lambda n: n in ingress)
+        return [a for a in alive_actors() if a.node_id == node_id]
+    return (ingress.get(head_node_id) or [a for replicas in ingress.values() for a in replicas])[:1]
+
+
+async def lose_under_load(
+    address: str,
+    nodes: MultiNodeCluster,
+    loss: Loss,
+    num_streams: int = 8,
+    max_tokens: int = 1500,
+    stagger_s: float = 0.25,
+    recovery_timeout_s: float = 180.0,
+) -> LossReport:
+    """Start ``num_streams`` streams of ``max_tokens`` forced tokens; once each has 3 messages, lose what
+    ``loss`` says; wait for every stream, then for the service and its replicas to be whole again."""
+    num_messages = [0] * num_streams
+    ends: list[tuple[str, int, float, str]] = []
+    async with GenerationClient(address) as client:
+        flowing = [asyncio.Event() for _ in range(num_streams)]
+
+        async def stream(i: int) -> None:
+            # Staggered: the replica router sees each stream before the next (a burst of equal requests
+            # can land on one replica, and the loss would then take all or none of them).
+            await asyncio.sleep(i * stagger_s)
+            request = make_request(f"{i}. {PROMPT}", max_tokens=max_tokens, ignore_eos=True)
+            code, details = "OK", ""
+            try:
+                async for _ in client.generate_stream(request, timeout_s=recovery_timeout_s):
+                    num_messages[i] += 1
+                    if num_messages[i] >= 3:
+                        flowing[i].set()
+            except grpc.aio.AioRpcError as exc:
+                code, details = exc.code().name, exc.details() or ""
+            flowing[i].set()
+            ends.append((code, num_messages[i], time.monotonic(), details))
+
+        await _until_engines_idle(time.monotonic(), recovery_timeout_s)  # a fair start: routing sees no work
+        replica_counts = Counter(a.class_name for a in await asyncio.to_thread(alive_actors))
+        tasks = [asyncio.create_task(stream(i)) for i in range(num_streams)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in flowing)), timeout=recovery_timeout_s)
+        lost = await asyncio.to_thread(victims, loss, nodes.head_node_id)
+        lost_at_s = time.monotonic()
+        if loss is Loss.NODE:
+            await asyncio.to_thread(nodes.remove, nodes.node_of(lost[0].node_id))
+        else:
+            os.kill(lost[0].pid, signal.SIGKILL)
+        served_again = asyncio.create_task(_until_served(client, lost_at_s, recovery_timeout_s))
+        await asyncio.gather(*tasks)
+        served_again_s, probe_codes = await served_again
+    idle_s = await _until_engines_idle(lost_at_s, recovery_timeout_s)
+    replaced_s = await _until_replaced(lost, replica_counts, lost_at_s, recovery_timeout_s)
+    lost_ids = [a.actor_id for a in lost]
+    return LossReport(
+        loss=loss.value,
+        lost_actors=tuple(a.class_name for a in lost),
+        streams=tuple(
+            StreamEnd(code, n, end_s - lost_at_s, code != "OK" and any(i in details for i in lost_ids))
+            for code, n, end_s, details in ends
+        ),
+        max_tokens=max_tokens,
+        seconds_until_served_again=served_again_s,
+        seconds_until_replicas_replaced=replaced_s,
+        seconds_until_engines_idle=idle_s,
+        probe_codes=probe_codes,
+    )
+
+
+async def _until_served(
+    client: GenerationClient, since_s: float, timeout_s: float
+) -> tuple[float | None, dict[str, int]]:
+    """Seconds from the loss until a new request is served (asked from the loss on, while the streams
+    that survived it still run), and how the requests sent until then ended."""
+    codes: Counter[str] = Counter()
+    while time.monotonic() - since_s < timeout_s:
+        try:
+            await client.generate(make_request("Hello", max_tokens=2), timeout_s=10)
+            return time.monotonic() - since_s, dict(codes)
+        except grpc.aio.AioRpcError as exc:
+            codes[exc.code().name] += 1
+            await asyncio.sleep(0.2)
+    return None, dict(codes)
+
+
+async def _until_engines_idle(since_s: float, timeout_s: float) -> float | None:
+    while time.monotonic() - since_s < timeout_s:
+        replicas = [
+            r for rs in (await asyncio.to_thread(replicas_by_node, pool_name(0))).values() for r in rs
+        ]
+        try:
+            counts = await asyncio.gather(*(asyncio.to_thread(num_outstanding_requests, r) for r in replicas))
+        except RayActorError:  # a replica lost a moment ago
+            counts = [1]
+        if not any(counts):
+            return time.monotonic() - since_s
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def _until_replaced(
+    lost: list[ActorInfo], replica_counts: Counter[str], since_s: float, timeout_s: float
+) -> float | None:
+    """Seconds until no lost actor counts as alive (the GCS learns a node's death from missed health
+    checks), every lost actor's kind runs as many live actors as before, and Serve reports every
+    deployment healthy."""
+    from ray import serve
+
+    from bench.local_cluster import APP_NAME
+
+    kinds, lost_ids = {a.class_name for a in lost}, {a.actor_id for a in lost}
+    while time.monotonic() - since_s < timeout_s:
+        alive = await asyncio.to_thread(alive_actors)
+        live = Counter(a.class_name for a in alive if a.actor_id not in lost_ids)
+        app = (await asyncio.to_thread(serve.status)).applications[APP_NAME]
+        is_healthy = all(d.status == "HEALTHY" for d in app.deployments.values())
+        is_forgotten = not lost_ids & {a.actor_id for a in alive}
+        if is_healthy and is_forgotten and all(live[kind] == replica_counts[kind] for kind in kinds):
+            return time.monotonic() - since_s
+        await asyncio.sleep(0.2)
+    return None
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+
+WHAT_IS_LOST = {
+    Loss.NODE.value: "a GPU node (an engine replica on it)",
+    Loss.INGRESS.value: "the ingress replica the proxy calls",
+}
+
+
+def render(report: dict) -> str:
+    """docs/RELIABILITY.md's table for a report of this command."""
+
+    def seconds(value: float | None) -> str:
+        return "never" if value is None else f"{value:.1f} s"
+
+    lines = [
+        "| lost | streams OK / UNAVAILABLE / other | failed streams ended by | new requests until one is "
+        "served | served again after | Serve replaced it after | engines idle after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for loss in WHAT_IS_LOST:
+        r = report[loss]
+        codes = dict(r["codes"])
+        ok, unavailable = codes.pop("OK", 0), codes.pop("UNAVAILABLE", 0)
+        probes = ", ".join(f"{n} {code}" for code, n in sorted(r["probe_codes"].items())) or "none refused"
+        lines.append(
+            f"| {WHAT_IS_LOST[loss]} | {ok} / {unavailable} / {sum(codes.values())} "
+            f"| {seconds(r['seconds_until_failed_calls_ended'])} | {probes} "
+            f"| {seconds(r['seconds_until_served_again'])} | {seconds(r['seconds_until_replicas_replaced'])} "
+            f"| {seconds(r['seconds_until_engines_idle'])} |"
+        )
+    lines.append(
+        f"\n{report['num_streams']} streams of {report['node']['max_tokens']} forced tokens, "
+        f"{report['date']}; load average {report['load_average_at_start']:.1f} at the start, "
+        f"{report['load_average_at_end']:.1f} at the end."
+    )
+    return "\n".join(lines)
+
+
+def cmd_bench_node_loss(args: argparse.Namespace) -> int:
+    from bench.local_cluster import deployed, multinode_cluster
+    from workers.tiny_model import make_tiny_model
+
+    model_dir = args.model or str(make_tiny_model(args.scratch, arch="llama", seed=0))
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_at_start": os.getloadavg()[0],
+        "num_streams": args.num_streams,
+    }
+    with multinode_cluster(num_gpu_nodes=2, cpus_per_gpu_node=2) as nodes, deployed(model_dir) as served:
+        for loss in (Loss.NODE, Loss.INGRESS):  # the order of tests/multinode/test_node_loss.py
+            result = asyncio.run(lose_under_load(served.address, nodes, loss, args.num_streams))
+            report[loss.value] = result.as_json()
+            print(
+                f"{loss.value}: codes {result.codes}, failed calls ended by "
+                f"{result.seconds_until_failed_calls_ended} s, served again after "
+                f"{result.seconds_until_served_again} s, replicas replaced after "
+                f"{result.seconds_until_replicas_replaced} s",
+                flush=True,
+            )
+    report["load_average_at_end"] = os.getloadavg()[0]
+    write_report(args.json, report)
+    print(render(report))
+    return 0
+
+
+def register(bench_subparsers: argparse._SubParsersAction) -> None:
+    p = bench_subparsers.add_parser("node-loss", help="lose a node or an ingress replica under load")
+    p.add_argument("--model", help="checkpoint directory to serve (default: the tiny test model)")
+    p.add_argument("--scratch", default="out/node-loss-model", help="where the tiny model is written")
+    p.add_argument("--num-streams", type=int, default=8, help="streams in flight when the loss comes")
+    p.add_argument("--json", help="write the report here")
+    p.set_defaults(func=cmd_bench_node_loss)
