@@ -174,19 +174,29 @@ def rerender_agreement(turns: list[Turn]) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> dict:
+def offline_llm(args: argparse.Namespace):  # -> workers.llm.LLM
+    """The engine both prefix-cache benchmarks run, from their shared flags (``--model``, ``--threads``, ...)."""
     import torch
 
-    from workers.llm import LLM, build_engine
+    from workers.llm import LLM
+
+    torch.set_num_threads(args.threads)
+    return LLM(
+        EngineConfig(
+            ModelConfig(args.model, max_model_len=args.max_model_len),
+            CacheConfig(kv_cache_bytes=args.kv_cache_bytes),
+            SchedulerConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs),
+        )
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+
+    from workers.llm import build_engine
 
     load_at_start = os.getloadavg()
-    torch.set_num_threads(args.threads)
-    config = EngineConfig(
-        ModelConfig(args.model, max_model_len=args.max_model_len),
-        CacheConfig(kv_cache_bytes=args.kv_cache_bytes),
-        SchedulerConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs),
-    )
-    llm = LLM(config)
+    llm = offline_llm(args)
+    config = llm.config
     conversations = build_conversations(llm.tokenizer, args)
     runs: dict[str, list[Turn]] = {}
     rows = {}

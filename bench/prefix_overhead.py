@@ -18,8 +18,8 @@ import statistics
 import time
 
 from bench import write_report
+from bench.conversations import offline_llm
 from bench.workload import sharegpt_requests
-from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pipeline.request import SamplingParams
 
 # Two-sided 95% t quantiles by degrees of freedom (pairs - 1).
@@ -36,18 +36,12 @@ def mean_ci95(values: list[float]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch
 
-    from workers.llm import LLM, build_engine
+    from workers.llm import build_engine
 
     load_at_start = os.getloadavg()
-    torch.set_num_threads(args.threads)
-    config = EngineConfig(
-        ModelConfig(args.model, max_model_len=args.max_model_len),
-        CacheConfig(kv_cache_bytes=args.kv_cache_bytes),
-        SchedulerConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs),
-    )
-    llm = LLM(config)
+    llm = offline_llm(args)
+    config = llm.config
     requests = sharegpt_requests(
         llm.tokenizer, args.num_requests, args.seed, args.max_prompt_tokens, args.max_output_tokens
     )

@@ -66,3 +66,13 @@ def next_token(prefix: list[int], vocab_size: int) -> int:
     for t in prefix:
         h = (h * 31 + t) % 1_000_003
     return h % vocab_size
+
+
+class Clock:
+    """Virtual time for the scheduler's tests: ``now_s`` moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s

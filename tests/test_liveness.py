@@ -23,17 +23,10 @@ from pipeline.engine import Engine
 from pipeline.plan import StepPlan
 from pipeline.request import FinishReason, NewRequest, SamplingParams
 from pipeline.scheduler import Scheduler
-from tests.fake_runner import FakeRunner, next_token
+from tests.fake_runner import Clock, FakeRunner, next_token
 
 EOS = 999
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_s = 0.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 class CheckingRunner(FakeRunner):

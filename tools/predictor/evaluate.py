@@ -91,18 +91,11 @@ def score(estimates: list[float], predicted_tokens: list[int] | None, true_token
 
 def spearman_ci95(estimates: list[float], true_tokens: list[int], num_resamples: int = 1000) -> list[float]:
     """A 95% bootstrap interval of the Spearman correlation (records resampled with replacement, seeded):
-    on a few hundred held-out prompts the figure itself moves by several hundredths."""
-    rng = np.random.default_rng(0)
-    x, y = np.asarray(estimates, dtype=float), np.asarray(true_tokens, dtype=float)
-    values = []
-    for _ in range(num_resamples):
-        rows = rng.integers(0, len(x), len(x))
-        rho = spearman(x[rows].tolist(), y[rows].tolist())
-        if rho is not None:
-            values.append(rho)
-    if not values:
-        return []
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+    on a few hundred held-out prompts the figure itself moves by several hundredths. Each record is its own
+    group of ``group_bootstrap_ci``, which draws the same resamples."""
+    from tools.predictor.near_duplicates import group_bootstrap_ci
+
+    return group_bootstrap_ci(estimates, true_tokens, range(len(true_tokens)), num_resamples)
 
 
 def baselines(
