@@ -19,8 +19,8 @@ import time
 
 from bench import write_report
 from bench.experiments.harness import load_predictor, predicted_lengths, prediction_quality
-from bench.metrics import summarize
 from bench.replay import replay
+from bench.request_stats import summarize
 from bench.workload import sharegpt_requests
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from bench import write_report
-from bench.metrics import percentile, summarize
+from bench.request_stats import percentile, summarize
 from bench.workload import poisson_arrivals, sharegpt_conversations
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pipeline.engine import Engine, RequestMetrics

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.metrics import percentile
+from bench.request_stats import percentile
 from bench.workload import WorkloadRequest
 from cluster.client import GenerationClient, make_request
 

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from bench import write_report
-from bench.metrics import percentile
+from bench.request_stats import percentile
 
 PROMPT = "Write a long story about a dragon who learns to cook, with several chapters and dialogue."
 PROCESSES = {"proxy": "ProxyActor", "ingress": "ServeReplica:binserve:ingress"}

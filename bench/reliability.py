@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from bench import write_report
-from bench.metrics import percentile
+from bench.request_stats import percentile
 from cluster.client import GenerationClient, make_request
 
 APP_NAME = "binserve"
@@ -271,7 +271,7 @@ async def kill_under_load(
 
 
 def _percentile(values: list[float], q: float) -> float | None:
-    """``bench.metrics.percentile``, with None (not NaN) for no values: the report is strict JSON."""
+    """``bench.request_stats.percentile``, with None (not NaN) for no values: the report is strict JSON."""
     return percentile(values, q) if values else None
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from bench.metrics import percentile, summarize
+from bench.request_stats import percentile, summarize
 from bench.workload import DEFAULT_SHAREGPT, WorkloadRequest, poisson_arrivals, with_arrivals
 from cluster.client import GenerationClient, TimedResponse, make_request
 from pipeline.engine import RequestMetrics
@@ -101,7 +101,7 @@ async def replay(
 
 
 def report(results: Sequence[ServedRequest]) -> dict[str, Any]:
-    """Throughput and latency percentiles (``bench.metrics``), per bin, and prediction error."""
+    """Throughput and latency percentiles (``bench.request_stats``), per bin, and prediction error."""
     done = [r for r in results if r.timed is not None]
     if not done:
         raise ValueError("results: no call succeeded")

@@ -129,7 +129,7 @@ def simulate(
 
 def run_trace(args: argparse.Namespace) -> dict[str, Any]:
     from bench.experiments.harness import load_average, spearman, target
-    from bench.metrics import summarize
+    from bench.request_stats import summarize
     from bench.serve import replay, report
     from cluster.local import serving_locally_at
     from cluster.predictor import DEFAULT_DIR, LengthPredictor

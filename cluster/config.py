@@ -242,7 +242,7 @@ class SamplingDefaultsConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
-    """Export the binserve_* metrics (``cluster/metrics.py``) through Ray's metrics system."""
+    """Export the binserve_* metrics (``cluster/prometheus.py``) through Ray's metrics system."""
     interval_s: float = 1.0
     """How often each engine replica samples its gauges (KV blocks, queues, bubbles)."""
 

@@ -30,7 +30,7 @@ from ray import serve
 
 from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
 from cluster.config import PoolConfig
-from cluster.metrics import EngineMetrics, EngineSnapshot
+from cluster.prometheus import EngineMetrics, EngineSnapshot
 from cluster.replica_router import routing_stats
 from pipeline.config import EngineConfig
 from pipeline.driver import EngineDriver

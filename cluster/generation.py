@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from ray.serve.handle import DeploymentHandle
 
 from cluster.intake import GenerationInput, Intake
-from cluster.metrics import IngressMetrics
 from cluster.predictor_client import PredictorClient
+from cluster.prometheus import IngressMetrics
 from cluster.router import BinRouter
 from cluster.text_stream import TextStream
 from pipeline.driver import QueueFullError

@@ -12,7 +12,7 @@ generator. Serve's HTTP proxy sends HTTP requests to the FastAPI app this deploy
 
 Failures map to codes through ``cluster/errors.py``: INVALID_ARGUMENT / 400, UNAUTHENTICATED / 401,
 RESOURCE_EXHAUSTED / 429, UNAVAILABLE / 503; each call is counted by API, outcome and bin
-(``binserve_requests_total``, ``cluster/metrics.py``). A cancelled call, an expired deadline or an HTTP client
+(``binserve_requests_total``, ``cluster/prometheus.py``). A cancelled call, an expired deadline or an HTTP client
 that disconnects cancels the method, which aborts the engine request and frees its KV blocks.
 """
 
@@ -32,8 +32,8 @@ from cluster.config import AppConfig
 from cluster.errors import GRPC_STATUS, classify, status_name
 from cluster.generation import GenerationChunk, GenerationService
 from cluster.intake import GenerationInput, Intake, SamplingDefaults
-from cluster.metrics import IngressMetrics
 from cluster.predictor_client import InProcessPredictor, PredictorClient, RemotePredictor
+from cluster.prometheus import IngressMetrics
 from cluster.router import BinRouter
 from pipeline.chat import ChatMessage
 from pipeline.request import FinishReason

@@ -30,7 +30,6 @@ from starlette.exceptions import HTTPException
 from cluster.auth import ApiKey
 from cluster.errors import ErrorKind, Unauthenticated, UnknownModel, classify, field_of, status_name
 from cluster.generation import GenerationChunk, GenerationService
-from cluster.metrics import IngressMetrics
 from cluster.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,6 +38,7 @@ from cluster.openai_protocol import (
     stream_chunk,
     usage_chunk,
 )
+from cluster.prometheus import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
 _HTTP_STATUS = {

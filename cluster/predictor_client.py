@@ -20,7 +20,7 @@ from typing import Protocol
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import PredictorConfig
-from cluster.metrics import PredictorMetrics
+from cluster.prometheus import PredictorMetrics
 
 
 class PredictorClient(Protocol):

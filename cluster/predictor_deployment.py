@@ -19,7 +19,7 @@ import asyncio
 from ray import serve
 
 from cluster.config import PredictorConfig
-from cluster.metrics import PredictorMetrics
+from cluster.prometheus import PredictorMetrics
 
 
 @serve.deployment

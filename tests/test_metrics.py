@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench.metrics import Slo, find_capacity, percentile, summarize
+from bench.request_stats import Slo, find_capacity, percentile, summarize
 from pipeline.engine import RequestMetrics
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.metrics import EXPORTED_PREFIX, METRIC_NAMES, METRICS
+from cluster.prometheus import EXPORTED_PREFIX, METRIC_NAMES, METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_LOCAL = REPO / "deploy" / "serve-local.yaml"

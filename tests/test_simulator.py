@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from bench.metrics import summarize
+from bench.request_stats import summarize
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from cluster.router import BinRouter

@@ -157,16 +157,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         admission,
         conversations,
         gpu_check,
-        metrics_cost,
         node_loss,
         prefix_overhead,
+        prometheus_cost,
         reliability,
         roofline,
         scaling,
         trace_replay,
     )
+    from bench import bubbles as pipeline_bench
     from bench import path as path_bench
-    from bench import pipeline as pipeline_bench
 
     pipeline_bench.register(bench_sub)
     roofline.register(bench_sub)
@@ -175,7 +175,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reliability.register(bench_sub)
     node_loss.register(bench_sub)
     scaling.register(bench_sub)
-    metrics_cost.register(bench_sub)
+    prometheus_cost.register(bench_sub)
     admission.register(bench_sub)
     trace_replay.register(bench_sub)
     conversations.register(bench_sub)

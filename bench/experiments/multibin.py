@@ -39,8 +39,8 @@ from bench.experiments.harness import (
     target,
     workload_text,
 )
-from bench.metrics import summarize
 from bench.replay import replay
+from bench.request_stats import summarize
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from bench.workload import DEFAULT_LABELS

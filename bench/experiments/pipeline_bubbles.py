@@ -4,7 +4,7 @@
 
 A whole-prompt prefill micro-batch takes far longer than a decode micro-batch, so the stage after it
 idles (a bubble); SARATHI's equal-sized chunks keep the stages evenly loaded. The measurement itself is
-the pipeline bench (``bench.pipeline.run_pipeline_bench``, also ``binserve bench pipeline``),
+the pipeline bench (``bench.bubbles.run_pipeline_bench``, also ``binserve bench pipeline``),
 which serves the same requests, all at once, under both policies on one pipeline of Ray stage actors;
 this module sizes it, and reports throughput, bubble fraction and per-stage utilisation.
 """
@@ -64,7 +64,7 @@ SIZES = {
 
 def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
     del predictor  # lengths are forced; the queue is FCFS
-    from bench.pipeline import run_pipeline_bench
+    from bench.bubbles import run_pipeline_bench
     from workers.checkpoint import load_tokenizer
     from workers.tiny_model import make_tiny_model
 

@@ -38,7 +38,7 @@ from bench.experiments.harness import (
     target,
     write_json,
 )
-from bench.metrics import MetricsSummary, summarize
+from bench.request_stats import MetricsSummary, summarize
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from bench.workload import WorkloadRequest, poisson_arrivals

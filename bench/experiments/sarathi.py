@@ -28,8 +28,8 @@ from bench.experiments.harness import (
     sharegpt_workload,
     target,
 )
-from bench.metrics import summarize
 from bench.replay import replay
+from bench.request_stats import summarize
 from bench.workload import poisson_arrivals, with_arrivals
 from pipeline.config import SchedulerConfig
 

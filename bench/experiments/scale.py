@@ -31,7 +31,7 @@ from bench.experiments.harness import (
     save_figure,
     sharegpt_workload,
 )
-from bench.metrics import MetricsSummary, Slo, find_capacity, summarize
+from bench.request_stats import MetricsSummary, Slo, find_capacity, summarize
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from bench.workload import WorkloadRequest, poisson_arrivals

@@ -32,8 +32,8 @@ from bench.experiments.harness import (
     target,
     workload_text,
 )
-from bench.metrics import summarize
 from bench.replay import replay
+from bench.request_stats import summarize
 from bench.workload import DEFAULT_LABELS, poisson_arrivals, with_arrivals
 from pipeline.config import SchedulerConfig
 

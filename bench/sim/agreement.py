@@ -18,8 +18,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from bench.metrics import summarize
 from bench.replay import MeasuredRun, replay
+from bench.request_stats import summarize
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 

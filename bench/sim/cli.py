@@ -46,7 +46,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from bench import write_report
-    from bench.metrics import summarize
+    from bench.request_stats import summarize
     from bench.sim.cost_model import StepCostModel
     from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
     from bench.workload import azure_requests, gamma_arrivals, sharegpt_requests, with_arrivals
