@@ -42,6 +42,20 @@ takes a request's tokens as fast as Serve sends its messages (measured by ``bins
 method of theirs is async and never blocks, or is sync and runs in Serve's thread pool."""
 
 
+def replica_runtime_env() -> dict[str, Any]:
+    """``INLINE_USER_CODE`` on top of the application's own runtime env. A deployment's ``runtime_env``
+    replaces the application's (a Serve config's ``runtime_env``, e.g. ``BINSERVE_API_KEY`` for the ingress)
+    rather than adding to it, so it must carry both. Serve builds the application in a task that runs in the
+    application's runtime env, which is where this reads it."""
+    import ray
+
+    inherited: dict[str, Any] = {}
+    if ray.is_initialized():
+        inherited = dict(ray.get_runtime_context().runtime_env or {})
+    env_vars = {**(inherited.get("env_vars") or {}), **INLINE_USER_CODE["env_vars"]}
+    return {**inherited, "env_vars": env_vars}
+
+
 def pool_name(pool_id: int) -> str:
     return f"engine-pool-{pool_id}"
 
@@ -51,7 +65,7 @@ def pool_options(engine: EngineConfig, pools: PoolConfig) -> dict[str, Any]:
     placement = replica_placement(engine, pools.num_cpus, pools.num_gpus)
     options: dict[str, Any] = {
         **placement,
-        "ray_actor_options": {**placement["ray_actor_options"], "runtime_env": INLINE_USER_CODE},
+        "ray_actor_options": {**placement["ray_actor_options"], "runtime_env": replica_runtime_env()},
         # The engine's SSJF queue must hold the waiting requests, not Serve's FIFO in front of it: admit
         # one more call than the engine queues, so a full queue answers QueueFullError (RESOURCE_EXHAUSTED).
         "max_ongoing_requests": pools.max_queued_requests + 1,
@@ -113,7 +127,7 @@ def build_application(
     return GenerationIngress.options(
         name=INGRESS_NAME,
         num_replicas=config.ingress.num_replicas,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus, "runtime_env": INLINE_USER_CODE},
+        ray_actor_options={"num_cpus": config.ingress.num_cpus, "runtime_env": replica_runtime_env()},
         # Load is shed at three places, cheapest first: the gRPC proxy's gate (cluster/grpc_proxy.py),
         # the ingress beyond its admission bound (it takes INGRESS_HEADROOM calls more to refuse them
         # itself), the pools beyond theirs.
