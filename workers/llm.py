@@ -68,6 +68,8 @@ class LLM:
     def __init__(self, config: EngineConfig, runner: Runner | None = None) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.model_dir)
+        # Read once: every generate() without params takes them.
+        self.model_sampling = SamplingParams(**model_sampling_defaults_of(config.model.model_dir))
         if runner is None:
             is_pipeline = config.parallel.pp_size > 1
             if is_pipeline:  # Ray is imported only for a pipeline: one process needs none
@@ -92,7 +94,7 @@ class LLM:
         """The model's serving defaults (its ``generation_config.json``, as transformers' ``generate`` and the
         server apply them; SmolLM2: temperature 0.7, top_p 0.9, repetition_penalty 1.1), then ``overrides``.
         ``SamplingParams()`` itself is plain greedy: pass one for exact control."""
-        return replace(SamplingParams(**model_sampling_defaults_of(self.config.model.model_dir)), **overrides)
+        return replace(self.model_sampling, **overrides)
 
     def generate(
         self,
