@@ -29,6 +29,7 @@ from cluster.predictor_client import PredictorClient
 from cluster.prometheus import IngressMetrics
 from cluster.router import BinRouter
 from cluster.text_stream import TextStream
+from pipeline.block_manager import prompt_block_names
 from pipeline.driver import QueueFullError
 from pipeline.request import FinishReason, NewRequest
 
@@ -75,8 +76,11 @@ class GenerationService:
         pools: Sequence[DeploymentHandle],
         metrics: IngressMetrics | None = None,
         max_admitted_requests: int | None = None,
+        block_size: int | None = None,
     ) -> None:
-        """``max_admitted_requests``: requests held at once; more are refused (``QueueFullError``)."""
+        """``max_admitted_requests``: requests held at once; more are refused (``QueueFullError``).
+        ``block_size``: the engines' KV block size, to name each prompt's blocks once for the replica
+        router (``NewRequest.prompt_block_names``); None when prefix caching is off."""
         if len(pools) != router.num_pools:
             raise ValueError(f"pools: {len(pools)} engine pools given, the router needs {router.num_pools}")
         self.intake = intake
@@ -86,6 +90,7 @@ class GenerationService:
         self.metrics = metrics
         self.max_admitted_requests = max_admitted_requests
         self.num_admitted = 0
+        self.block_size = block_size
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
         """The request's chunks; the last carries the finish reason, usage and timings. Bad input raises
@@ -114,6 +119,9 @@ class GenerationService:
         route = self.router.route(predicted_output_tokens)
         routing = Routing(prepared.request_id or uuid.uuid4().hex, predicted_output_tokens, route.bin_id)
         text = TextStream(self.intake.tokenizer, prepared.stop)
+        block_names = (
+            () if self.block_size is None else prompt_block_names(prepared.prompt_token_ids, self.block_size)
+        )
         outputs = self.pools[route.pool_id].generate.remote(
             NewRequest(
                 routing.request_id,
@@ -121,6 +129,7 @@ class GenerationService:
                 prepared.params,
                 predicted_output_tokens,
                 route.bin_id,
+                block_names,
             )
         )
         first_token_s: float | None = None

@@ -111,8 +111,15 @@ class GenerationIngress:
         defaults = SamplingDefaults.resolve(model_dir, config.sampling)
         intake = Intake(load_tokenizer(model_dir), config.ingress, defaults, self.max_model_len)
         self.metrics = IngressMetrics(enabled=config.metrics.enabled)
+        cache = config.engine.cache
         self.service = GenerationService(
-            intake, lengths, router, pools, self.metrics, config.max_admitted_requests
+            intake,
+            lengths,
+            router,
+            pools,
+            self.metrics,
+            config.max_admitted_requests,
+            block_size=cache.block_size if cache.enable_prefix_caching else None,  # names prompt blocks
         )
 
     def __serve_build_asgi_app__(self):  # Serve calls it once, after __init__
