@@ -62,11 +62,21 @@ class RouterConfig:
     """Equal-mass bins of predicted output length (Multi-Bin batching); boundaries come from the predictor."""
     num_pools: int | None = None
     """Engine pools the bins are spread over, contiguous bins per pool; default one pool per bin."""
+    pool_affinity_min_cached_tokens: int | None = 512
+    """With several pools and prefix caching: a request whose prompt's first tokens (at least this many,
+    in whole blocks) the ingress last sent to another pool than its bin's stays in that pool, where they
+    are likely cached, if its bin is within ``pool_affinity_max_bin_distance`` of one that pool serves.
+    null: every request goes to its bin's pool."""
+    pool_affinity_max_bin_distance: int = 1
+    """How many bins from the ones its pool serves a request may be predicted and still stay there."""
 
     def __post_init__(self) -> None:
         check_range("num_bins", self.num_bins, 1, 64)
         if self.num_pools is not None:
             check_range("num_pools", self.num_pools, 1, self.num_bins)
+        if self.pool_affinity_min_cached_tokens is not None:
+            check_range("pool_affinity_min_cached_tokens", self.pool_affinity_min_cached_tokens, 1)
+        check_range("pool_affinity_max_bin_distance", self.pool_affinity_max_bin_distance, 0, 64)
 
     @property
     def resolved_num_pools(self) -> int:

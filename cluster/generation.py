@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.intake import GenerationInput, Intake
 from cluster.predictor_client import PredictorClient
 from cluster.prometheus import IngressMetrics
-from cluster.router import BinRouter
+from cluster.router import BinRouter, PrefixPools
 from cluster.text_stream import TextStream
 from pipeline.block_manager import prompt_block_names
 from pipeline.driver import QueueFullError
@@ -91,6 +91,7 @@ class GenerationService:
         self.max_admitted_requests = max_admitted_requests
         self.num_admitted = 0
         self.block_size = block_size
+        self.prefix_pools = PrefixPools()  # where this ingress sent each prompt block (several pools)
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
         """The request's chunks; the last carries the finish reason, usage and timings. Bad input raises
@@ -116,12 +117,16 @@ class GenerationService:
         predict_s = time.perf_counter() - predict_start_s
         if self.metrics is not None:
             self.metrics.observe_prediction(predict_s)
-        route = self.router.route(predicted_output_tokens)
-        routing = Routing(prepared.request_id or uuid.uuid4().hex, predicted_output_tokens, route.bin_id)
-        text = TextStream(self.intake.tokenizer, prepared.stop)
         block_names = (
             () if self.block_size is None else prompt_block_names(prepared.prompt_token_ids, self.block_size)
         )
+        route = self.router.route(
+            predicted_output_tokens, self.prefix_pools.held(block_names, self.block_size)
+        )
+        if self.router.num_pools > 1:
+            self.prefix_pools.record(block_names, route.pool_id)
+        routing = Routing(prepared.request_id or uuid.uuid4().hex, predicted_output_tokens, route.bin_id)
+        text = TextStream(self.intake.tokenizer, prepared.stop)
         outputs = self.pools[route.pool_id].generate.remote(
             NewRequest(
                 routing.request_id,

@@ -107,7 +107,12 @@ class GenerationIngress:
         else:
             lengths = RemotePredictor(predictor)
         boundaries = await lengths.bin_boundaries(config.router.num_bins)
-        router = BinRouter.build(boundaries, config.router.resolved_num_pools)
+        router = BinRouter.build(
+            boundaries,
+            config.router.resolved_num_pools,
+            config.router.pool_affinity_min_cached_tokens,
+            config.router.pool_affinity_max_bin_distance,
+        )
         defaults = SamplingDefaults.resolve(model_dir, config.sampling)
         intake = Intake(load_tokenizer(model_dir), config.ingress, defaults, self.max_model_len)
         self.metrics = IngressMetrics(enabled=config.metrics.enabled)

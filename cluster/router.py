@@ -21,6 +21,7 @@ gracefully when there are fewer replicas than bins).
 
 from __future__ import annotations
 
+import collections
 from array import array
 from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -52,11 +53,24 @@ def pools_for_bins(num_bins: int, num_pools: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class HeldPrefix:
+    """The pool likely holding the longest cached prefix of a prompt, and how many tokens of it."""
+
+    pool_id: int
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
 class BinRouter:
     bin_boundaries: tuple[int, ...]
     """Inclusive upper edges, in output tokens, of bins ``0 .. num_bins - 2``; non-decreasing."""
     pool_of_bin: tuple[int, ...]
     """The engine pool serving each bin."""
+    stay_min_cached_tokens: int | None = None
+    """A request stays in the pool holding at least this many tokens of its prompt's prefix rather than
+    go to its bin's pool (``route``); None: always its bin's pool."""
+    stay_max_bin_distance: int = 1
+    """... if its bin is at most this many bins from one that pool serves."""
 
     def __post_init__(self) -> None:
         edges = self.bin_boundaries
@@ -73,10 +87,17 @@ class BinRouter:
             raise ValueError(f"pool_of_bin: pools must be numbered 0 .. n-1 with none unused, got {pools}")
 
     @classmethod
-    def build(cls, bin_boundaries: Sequence[int], num_pools: int | None = None) -> BinRouter:
+    def build(
+        cls,
+        bin_boundaries: Sequence[int],
+        num_pools: int | None = None,
+        stay_min_cached_tokens: int | None = None,
+        stay_max_bin_distance: int = 1,
+    ) -> BinRouter:
         """A router over ``len(bin_boundaries) + 1`` bins on ``num_pools`` pools (default: one per bin)."""
         num_bins = len(bin_boundaries) + 1
-        return cls(tuple(bin_boundaries), pools_for_bins(num_bins, num_pools or num_bins))
+        pool_of_bin = pools_for_bins(num_bins, num_pools or num_bins)
+        return cls(tuple(bin_boundaries), pool_of_bin, stay_min_cached_tokens, stay_max_bin_distance)
 
     @property
     def num_bins(self) -> int:
@@ -90,11 +111,49 @@ class BinRouter:
         """The bin holding a predicted length: the number of boundaries strictly below it."""
         return bin_of(predicted_output_tokens, self.bin_boundaries)
 
-    def route(self, predicted_output_tokens: int) -> Route:
+    def route(self, predicted_output_tokens: int, held: HeldPrefix | None = None) -> Route:
+        """The bin of the predicted length and its pool; or, when ``held`` says another pool holds a long
+        cached prefix of the prompt (``stay_min_cached_tokens``) and the bin is near one that pool serves
+        (``stay_max_bin_distance``), that pool: the turns of one conversation, predicted into neighbouring
+        bins, keep their history's KV instead of prefilling it again elsewhere."""
         if predicted_output_tokens < 0:
             raise ValueError(f"predicted_output_tokens: must be >= 0, got {predicted_output_tokens}")
         bin_id = self.bin_of(predicted_output_tokens)
-        return Route(bin_id=bin_id, pool_id=self.pool_of_bin[bin_id])
+        pool_id = self.pool_of_bin[bin_id]
+        if held is not None and held.pool_id != pool_id and self.stay_min_cached_tokens is not None:
+            distance = min(abs(bin_id - b) for b, p in enumerate(self.pool_of_bin) if p == held.pool_id)
+            if (
+                held.num_cached_tokens >= self.stay_min_cached_tokens
+                and distance <= self.stay_max_bin_distance
+            ):
+                pool_id = held.pool_id
+        return Route(bin_id=bin_id, pool_id=pool_id)
+
+
+@dataclass
+class PrefixPools:
+    """Which pool this ingress last sent each prompt block to, by block name (least recently sent dropped
+    first beyond ``capacity``): where a conversation's history is likely cached. A guess, as Ray Serve
+    LLM's prefix tree is: the pool may have evicted the blocks since."""
+
+    capacity: int = 65_536
+    _pool_of_name: collections.OrderedDict[BlockName, int] = field(default_factory=collections.OrderedDict)
+
+    def record(self, block_names: Sequence[BlockName], pool_id: int) -> None:
+        for name in block_names:
+            self._pool_of_name[name] = pool_id
+            self._pool_of_name.move_to_end(name)
+        while len(self._pool_of_name) > self.capacity:
+            self._pool_of_name.popitem(last=False)
+
+    def held(self, block_names: Sequence[BlockName], block_size: int) -> HeldPrefix | None:
+        """The pool sent the longest prefix of these blocks (names are chained: a name found stands for
+        its whole prefix), or None."""
+        for i in range(len(block_names) - 1, -1, -1):
+            pool_id = self._pool_of_name.get(block_names[i])
+            if pool_id is not None:
+                return HeldPrefix(pool_id, (i + 1) * block_size)
+        return None
 
 
 def encode_block_names(names: Sequence[BlockName]) -> bytes:

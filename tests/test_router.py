@@ -12,7 +12,9 @@ from cluster.predictor.lengths import equal_mass_boundaries
 from cluster.router import (
     IMBALANCED_REQUESTS,
     BinRouter,
+    HeldPrefix,
     PredictedWorkBook,
+    PrefixPools,
     Route,
     decode_block_names,
     encode_block_names,
@@ -258,3 +260,25 @@ def test_prefix_affinity_follows_the_longest_prefix_unless_loads_are_imbalanced(
     # Imbalanced (more than IMBALANCED_REQUESTS apart): the least loaded, cache ignored.
     book.report("warm", [1] * (IMBALANCED_REQUESTS + 1), 11.0, cached_names=prompt_block_names(history, 4))
     assert prefix_affinity(book, ["warm", "cold", "idle"], turn) == ["idle", "cold", "warm"]
+
+
+# ---- bins to pools, weighed against a cached prefix -------------------------------------------------
+
+
+def test_a_turn_stays_in_the_pool_holding_its_history_unless_its_bin_is_far() -> None:
+    router = BinRouter.build([50, 100, 200], num_pools=4, stay_min_cached_tokens=32, stay_max_bin_distance=1)
+    pools = PrefixPools()
+    history = list(range(80))
+    pools.record(prompt_block_names(history, 4), pool_id=1)  # turn 1 was predicted into bin 1
+    turn = prompt_block_names([*history, 7, 7, 7], 4)
+    held = pools.held(turn, 4)
+    assert held == HeldPrefix(pool_id=1, num_cached_tokens=76)
+    assert router.route(120, held) == Route(bin_id=2, pool_id=1)  # one bin off: stays with its history
+    assert router.route(500, held) == Route(bin_id=3, pool_id=3)  # two bins off: its bin's pool
+    assert router.route(120, HeldPrefix(1, 28)) == Route(bin_id=2, pool_id=2)  # too little cached
+    assert BinRouter.build([50, 100, 200], 4).route(120, held) == Route(bin_id=2, pool_id=2)  # off
+    assert pools.held(prompt_block_names([9, *history], 4), 4) is None  # another prompt
+    small = PrefixPools(capacity=3)
+    small.record(prompt_block_names(history, 4), pool_id=0)
+    assert small.held(turn, 4) == HeldPrefix(0, 76)  # the longest names are the most recent
+    assert small.held(prompt_block_names(history[:12], 4), 4) is None  # its first blocks were dropped
