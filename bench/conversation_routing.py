@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -102,9 +103,24 @@ def run_routing(args: argparse.Namespace, conversations: list[Conversation]) -> 
         "config": args.serve_config,
         "rows": rows,
         "answers_equal_first_run": {routing: a == first for routing, a in answers.items()},
-        "targets": targets(rows),
         "meta": run_meta(this_command(), time.perf_counter() - started_s, load_at_start),
     }
+
+
+def with_run(path: str | None, run: dict[str, Any], append: bool) -> dict[str, Any]:
+    """The result file: its runs (kept with ``append``) and ``run``, judged on each rule's mean over them."""
+    existing = json.loads(Path(path).read_text()) if append and path and Path(path).is_file() else {}
+    runs = [*existing.get("runs", []), run]
+    return {"runs": runs, "mean_rows": mean_rows(runs), "targets": targets(mean_rows(runs))}
+
+
+MEANS = ("ttft_mean_s", "mean_jct_s", "hit_rate_tokens")
+
+
+def mean_rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per rule, the mean over the runs (the same requests each time) of each run's mean TTFT, JCT, hit rate."""
+    rules = [r for r in runs[0]["rows"] if all(r in run["rows"] for run in runs)]
+    return {r: {k: sum(run["rows"][r][k] for run in runs) / len(runs) for k in MEANS} for r in rules}
 
 
 RULE = "least_cost"
@@ -136,7 +152,25 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def render(result: dict[str, Any]) -> str:
-    """The report's section: one row per routing rule, same conversations."""
+    """The report's section: per run, one row per routing rule (same conversations); then the rules' means."""
+    from bench.experiments.harness import markdown_table
+
+    header = ["rule", "mean TTFT (s)", "mean JCT (s)", "hit rate (prompt tokens)"]
+    means = [
+        [rule, row["ttft_mean_s"], row["mean_jct_s"], row["hit_rate_tokens"]]
+        for rule, row in result["mean_rows"].items()
+    ]
+    lines = [render_run(run, number) for number, run in enumerate(result["runs"], start=1)]
+    if len(result["runs"]) > 1:
+        lines += [
+            f"Each rule's mean over the {len(result['runs'])} runs (what the targets judge):",
+            "",
+            markdown_table(header, means),
+        ]
+    return "\n\n".join(lines)
+
+
+def render_run(run: dict[str, Any], number: int) -> str:
     from bench.experiments.harness import markdown_table, provenance
 
     rows = [
@@ -149,9 +183,10 @@ def render(result: dict[str, Any]) -> str:
             row["mean_jct_follow_up_s"],
             row["hit_rate_tokens"],
             row["hit_rate_follow_up_tokens"],
-            result["answers_equal_first_run"][routing],
+            f"{row['load_average']['start']} / {row['load_average']['end']}",
+            run["answers_equal_first_run"][routing],
         ]
-        for routing, row in result["rows"].items()
+        for routing, row in run["rows"].items()
     ]
     header = [
         "replica routing",
@@ -162,17 +197,19 @@ def render(result: dict[str, Any]) -> str:
         "follow-up mean JCT (s)",
         "hit rate (prompt tokens)",
         "follow-up hit rate",
-        "answers as the first run",
+        "load at start / end",
+        "answers as the first rule's",
     ]
-    p = result["params"]
+    p = run["params"]
     return "\n".join(
         [
-            f"{p['num_conversations']} ShareGPT conversations of up to {p['max_turns']} turns (Poisson "
-            f"arrivals at {p['rate']}/s, think time {p['think_s']} s), greedy, through gRPC on "
-            f"`{result['config']}` (one pool of 2 replicas), once per rule, runs in this order:",
+            f"Run {number}: {p['num_conversations']} ShareGPT conversations of up to {p['max_turns']} turns "
+            f"(answers of at most {p['max_output_tokens']} tokens, Poisson arrivals at {p['rate']}/s, think "
+            f"time {p['think_s']} s), greedy, through gRPC on `{run['config']}` (one pool of 2 replicas), "
+            "a fresh cluster per rule, in this order:",
             "",
             markdown_table(header, rows),
             "",
-            provenance(result),
+            provenance(run),
         ]
     )

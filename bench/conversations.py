@@ -269,16 +269,16 @@ def cmd_bench_conversations(args: argparse.Namespace) -> int:
 
 def cmd_bench_conversation_routing(args: argparse.Namespace) -> int:
     """``--serve-config``: the conversations against a served cluster, once per ``--routing`` rule."""
-    from bench.conversation_routing import run_routing
+    from bench.conversation_routing import run_routing, with_run
     from workers.checkpoint import load_tokenizer
 
-    report = run_routing(args, build_conversations(load_tokenizer(args.model), args))
-    for routing, row in report["rows"].items():
+    run = run_routing(args, build_conversations(load_tokenizer(args.model), args))
+    for routing, row in run["rows"].items():
         print(
             f"{routing}: mean TTFT {row['ttft_mean_s']:.3f} s, mean JCT {row['mean_jct_s']:.3f} s, "
             f"hit rate {row['hit_rate_tokens']:.1%}, load {row['load_average']}"
         )
-    write_report(args.json, report)
+    write_report(args.json, with_run(args.json, run, args.append))
     return 0
 
 
@@ -375,6 +375,9 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         "--routing",
         default="least_cost,prefix_affinity,least_predicted_work,power_of_two",
         help="with --serve-config: the pools.replica_routing rules to run, comma-separated, in this order",
+    )
+    p.add_argument(
+        "--append", action="store_true", help="with --serve-config: keep the runs already in --json (repeats)"
     )
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_conversations)

@@ -4,6 +4,7 @@ the suite): one config per routing rule, the target judged against the best othe
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import yaml
@@ -52,9 +53,7 @@ def test_least_cost_is_judged_against_the_best_other_rule_on_each_mean() -> None
     assert conversation_routing.targets({"power_of_two": row(1.0, 1.0)}) == []
 
 
-def test_the_reports_section_has_one_row_per_rule_in_run_order() -> None:
-    rows = {rule: row(1.0 + i, 2.0 + i) for i, rule in enumerate(RULES)}
-    params = {"num_conversations": 4, "max_turns": 3, "rate": 0.5, "think_s": 1.0}
+def served_run(rows: dict) -> dict:
     meta = {
         "machine": {"cpu": "cpu", "num_cores": 2, "platform": "linux"},
         "date": "2026-12-06T21:00:00+00:00",
@@ -62,12 +61,37 @@ def test_the_reports_section_has_one_row_per_rule_in_run_order() -> None:
         "duration_s": 60.0,
         "load_average": {"start": 1.0, "end": 2.0},
     }
-    result = {
-        "params": params,
+    return {
+        "params": {
+            "num_conversations": 4,
+            "max_turns": 3,
+            "max_output_tokens": 24,
+            "rate": 0.5,
+            "think_s": 1.0,
+        },
         "config": "deploy/serve-conversations.yaml",
-        "rows": rows,
-        "answers_equal_first_run": dict.fromkeys(RULES, True),
+        "rows": {rule: {**r, "load_average": {"start": 1.0, "end": 2.0}} for rule, r in rows.items()},
+        "answers_equal_first_run": dict.fromkeys(rows, True),
         "meta": meta,
     }
-    lines = [line for line in conversation_routing.render(result).splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0].strip("| ") for line in lines[1:]] == RULES
+
+
+def test_repeated_runs_are_judged_on_each_rules_mean_and_rendered_in_run_order(tmp_path) -> None:
+    path = tmp_path / "routing.json"
+    first = served_run({rule: row(1.0 + i, 2.0 + i) for i, rule in enumerate(RULES)})
+    second = served_run({rule: row(4.0 - i, 6.0 - i) for i, rule in enumerate(reversed(RULES))})
+    path.write_text(json.dumps(conversation_routing.with_run(str(path), first, append=False)))
+    result = conversation_routing.with_run(str(path), second, append=True)
+    assert len(result["runs"]) == 2 and conversation_routing.with_run(str(path), second, False)["runs"] == [
+        second
+    ]
+    assert result["mean_rows"]["least_cost"]["ttft_mean_s"] == 1.0  # 1.0, then 4.0 - 3
+    ttft, _ = result["targets"]
+    assert ttft["value"] == result["mean_rows"]["prefix_affinity"]["ttft_mean_s"] / 1.0
+    text = conversation_routing.render(result)
+    tables = [
+        [line.split(" | ")[0].strip("| ") for line in block.splitlines()[2:]]
+        for block in text.split("\n\n")
+        if block.startswith("| ")
+    ]
+    assert tables == [RULES, list(reversed(RULES)), RULES]  # each run in its order, then the means
