@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> dict:
             for o, t in zip(off, on, strict=False)
         ],
     }
-    report["meta"] = run_meta(this_command(), time.perf_counter() - started_s, load_at_start[0])
+    report["meta"] = run_meta(this_command(), time.perf_counter() - started_s, round(load_at_start[0], 2))
     report["targets"] = targets(report)
     if not identical:
         print("caching changed a greedy answer: the outputs differ", flush=True)
