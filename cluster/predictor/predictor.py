@@ -208,12 +208,16 @@ class LengthPredictor:
 
 
 def quantize_int8(layers: torch.nn.Module) -> torch.nn.Module:
-    """``layers`` with every Linear as int8 weights (per tensor; activations quantized per call, fbgemm
-    or x86 kernels on this CPU). torch marks its eager quantization API as moving to torchao and says so
-    on every call; the API is still the one in the pinned torch, so the notice is silenced here."""
+    """``layers`` with every Linear as int8 weights, one scale per output channel (one scale per tensor
+    ranked the held-out prompts 0.03 lower; per channel agrees with float32 at Spearman 0.98,
+    docs/PREDICTOR.md), activations quantized per call. torch marks its eager quantization API as moving
+    to torchao and says so on every call; the API is still the one in the pinned torch, so the notice is
+    silenced here."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(layers, {torch.nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(layers, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
 def build_model(
