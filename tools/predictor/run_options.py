@@ -18,15 +18,12 @@ pieces than the predictor was trained on). Each variant is the shipped default l
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
-from pathlib import Path
 
 from bench.labels import is_validation, read_records
 from bench.request_stats import percentile
-from tools.predictor.generalisation import Corpus, scored, subset
+from tools.predictor.generalisation import Corpus, scored, subset, write_with_meta
 
 VARIANTS = (("float32", None), ("int8", None), ("float32", 32), ("int8", 32))
 """(encoder_precision, max_prompt_tokens); None: the trained value. The first is the trained predictor."""
@@ -110,15 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"latency_calls: must be at least 1, got {args.latency_calls}")
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     result = measure(read_records(args.labels, args.tokenizer), Corpus.load(), args.latency_calls)
-    result["meta"] = {
-        "command": "python -m tools.predictor.run_options "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "duration_s": round(time.perf_counter() - started, 1),
-        "load_average": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_with_meta(result, args.json, "run_options", argv, started, load_at_start)
     print(render(result))
     return 0
 
