@@ -5,8 +5,8 @@
         chunk.text, chunk.token_ids          # the new text and tokens; the last chunk has finish_reason
         chunk.final                          # usage and timings, on the last chunk only
 
-    intake (check, defaults, render, tokenize) -> predict the output length (the global predictor
-    deployment, batched) -> route: length -> bin -> engine pool -> detokenize, cut at stop strings
+    predict the output length (the ingress's own encoder, batched; it starts first) while the intake
+    checks, renders and tokenizes -> route: length -> bin -> engine pool -> detokenize, cut at stop strings
 
 The gRPC methods and the HTTP routes each translate these chunks into their wire format, so the two
 APIs give the same text for the same request. Leaving the iteration early (a stop string, a cancelled
@@ -29,8 +29,19 @@ from cluster.predictor_client import PredictorClient
 from cluster.prometheus import IngressMetrics
 from cluster.router import BinRouter
 from cluster.text_stream import TextStream
+from pipeline.chat import predictor_text
 from pipeline.driver import QueueFullError
 from pipeline.request import FinishReason, NewRequest
+
+
+def early_predictor_text(request: GenerationInput, max_chars: int) -> str | None:
+    """``PreparedRequest.predictor_text`` before the intake has checked the request; None where the intake
+    will refuse it (or the text is too long to hand to the encoder unchecked)."""
+    if request.messages is None:
+        text = request.prompt
+    else:
+        text = predictor_text(request.messages) if request.messages else None
+    return text if text and len(text) <= max_chars else None
 
 
 @dataclass(frozen=True)
@@ -107,9 +118,20 @@ class GenerationService:
 
     async def _generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
         arrival_s = time.perf_counter()
-        prepared = self.intake.prepare(request)
+        # The encoder starts on the prompt first and reads it while the intake checks, renders and
+        # tokenizes it, so the two cost about the longer of them, not their sum.
+        text = early_predictor_text(request, self.intake.limits.max_prompt_chars)
+        prediction = None if text is None else self.predictor.predict(text)
+        try:
+            prepared = self.intake.prepare(request)
+        except BaseException:
+            if prediction is not None:
+                prediction.cancel()
+            raise
         predict_start_s = time.perf_counter()
-        predicted_output_tokens = await self.predictor.predict(prepared.predictor_text)
+        if prediction is None:
+            prediction = self.predictor.predict(prepared.predictor_text)
+        predicted_output_tokens = await prediction
         predict_s = time.perf_counter() - predict_start_s
         if self.metrics is not None:
             self.metrics.observe_prediction(predict_s)
