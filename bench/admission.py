@@ -17,7 +17,7 @@ import dataclasses
 import os
 import time
 
-from bench import write_report
+from bench import add_engine_workload_flags, reporting
 from bench.experiments.harness import load_predictor, predicted_lengths, prediction_quality
 from bench.replay import replay
 from bench.request_stats import summarize
@@ -84,27 +84,14 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def cmd_bench_admission(args: argparse.Namespace) -> int:
-    report = run(args)
-    write_report(args.json, report)
-    return 0
-
-
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
     p = bench_subparsers.add_parser(
         "admission", help="admission by predicted length vs prompt only, under KV pressure (real engine)"
     )
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    add_engine_workload_flags(p, num_requests=24, max_prompt_tokens=256, max_output_tokens=256)
     p.add_argument("--num-blocks", type=int, default=96, help="KV blocks of 16 tokens (default 96)")
-    p.add_argument("--num-requests", type=int, default=24)
-    p.add_argument("--max-prompt-tokens", type=int, default=256)
-    p.add_argument("--max-output-tokens", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--margin", type=float, default=0.25, help="predicted_output_margin (default 0.25)")
     p.add_argument("--predictor", default=None, help="default: the ChatGPT-length predictor")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", help="write the report here")
-    p.set_defaults(func=cmd_bench_admission)
+    p.set_defaults(func=reporting(run))

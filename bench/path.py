@@ -46,6 +46,7 @@ class StreamResult:
     ttft_s: float
     num_tokens: int
     num_messages: int
+    """Streamed messages the tokens came in: fewer than the tokens where the replica coalesced them."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 
-from bench import write_report
+from bench import add_engine_workload_flags, reporting
 from bench.conversations import offline_llm
 from bench.workload import sharegpt_requests
 from pipeline.request import SamplingParams
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def cmd_bench_prefix_overhead(args: argparse.Namespace) -> int:
+def run_and_print(args: argparse.Namespace) -> dict:
     report = run(args)
     cpu, tput = report["cpu_per_token_ratio_on_off"], report["throughput_ratio_on_off"]
     print(
@@ -97,8 +97,7 @@ def cmd_bench_prefix_overhead(args: argparse.Namespace) -> int:
         f"[{cpu['ci95_low']:.3f}, {cpu['ci95_high']:.3f}], throughput {tput['mean']:.3f} "
         f"[{tput['ci95_low']:.3f}, {tput['ci95_high']:.3f}]; load at start {report['load_average_start']}"
     )
-    write_report(args.json, report)
-    return 0
+    return report
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -106,16 +105,9 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         "prefix-overhead",
         help="prefix caching's cost at a 0%% hit rate: alternating off/on pairs (real engine)",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    add_engine_workload_flags(p, num_requests=16, max_prompt_tokens=256, max_output_tokens=32)
     p.add_argument("--pairs", type=int, default=5, help="off/on pairs, alternating which runs first")
-    p.add_argument("--num-requests", type=int, default=16)
-    p.add_argument("--max-prompt-tokens", type=int, default=256)
-    p.add_argument("--max-output-tokens", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20)
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", help="write the report here")
-    p.set_defaults(func=cmd_bench_prefix_overhead)
+    p.set_defaults(func=reporting(run_and_print))

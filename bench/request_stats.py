@@ -83,11 +83,18 @@ def summarize(records: Sequence[RequestMetrics]) -> MetricsSummary:
 
 @dataclass(frozen=True)
 class Slo:
-    p99_ttft_s: float
-    p99_tbt_s: float
+    """The bounds a run must meet; a bound left unset (infinite) is not checked."""
+
+    p99_ttft_s: float = math.inf
+    p99_tbt_s: float = math.inf
+    mean_jct_s: float = math.inf
 
     def is_met(self, summary: MetricsSummary) -> bool:
-        return summary.p99_ttft_s <= self.p99_ttft_s and summary.p99_tbt_s <= self.p99_tbt_s
+        return (
+            summary.p99_ttft_s <= self.p99_ttft_s
+            and summary.p99_tbt_s <= self.p99_tbt_s
+            and summary.mean_jct_s <= self.mean_jct_s
+        )
 
 
 def find_capacity(

@@ -279,22 +279,13 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unary", action="store_true", help="unary calls instead of streams (no TBT)")
     p.add_argument(
-        "--ray-address",
-        default=None,
-        help="with --address: the Ray cluster, to also measure the ingress overhead",
+        "--ray-address", help="with --address: the Ray cluster, to also measure the ingress overhead"
     )
     p.add_argument(
-        "--overhead-calls",
-        type=int,
-        default=20,
-        help="sequential calls measuring the ingress overhead (0: skip)",
+        "--overhead-calls", type=int, default=20, help="calls timing the ingress overhead (0: skip)"
     )
     p.add_argument("--application", default="binserve", help="the Serve application's name")
-    p.add_argument(
-        "--http-url",
-        default=None,
-        help="with --address: the HTTP proxy's URL, to measure the HTTP API's cost",
-    )
+    p.add_argument("--http-url", help="with --address: the HTTP proxy's URL, to measure the HTTP API's cost")
     p.add_argument(
         "--http-overhead-calls",
         type=int,

@@ -40,7 +40,9 @@ class Routing:
 
     request_id: str
     predicted_output_tokens: int
+    """The length predictor's estimate of the output, which chose the bin."""
     bin_id: int
+    """The bin that estimate fell in; the router sent the request to a pool serving it."""
 
 
 @dataclass(frozen=True)

@@ -132,21 +132,13 @@ class GenerationIngress:
     async def Generate(  # noqa: N802 (Serve calls the method named like the RPC)
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext | None = None
     ) -> pb.GenerateResponse:
-        text, token_ids, failure, bin_id = [], [], None, None
-        try:
-            self._authorize(grpc_context)
-            async with aclosing(self.service.generate(input_of(request))) as chunks:
-                async for chunk in chunks:
-                    text.append(chunk.text)
-                    token_ids.extend(chunk.token_ids)
-                    bin_id = chunk.routing.bin_id
-        except BaseException as exc:
-            failure = exc
-            _set_status(exc, grpc_context)
-            raise
-        finally:
-            self.metrics.observe_request("grpc", status_name(failure), bin_id)
-        message = message_of(chunk)
+        """``GenerateStream``'s messages joined into one: the last one's finish reason and usage, every text
+        and token id."""
+        text, token_ids = [], []
+        async with aclosing(self.GenerateStream(request, grpc_context)) as messages:
+            async for message in messages:
+                text.append(message.text)
+                token_ids.extend(message.token_ids)
         del message.token_ids[:]
         message.token_ids.extend(token_ids)
         message.text = "".join(text)

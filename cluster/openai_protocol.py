@@ -21,6 +21,7 @@ from cluster.generation import GenerationChunk
 from cluster.intake import GenerationInput
 from pipeline.chat import ChatMessage
 from pipeline.request import FinishReason
+from pipeline.sampling import FIELD_NAMES
 
 
 class _Body(BaseModel):
@@ -72,18 +73,8 @@ class _SamplingBody(_Body):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed with stream: true")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return dict(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            stop=stop,
-            ignore_eos=self.ignore_eos,
-        )
+        sampling = {name: getattr(self, name) for name in FIELD_NAMES}
+        return {**sampling, "max_tokens": max_tokens, "stop": stop, "ignore_eos": self.ignore_eos}
 
 
 class ChatCompletionRequest(_SamplingBody):

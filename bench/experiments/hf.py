@@ -11,15 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench.experiments.harness import (
-    DEFAULT_MODEL_DIR,
-    PredictorChoice,
-    ensure_tiny_model,
-    markdown_table,
-    new_figure,
-    provenance,
-    save_figure,
-)
+from bench.experiments import harness
 from bench.offline import run_offline_bench
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 
@@ -28,7 +20,7 @@ TITLE = "Engine vs transformers continuous batching"
 
 @dataclass(frozen=True)
 class Params:
-    model_dir: str = DEFAULT_MODEL_DIR
+    model_dir: str = harness.DEFAULT_MODEL_DIR
     num_requests: int = 64
     max_prompt_tokens: int = 256
     max_output_tokens: int = 256
@@ -40,12 +32,12 @@ class Params:
 SIZES = {"full": Params(), "smoke": Params(num_requests=8, max_prompt_tokens=64, max_output_tokens=32)}
 
 
-def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
+def run(params: Params, predictor: harness.PredictorChoice) -> dict[str, Any]:
     del predictor  # offline: every request is submitted at once, FCFS
     import torch
 
     torch.set_num_threads(1)
-    ensure_tiny_model(params.model_dir)
+    harness.ensure_tiny_model(params.model_dir)
     config = EngineConfig(
         ModelConfig(params.model_dir, max_model_len=params.max_prompt_tokens + params.max_output_tokens + 16),
         cache=CacheConfig(kv_cache_bytes=128 * 2**20),
@@ -62,7 +54,7 @@ def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     p, w = result["params"], result["workload"]
     engine, hf = result["engine"], result["hf"]
-    table = markdown_table(
+    table = harness.markdown_table(
         ["system", "wall (s)", "output tokens", "output tokens/s", "speedup"],
         [
             ["binserve engine (sarathi)", engine["wall_s"], engine["output_tokens"], engine["output_tokens_per_s"], f"{result['speedup_vs_hf']:.2f}x"],
@@ -77,16 +69,16 @@ def render(result: dict[str, Any]) -> str:
             f"`continuous_batching_context_manager` with per-request `max_new_tokens` and EOS off. Wall time "
             f"starts after each side's set-up (weights and cache allocated).",
             table,
-            provenance(result),
+            harness.provenance(result),
         ]
     )
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    fig, (ax,) = new_figure(width_in=4.5)
+    fig, (ax,) = harness.new_figure(width_in=4.5)
     names = ["binserve", "transformers CB"]
     values = [result["engine"]["output_tokens_per_s"], result["hf"]["output_tokens_per_s"]]
     ax.bar(names, values, color=["tab:blue", "tab:gray"])
     ax.set_ylabel("output tokens/s")
     ax.set_title("Same checkpoint, same requests")
-    save_figure(fig, path)
+    harness.save_figure(fig, path)

@@ -24,21 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench.experiments.harness import (
-    DEFAULT_MODEL_DIR,
-    REPO_DIR,
-    Engines,
-    LengthEstimates,
-    PredictorChoice,
-    length_estimates,
-    markdown_table,
-    new_figure,
-    provenance,
-    save_figure,
-    sharegpt_workload,
-    target,
-    workload_text,
-)
+from bench.experiments import harness
 from bench.replay import replay
 from bench.request_stats import summarize
 from bench.sim.cost_model import StepCostModel
@@ -53,7 +39,7 @@ UNIT_STEP = StepCostModel(base_s=1.0, prefill_token_s=0.0, decode_token_s=0.0, k
 
 @dataclass(frozen=True)
 class Params:
-    model_dir: str = DEFAULT_MODEL_DIR
+    model_dir: str = harness.DEFAULT_MODEL_DIR
     labels: str = ""
     """The served model's length labels: its own answer lengths on held-out prompts; empty: ChatGPT's."""
     num_requests: int = 64
@@ -64,8 +50,8 @@ class Params:
     this CPU every running request adds attention cost to each step, so a larger B gains less here (and
     takes longer to run); B=8 with 64 requests gives every one of 8 bins one full batch."""
     bin_counts: tuple[int, ...] = (1, 2, 4, 8)
-    profile: str = str(REPO_DIR / "profiles" / "cpu-tiny-llama.json")
-    gpu_profile: str = str(REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json")
+    profile: str = str(harness.REPO_DIR / "profiles" / "cpu-tiny-llama.json")
+    gpu_profile: str = str(harness.REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json")
     """An estimate (see its ``source``): where a step's fixed weight read dominates, as on a GPU, a
     static batch's time follows its longest member more closely than on this CPU."""
     num_uniform_requests: int = 2048
@@ -84,7 +70,7 @@ SIZES = {
         max_prompt_tokens=1024,
         max_output_tokens=512,
         bin_counts=(1, 4),
-        profile=str(REPO_DIR / "profiles" / "cpu-smollm2-135m-instruct.json"),
+        profile=str(harness.REPO_DIR / "profiles" / "cpu-smollm2-135m-instruct.json"),
     ),
 }
 
@@ -111,7 +97,9 @@ def _scheduler(params: Params) -> SchedulerConfig:
     return SchedulerConfig(policy="static", max_num_seqs=params.batch_size, group_by_bin=True)
 
 
-def _real(engines: Engines, params: Params, workload, estimate: LengthEstimates, k: int) -> float:
+def _real(
+    engines: harness.Engines, params: Params, workload, estimate: harness.LengthEstimates, k: int
+) -> float:
     bins = bin_ids(estimate.output_tokens, estimate.bin_boundaries(k))
     measured = replay(
         engines.engine(_scheduler(params)),
@@ -146,10 +134,10 @@ def uniform_requests(params: Params, k: int) -> list[SimRequest]:
     return [SimRequest(0.0, 1, n) for n in lengths]
 
 
-def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
-    engines = Engines(params.model_dir)
-    workload = sharegpt_workload(engines.tokenizer, params)
-    estimates = length_estimates(workload, predictor)
+def run(params: Params, predictor: harness.PredictorChoice) -> dict[str, Any]:
+    engines = harness.Engines(params.model_dir)
+    workload = harness.sharegpt_workload(engines.tokenizer, params)
+    estimates = harness.length_estimates(workload, predictor)
     cost_model = StepCostModel.load(params.profile)
     gpu_cost_model = StepCostModel.load(params.gpu_profile)
     l_max = params.max_output_tokens
@@ -183,12 +171,12 @@ def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
         "rows": rows,
         "gains": gains,
         "targets": [
-            target(
+            harness.target(
                 "4 bins >= 1.5x the throughput of 1 bin, oracle lengths (real engine)",
                 _gain(gains, 4, "real_oracle"),
                 1.5,
             ),
-            target(
+            harness.target(
                 "4 bins >= 1.2x the throughput of 1 bin, predicted lengths (real engine)",
                 _gain(gains, 4, "real_predicted"),
                 1.2,
@@ -229,21 +217,21 @@ def render(result: dict[str, Any]) -> str:
     return "\n\n".join(
         [
             f"Static batching, B = {p['batch_size']}, `group_by_bin`, a burst of "
-            f"{workload_text(p, p['num_requests'])}. Cells: output tokens/s (gain over 1 bin). Real = the engine on "
+            f"{harness.workload_text(p, p['num_requests'])}. Cells: output tokens/s (gain over 1 bin). Real = the engine on "
             f"`{p['model_dir'].rsplit('/', 1)[-1]}`; sim = the simulator with `{p['profile'].rsplit('/', 1)[-1]}` (this CPU) on the same requests; "
             f"sim GPU est. = the same with `{p['gpu_profile'].rsplit('/', 1)[-1]}`, an estimate, not a "
             f"measurement; uniform = "
             f"{p['num_uniform_requests']} lengths uniform on [1, {p['max_output_tokens']}] under a unit step cost, "
             f"tokens per step; closed form = B/E[T_k] x mean length, the paper's formula for that uniform case. "
             f"Lengths: {result['predictor']}.",
-            markdown_table(["bins k", *(COLUMNS[c] for c in columns)], rows),
-            provenance(result),
+            harness.markdown_table(["bins k", *(COLUMNS[c] for c in columns)], rows),
+            harness.provenance(result),
         ]
     )
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    fig, (ax,) = new_figure(width_in=6.0)
+    fig, (ax,) = harness.new_figure(width_in=6.0)
     ks = [g["num_bins"] for g in result["gains"]]
     for column, label in COLUMNS.items():
         if column in result["gains"][0]:
@@ -255,4 +243,4 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_ylabel("throughput / throughput at k=1")
     ax.set_title(f"Multi-Bin static batching, B={result['params']['batch_size']}")
     ax.legend(fontsize=8)
-    save_figure(fig, path)
+    harness.save_figure(fig, path)

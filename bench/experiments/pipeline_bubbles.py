@@ -15,15 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.experiments.harness import (
-    PredictorChoice,
-    markdown_table,
-    new_figure,
-    provenance,
-    save_figure,
-    sharegpt_workload,
-    target,
-)
+from bench.experiments import harness
 from pipeline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
 TITLE = "Pipeline parallelism: bubbles at pp 2"
@@ -62,7 +54,7 @@ SIZES = {
 }
 
 
-def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
+def run(params: Params, predictor: harness.PredictorChoice) -> dict[str, Any]:
     del predictor  # lengths are forced; the queue is FCFS
     from bench.bubbles import run_pipeline_bench
     from workers.checkpoint import load_tokenizer
@@ -87,7 +79,7 @@ def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
         ),
         parallel=ParallelConfig(pp_size=params.pp_size, torch_threads=1),
     )
-    requests = sharegpt_workload(load_tokenizer(params.checkpoint_dir), params)
+    requests = harness.sharegpt_workload(load_tokenizer(params.checkpoint_dir), params)
     report = run_pipeline_bench(config, requests, one_process=False)
     rows = [
         {
@@ -109,7 +101,7 @@ def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
         "bubble_time_reduction": report["bubble_time_reduction"],
         "throughput_gain": report["throughput_gain"],
         "targets": [
-            target(
+            harness.target(
                 "SARATHI micro-batches cut pp=2 bubble time >= 4x vs prefill_first",
                 report["bubble_time_reduction"],
                 4.0,
@@ -148,8 +140,8 @@ def render(result: dict[str, Any]) -> str:
             f"{p['chunk_size']} with up to {p['max_prefill_chunks']} prefill chunks per micro-batch. SARATHI: "
             f"{result['bubble_time_reduction']:.2f}x less bubble time, {result['throughput_gain']:.2f}x the "
             f"throughput of prefill-first micro-batches.",
-            markdown_table(header, rows),
-            provenance(result),
+            harness.markdown_table(header, rows),
+            harness.provenance(result),
         ]
     )
 
@@ -161,7 +153,7 @@ def _checkpoint_text(p: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    fig, (ax_tput, ax_bubble) = new_figure(2, width_in=4.0)
+    fig, (ax_tput, ax_bubble) = harness.new_figure(2, width_in=4.0)
     policies = [r["policy"] for r in result["rows"]]
     ax_tput.bar(policies, [r["output_tokens_per_s"] for r in result["rows"]])
     ax_tput.set_ylabel("output tokens/s")
@@ -169,4 +161,4 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax_bubble.set_ylabel("bubble fraction (stage idle time)")
     ax_bubble.set_ylim(0, 1)
     fig.suptitle(f"pp {result['params']['pp_size']}: SARATHI vs prefill-first micro-batches")
-    save_figure(fig, path)
+    harness.save_figure(fig, path)

@@ -26,19 +26,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.experiments.harness import (
-    REPO_DIR,
-    load_average,
-    load_predictor,
-    markdown_table,
-    provenance,
-    run_meta,
-    sharegpt_workload,
-    spearman,
-    target,
-    write_json,
-)
-from bench.request_stats import MetricsSummary, summarize
+from bench.experiments import harness
+from bench.request_stats import MetricsSummary, Slo, summarize
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from bench.workload import WorkloadRequest, poisson_arrivals
@@ -46,30 +35,19 @@ from pipeline.config import SchedulerConfig
 from workers.checkpoint import load_tokenizer
 
 
-@dataclass(frozen=True)
-class JctSlo:
-    """Mean JCT and p99 TBT bounds: mean JCT is what shortest-predicted-first serves, p99 TBT keeps the
-    decode smooth. A p99 TTFT bound is reported alongside (``ttft_rows``)."""
-
-    mean_jct_s: float
-    p99_tbt_s: float = 0.1
-
-    def is_met(self, summary: MetricsSummary) -> bool:
-        return summary.mean_jct_s <= self.mean_jct_s and summary.p99_tbt_s <= self.p99_tbt_s
-
-
-@dataclass(frozen=True)
-class TtftSlo:
-    p99_ttft_s: float
-    p99_tbt_s: float = 0.1
-
-    def is_met(self, summary: MetricsSummary) -> bool:
-        return summary.p99_ttft_s <= self.p99_ttft_s and summary.p99_tbt_s <= self.p99_tbt_s
+def slos_of(mean_jct_s: float, p99_ttft_s: float, scale: float = 1.0) -> dict[str, Slo]:
+    """The two SLOs capacity is measured under, by name: mean JCT (what shortest-predicted-first serves) and
+    p99 TTFT (the tail it must not give up), each with a p99 TBT bound that keeps the decode smooth."""
+    tbt = 0.1 * scale
+    return {
+        f"mean JCT <= {mean_jct_s * scale:g} s": Slo(mean_jct_s=mean_jct_s * scale, p99_tbt_s=tbt),
+        f"p99 TTFT <= {p99_ttft_s * scale:g} s": Slo(p99_ttft_s=p99_ttft_s * scale, p99_tbt_s=tbt),
+    }
 
 
 @dataclass(frozen=True)
 class Params:
-    profile: str = str(REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json")
+    profile: str = str(harness.REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json")
     tokenizer_dir: str = ".models/tiny-llama"
     num_requests: int = 4000
     max_prompt_tokens: int = 2048
@@ -118,7 +96,7 @@ def noisy_lengths(true_tokens: Sequence[int], target_spearman: float, seed: int)
     low, high = 0.0, 20.0
     for _ in range(30):
         mid = (low + high) / 2
-        if spearman(true_tokens, predict(mid)) > target_spearman:
+        if harness.spearman(true_tokens, predict(mid)) > target_spearman:
             low = mid
         else:
             high = mid
@@ -170,24 +148,20 @@ def capacity(rates: Sequence[float], summaries: Sequence[MetricsSummary], slo) -
 
 def run(params: Params) -> dict:
     cost_model = StepCostModel.load(params.profile)
-    workload = sharegpt_workload(load_tokenizer(params.tokenizer_dir), params)
+    workload = harness.sharegpt_workload(load_tokenizer(params.tokenizer_dir), params)
     true_tokens = [r.output_tokens for r in workload]
     predictions = {"oracle": true_tokens}
     for rho in params.spearmans:
         predictions[f"synthetic, Spearman {rho}"] = noisy_lengths(true_tokens, rho, params.seed)
     if params.use_trained_predictor:
-        choice = load_predictor()
+        choice = harness.load_predictor()
         if choice.predictor is not None:
             out = choice.predictor.predict([r.prompt for r in workload]).output_tokens
             predictions["trained ChatGPT predictor"] = [int(n) for n in out]
-    scale = params.slo_scale_s
-    slos = {
-        f"mean JCT <= {params.mean_jct_s * scale:g} s": JctSlo(params.mean_jct_s * scale, 0.1 * scale),
-        f"p99 TTFT <= {params.p99_ttft_s * scale:g} s": TtftSlo(params.p99_ttft_s * scale, 0.1 * scale),
-    }
+    slos = slos_of(params.mean_jct_s, params.p99_ttft_s, params.slo_scale_s)
     rows = []
     for source, predicted in predictions.items():
-        quality = spearman(true_tokens, predicted)
+        quality = harness.spearman(true_tokens, predicted)
         for name, routing, order in params.systems:
             if source != "oracle" and order == "fcfs":
                 continue  # length-blind is the same whatever the predictions; the FCFS mixed row: oracle only
@@ -245,7 +219,7 @@ def targets(result: dict) -> list[dict]:
             continue
         ratios = [row[slo] / blind_row[slo] if blind_row[slo] else None for slo in slos]
         goal = f"capacity under {slos[0]} >= {TARGET_RATIO}x length-blind, {row['predictions']} lengths"
-        found.append(target(goal, ratios[0], TARGET_RATIO))
+        found.append(harness.target(goal, ratios[0], TARGET_RATIO))
         if len(slos) < 2:
             continue
         jct_goal, ttft_goal = TAIL_TARGET_RATIOS
@@ -254,7 +228,7 @@ def targets(result: dict) -> list[dict]:
             f"capacity >= {jct_goal}x length-blind under {slos[0]} and >= {ttft_goal}x under {slos[1]}, "
             f"{row['system']}, {row['predictions']} lengths (the lesser ratio over its goal)"
         )
-        found.append(target(goal, both, 1.0))
+        found.append(harness.target(goal, both, 1.0))
     return found
 
 
@@ -262,10 +236,8 @@ def merge_runs(first: dict, second: dict) -> dict:
     """One result from two runs of the same requests on different rate grids (a coarse grid, then a finer
     one around the capacities): every row's runs on the union of the grids, capacities recomputed. The
     simulator is deterministic, so a rate's run is the same whichever grid it came from."""
-    slos = {
-        name: (JctSlo if name.startswith("mean JCT") else TtftSlo)(*_slo_bounds(name, first["params"]))
-        for name in first["slos"]
-    }
+    run = first["params"]
+    slos = slos_of(run["mean_jct_s"], run["p99_ttft_s"], run["slo_scale_s"])
     merged_rows = []
     for row in first["rows"]:
         twin = next(
@@ -284,12 +256,6 @@ def merge_runs(first: dict, second: dict) -> dict:
         merged_rows.append(merged)
     rates = sorted({*first["params"]["rates"], *second["params"]["rates"]})
     return {**first, "params": {**first["params"], "rates": rates}, "rows": merged_rows}
-
-
-def _slo_bounds(name: str, params: dict) -> tuple[float, float]:
-    scale = params["slo_scale_s"]
-    bound = params["mean_jct_s"] if name.startswith("mean JCT") else params["p99_ttft_s"]
-    return bound * scale, 0.1 * scale
 
 
 def render(result: dict) -> str:
@@ -319,9 +285,9 @@ def render(result: dict) -> str:
         f"({', '.join(f'{r:g}' for r in p['rates'])} req/s) up to which every run meets the SLO (each SLO also bounds "
         f"p99 TBT). Where and why it pays: docs/ROUTING.md."
     )
-    parts = [text, markdown_table(headers, table)]
+    parts = [text, harness.markdown_table(headers, table)]
     if "meta" in result:
-        parts.append(provenance(result))
+        parts.append(harness.provenance(result))
     return "\n\n".join(parts)
 
 
@@ -362,7 +328,7 @@ def main() -> None:
         "--json", required=True, help="docs/results/MODEL/replica_routing.json for the report"
     )
     args = parser.parse_args()
-    start_s, load_at_start = time.perf_counter(), load_average()
+    start_s, load_at_start = time.perf_counter(), harness.load_average()
     if args.merge:
         first, second = (json.loads(Path(p).read_text()) for p in args.merge)
         result = merge_runs(first, second)
@@ -382,13 +348,13 @@ def main() -> None:
             **({"systems": systems_of(args.queue_orders)} if args.queue_orders else {}),
         )
         result = run(params)
-        result["meta"] = run_meta(
+        result["meta"] = harness.run_meta(
             "python -m bench.experiments.replica_routing " + " ".join(sys.argv[1:]),
             time.perf_counter() - start_s,
             load_at_start,
         )
     result["targets"] = targets(result)
-    write_json(Path(args.json), result)
+    harness.write_json(Path(args.json), result)
     print(render(result))
 
 

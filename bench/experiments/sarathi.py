@@ -17,17 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench.experiments.harness import (
-    DEFAULT_MODEL_DIR,
-    Engines,
-    PredictorChoice,
-    markdown_table,
-    new_figure,
-    provenance,
-    save_figure,
-    sharegpt_workload,
-    target,
-)
+from bench.experiments import harness
 from bench.replay import replay
 from bench.request_stats import summarize
 from bench.workload import poisson_arrivals, with_arrivals
@@ -38,7 +28,7 @@ TITLE = "SARATHI: chunked prefills vs whole-prompt prefills"
 
 @dataclass(frozen=True)
 class Params:
-    model_dir: str = DEFAULT_MODEL_DIR
+    model_dir: str = harness.DEFAULT_MODEL_DIR
     num_requests: int = 128
     rate_per_s: float | None = None
     """Poisson arrivals at this rate; None calibrates it to ``load`` times the engine's capacity here."""
@@ -79,12 +69,12 @@ def configs(params: Params) -> list[tuple[str, SchedulerConfig]]:
     return chunked + whole
 
 
-def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
+def run(params: Params, predictor: harness.PredictorChoice) -> dict[str, Any]:
     del predictor  # every request's length is forced; the queue is FCFS
-    engines = Engines(
+    engines = harness.Engines(
         params.model_dir, max_model_len=params.max_prompt_tokens + params.max_output_tokens + 16
     )
-    workload = sharegpt_workload(engines.tokenizer, params)
+    workload = harness.sharegpt_workload(engines.tokenizer, params)
     capacity_per_s = None
     rate_per_s = params.rate_per_s
     if rate_per_s is None:
@@ -144,7 +134,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best = max(eligible, key=lambda r: r["p99_tbt_reduction"], default=None)
     where = f" ({best['config']})" if best else " (no chunk size within 10% throughput)"
     return [
-        target(
+        harness.target(
             "SARATHI lowers p99 TBT >= 3x vs prefill_first at <= 10% throughput loss" + where,
             best["p99_tbt_reduction"] if best else None,
             3.0,
@@ -178,8 +168,8 @@ def render(result: dict[str, Any]) -> str:
             f"{p['max_prompt_tokens']} tokens (mean {w['mean_prompt_tokens']:.0f}), forced outputs capped at "
             f"{p['max_output_tokens']}; max_num_seqs {p['max_num_seqs']}. Throughput is output tokens per busy "
             f"second of the engine (see the module docstring); TBT pools every gap between a request's tokens.",
-            markdown_table(header, rows),
-            provenance(result),
+            harness.markdown_table(header, rows),
+            harness.provenance(result),
         ]
     )
 
@@ -194,7 +184,7 @@ def _calibration(params: dict[str, Any], workload: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    fig, (ax_tbt, ax_tput) = new_figure(2)
+    fig, (ax_tbt, ax_tput) = harness.new_figure(2)
     chunked = [r for r in result["rows"] if r["policy"] == "sarathi"]
     chunks = [r["chunk_size"] for r in chunked]
     ax_tbt.plot(chunks, [r["p99_tbt_s"] * 1e3 for r in chunked], marker="o", color="C0", label="sarathi")
@@ -212,4 +202,4 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax_tbt.set_ylim(bottom=0)
     ax_tput.set_ylabel("output tokens per busy second")
     ax_tput.set_ylim(bottom=0)
-    save_figure(fig, path)
+    harness.save_figure(fig, path)

@@ -20,17 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.experiments.harness import (
-    REPO_DIR,
-    LengthEstimates,
-    PredictorChoice,
-    length_estimates,
-    markdown_table,
-    new_figure,
-    provenance,
-    save_figure,
-    sharegpt_workload,
-)
+from bench.experiments import harness
 from bench.request_stats import MetricsSummary, Slo, find_capacity, summarize
 from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
@@ -55,7 +45,7 @@ class PolicySlo:
 
 @dataclass(frozen=True)
 class Params:
-    profile: str = str(REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json")
+    profile: str = str(harness.REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json")
     tokenizer_dir: str = ".models/tiny-llama"
     num_requests: int = 2000
     max_prompt_tokens: int = 2048
@@ -88,10 +78,10 @@ SIZES = {
 class Routing:
     name: str
     router: BinRouter
-    lengths: LengthEstimates
+    lengths: harness.LengthEstimates
 
 
-def routings(params: Params, policy: str, estimates: Sequence[LengthEstimates]) -> list[Routing]:
+def routings(params: Params, policy: str, estimates: Sequence[harness.LengthEstimates]) -> list[Routing]:
     """One pool; for batch policies, one pool whose replicas batch within bins (Multi-Bin in a replica);
     then k bins on k pools."""
     k = params.num_bins
@@ -174,10 +164,10 @@ def capacity_row(
     }
 
 
-def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
+def run(params: Params, predictor: harness.PredictorChoice) -> dict[str, Any]:
     cost_model = StepCostModel.load(params.profile)
-    workload = sharegpt_workload(load_tokenizer(params.tokenizer_dir), params)
-    estimates = length_estimates(workload, predictor)
+    workload = harness.sharegpt_workload(load_tokenizer(params.tokenizer_dir), params)
+    estimates = harness.length_estimates(workload, predictor)
     cases = [
         (Slo(s.p99_ttft_s, s.p99_tbt_s), s.policy, routing)
         for s in params.slos
@@ -221,7 +211,7 @@ def render(result: dict[str, Any]) -> str:
                 s.get("output_tokens_per_s"),
             ]
         )
-    table = markdown_table(
+    table = harness.markdown_table(
         [
             "policy",
             "routing",
@@ -246,7 +236,7 @@ def render(result: dict[str, Any]) -> str:
             f"bins hold equal numbers of requests, not equal work). Each probe is a finite run of "
             f"{p['num_requests']} requests, so well above capacity its queue is shorter than in steady state.",
             table,
-            provenance(result),
+            harness.provenance(result),
         ]
     )
 
@@ -259,7 +249,7 @@ def _capacity(capacity_per_s: float, params: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    fig, (ax,) = new_figure(width_in=7.0)
+    fig, (ax,) = harness.new_figure(width_in=7.0)
     policies = list(dict.fromkeys(r["policy"] for r in result["rows"]))
     routing_names = list(dict.fromkeys(r["routing"] for r in result["rows"]))
     width = 0.8 / len(routing_names)
@@ -271,4 +261,4 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_ylabel("capacity under the SLO (requests/s)")
     ax.set_title(f"{result['params']['num_replicas']} simulated replicas (GPU profile is an estimate)")
     ax.legend(fontsize=8)
-    save_figure(fig, path)
+    harness.save_figure(fig, path)

@@ -18,20 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from bench.experiments.harness import (
-    DEFAULT_MODEL_DIR,
-    Engines,
-    PredictorChoice,
-    length_estimates,
-    markdown_table,
-    new_figure,
-    prediction_quality,
-    provenance,
-    save_figure,
-    sharegpt_workload,
-    target,
-    workload_text,
-)
+from bench.experiments import harness
 from bench.replay import replay
 from bench.request_stats import summarize
 from bench.workload import DEFAULT_LABELS, poisson_arrivals, with_arrivals
@@ -43,7 +30,7 @@ MODES = ("none", "dynamic", "continuous")
 
 @dataclass(frozen=True)
 class Params:
-    model_dir: str = DEFAULT_MODEL_DIR
+    model_dir: str = harness.DEFAULT_MODEL_DIR
     labels: str = ""
     """The served model's length labels: its own answer lengths on held-out prompts; empty: ChatGPT's."""
     num_requests: int = 40
@@ -78,12 +65,12 @@ def schedulers(params: Params) -> dict[str, SchedulerConfig]:
     }
 
 
-def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
-    engines = Engines(params.model_dir)
-    workload = sharegpt_workload(engines.tokenizer, params)
+def run(params: Params, predictor: harness.PredictorChoice) -> dict[str, Any]:
+    engines = harness.Engines(params.model_dir)
+    workload = harness.sharegpt_workload(engines.tokenizer, params)
     if params.rate_per_s is not None:
         workload = with_arrivals(workload, poisson_arrivals(len(workload), params.rate_per_s, params.seed))
-    estimates = length_estimates(workload, predictor)
+    estimates = harness.length_estimates(workload, predictor)
     true_tokens = [r.output_tokens for r in workload]
     rows = []
     for mode, scheduler in schedulers(params).items():
@@ -112,7 +99,7 @@ def run(params: Params, predictor: PredictorChoice) -> dict[str, Any]:
         "params": asdict(params),
         "predictor": predictor.note,
         "prediction_quality": {
-            e.source: prediction_quality(true_tokens, e.output_tokens)
+            e.source: harness.prediction_quality(true_tokens, e.output_tokens)
             for e in estimates
             if e.source != "oracle"
         },
@@ -140,7 +127,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for mode in MODES:
         cut = [-r["mean_jct_change"] for r in rows if r["mode"] == mode and r["order"] == "ssjf predicted"]
         found.append(
-            target(
+            harness.target(
                 f"SSJF (predictor) cuts mean JCT >= 35% vs FCFS, {mode} batching",
                 cut[0] if cut else None,
                 0.35,
@@ -161,7 +148,7 @@ def render(result: dict[str, Any]) -> str:
         "mean TTFT (s)",
         "tokens/s",
     ]
-    table = markdown_table(
+    table = harness.markdown_table(
         header,
         [
             [
@@ -183,7 +170,7 @@ def render(result: dict[str, Any]) -> str:
     )
     return "\n\n".join(
         [
-            f"{workload_text(p, w['num_requests'])}, mean output {w['mean_output_tokens']:.0f} tokens; arrivals: "
+            f"{harness.workload_text(p, w['num_requests'])}, mean output {w['mean_output_tokens']:.0f} tokens; arrivals: "
             f"{w['arrivals']}. "
             f"Modes: none = batch 1 (`prefill_first`, max_num_seqs 1); dynamic = `dynamic` batches of "
             f"{p['batch_size']}; continuous = `sarathi`, max_num_seqs {p['batch_size']}, chunk {p['chunk_size']}. "
@@ -192,7 +179,7 @@ def render(result: dict[str, Any]) -> str:
             + (f" Predictor quality on these requests: {quality}." if quality else ""),
             table,
             _summary(result["rows"]),
-            provenance(result),
+            harness.provenance(result),
         ]
     )
 
@@ -211,7 +198,7 @@ def _summary(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    fig, (ax,) = new_figure(width_in=7.0)
+    fig, (ax,) = harness.new_figure(width_in=7.0)
     orders = list(dict.fromkeys(r["order"] for r in result["rows"]))
     width = 0.8 / len(orders)
     for i, order in enumerate(orders):
@@ -223,4 +210,4 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_ylabel("job completion time (s); bars mean, dashes p99")
     ax.set_title("SSJF vs FCFS on the real engine")
     ax.legend()
-    save_figure(fig, path)
+    harness.save_figure(fig, path)

@@ -16,60 +16,51 @@ class MixedCell:
 
 @dataclass(frozen=True)
 class CheckPlan:
-    mode: str
+    """The defaults are the full run; ``quick`` and ``smoke`` say only what they change."""
+
+    mode: str = "full"
     """``full``, ``quick`` or ``smoke``: recorded in the report."""
-    parity_shapes: tuple[str, ...]
+    parity_shapes: tuple[str, ...] = ("llama-3.2-1b",)
     """Random checkpoints (``workers.random_model.SHAPES``) compared with transformers besides the tiny
     test model, which is always compared."""
-    parity_tokens: int
-    timing_shapes: tuple[str, ...]
+    parity_tokens: int = 64
+    timing_shapes: tuple[str, ...] = ("llama-3-8b", "llama-3.2-1b")
     """Shapes whose step times are measured and fitted into a profile, in this order (the 8B first: it
     is the simulator's model)."""
-    decode_batches: tuple[int, ...]
-    context_tokens: tuple[int, ...]
-    chunk_tokens: tuple[int, ...]
+    decode_batches: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
+    context_tokens: tuple[int, ...] = (512, 2048)
+    chunk_tokens: tuple[int, ...] = (256, 512, 2048)
     """Prefill chunks timed from position 0 and, if shorter than the longest context, as the last chunk
     of a prompt of that context (the paged-gather path a later SARATHI chunk takes)."""
-    mixed_cells: tuple[MixedCell, ...]
-    num_steps: int
-    num_warmup: int
-    roofline_batches: tuple[int, ...]
+    mixed_cells: tuple[MixedCell, ...] = (
+        MixedCell(8, 512, 256),
+        MixedCell(32, 2048, 512),
+        MixedCell(64, 512, 512),
+    )
+    num_steps: int = 10
+    num_warmup: int = 2
+    roofline_batches: tuple[int, ...] = (1, 64)
     """Batches whose fraction of the HBM roofline is reported and whose step the profiler splits."""
-    budget_s: float
+    budget_s: float = 330.0
     """A part that would start after this much wall time is skipped (and recorded as such), so the
     JSON always comes back inside the machine's lease."""
 
     @classmethod
     def full(cls) -> CheckPlan:
-        return cls(
-            mode="full",
-            parity_shapes=("llama-3.2-1b",),
-            parity_tokens=64,
-            timing_shapes=("llama-3-8b", "llama-3.2-1b"),
-            decode_batches=(1, 8, 32, 64, 128, 256),
-            context_tokens=(512, 2048),
-            chunk_tokens=(256, 512, 2048),
-            mixed_cells=(MixedCell(8, 512, 256), MixedCell(32, 2048, 512), MixedCell(64, 512, 512)),
-            num_steps=10,
-            num_warmup=2,
-            roofline_batches=(1, 64),
-            budget_s=330.0,
-        )
+        return cls()
 
     @classmethod
     def quick(cls) -> CheckPlan:
+        """The 8B and 1B step times on a coarser grid, no random-checkpoint parity."""
         return cls(
             mode="quick",
             parity_shapes=(),
             parity_tokens=32,
-            timing_shapes=("llama-3-8b", "llama-3.2-1b"),
             decode_batches=(1, 8, 64, 256),
-            context_tokens=(512, 2048),
             chunk_tokens=(256, 2048),
             mixed_cells=(MixedCell(32, 2048, 512),),
             num_steps=5,
             num_warmup=1,
-            roofline_batches=(1, 64),
             budget_s=150.0,
         )
 

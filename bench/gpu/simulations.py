@@ -61,10 +61,13 @@ def routing_capacities(
         "oracle": true_tokens,
         "Spearman 0.54": replica_routing.noisy_lengths(true_tokens, 0.54, params.seed),
     }
-    slos = {
-        "mean JCT": replica_routing.JctSlo(params.mean_jct_s, 0.1),
-        "p99 TTFT": replica_routing.TtftSlo(params.p99_ttft_s, 0.1),
-    }
+    slos = dict(
+        zip(
+            ("mean JCT", "p99 TTFT"),
+            replica_routing.slos_of(params.mean_jct_s, params.p99_ttft_s).values(),
+            strict=True,
+        )
+    )
     rows = []
     for system, routing, order, sources in ROUTING_SYSTEMS:
         for source in sources:
