@@ -61,6 +61,8 @@ def autoscaled_pool(raw: dict) -> None:
         look_back_period_s=2.0,
         max_queued_requests=64,  # the load is queued, not refused, while the second replica comes
     )
+    # A replica removed drains its streams: up to the longest one here (``scale_up_and_down``'s timeout).
+    with_engine_options(graceful_shutdown_timeout_s=240.0)(raw)
 
 
 @dataclass(frozen=True)
@@ -242,19 +244,18 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
 
 @dataclass(frozen=True)
 class ScaleInReport:
-    graceful_shutdown_timeout_s: float
+    """A scale-in under load. ``short`` streams end within the graceful shutdown timeout, ``long`` ones
+    far later (each timed from the scale-in); the requests each engine replica held when it was asked
+    for; the seconds until Serve ran one replica fewer (the removed one drained or cut); the KV blocks the
+    remaining replicas held once idle (0: nothing leaked; None: never idle)."""
+
     short: tuple[StreamEnd, ...]
-    """Streams that end within the graceful shutdown timeout, timed from the scale-in."""
     long: tuple[StreamEnd, ...]
-    """Streams far longer than it."""
     short_tokens: int
     long_tokens: int
     num_requests_by_replica: tuple[int, ...]
-    """Requests each engine replica held when the scale-in was asked for."""
     seconds_until_scaled_in: float | None
-    """From the scale-in until Serve runs one replica fewer (the removed one drained or cut)."""
     num_kv_blocks_held: int | None
-    """KV blocks the remaining replicas held once idle (0: nothing leaked); None if never idle."""
 
 
 def with_engine_options(**options: Any) -> Callable[[dict], None]:
@@ -271,19 +272,19 @@ def with_engine_options(**options: Any) -> Callable[[dict], None]:
     return configure
 
 
+SCALE_IN_TOKENS = (32, 3000)
+"""The forced tokens of a short stream and a long one in ``scale_in_under_load``."""
+
+
 async def scale_in_under_load(
-    served: Served,
-    graceful_shutdown_timeout_s: float,
-    num_streams: int = 4,
-    short_tokens: int = 32,
-    long_tokens: int = 3000,
-    timeout_s: float = 300.0,
+    served: Served, num_streams: int = 4, timeout_s: float = 300.0
 ) -> ScaleInReport:
-    """With the pool at 2 replicas and ``graceful_shutdown_timeout_s`` already deployed: start
+    """With the pool at 2 replicas and its ``graceful_shutdown_timeout_s`` deployed: start
     ``num_streams`` long streams, then as many short ones, each once the previous one flows (so the
     router spreads them); then scale the pool in by one replica and wait for every stream and for the
     remaining replica to be idle."""
 
+    short_tokens, long_tokens = SCALE_IN_TOKENS
     long, short = forced_streams(num_streams, long_tokens), forced_streams(num_streams, short_tokens)
     replicas = await asyncio.to_thread(replicas_by_node, pool_name(0))
     before = {r.actor_id for rs in replicas.values() for r in rs}
@@ -309,7 +310,6 @@ async def scale_in_under_load(
     stats = await asyncio.to_thread(engine_stats)
     removed = list(before - {r.actor_id for rs in replicas_by_node(pool_name(0)).values() for r in rs})
     return ScaleInReport(
-        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
         short=tuple(s.end(scaled_at_s, removed) for s in short),
         long=tuple(s.end(scaled_at_s, removed) for s in long),
         short_tokens=short_tokens,

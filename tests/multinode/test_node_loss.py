@@ -87,7 +87,7 @@ def test_a_lost_ingress_replica_fails_its_calls_with_unavailable_and_another_ser
 
 
 def test_a_scale_in_lets_short_streams_finish_and_cuts_long_ones_with_unavailable(served: Served) -> None:
-    report = asyncio.run(scale_in_under_load(served, GRACEFUL_SHUTDOWN_S))
+    report = asyncio.run(scale_in_under_load(served))
     assert all(n > 0 for n in report.num_requests_by_replica), report  # both replicas streamed
     # Short streams finish intact across the scale-in, wherever they ran.
     assert [(s.code, s.num_tokens) for s in report.short] == [("OK", report.short_tokens)] * len(report.short)
