@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
@@ -88,8 +89,11 @@ class GenerationService:
         pools: Sequence[DeploymentHandle],
         metrics: IngressMetrics | None = None,
         max_admitted_requests: int | None = None,
+        caller: Any | None = None,
     ) -> None:
-        """``max_admitted_requests``: requests held at once; more are refused (``QueueFullError``)."""
+        """``max_admitted_requests``: requests held at once; more are refused (``QueueFullError``).
+        ``caller``: the actor handle of the replica this service runs in, sent with every engine call so
+        that the engine aborts the calls of a caller that dies (``cluster/caller_watch.py``)."""
         if len(pools) != router.num_pools:
             raise ValueError(f"pools: {len(pools)} engine pools given, the router needs {router.num_pools}")
         self.intake = intake
@@ -99,6 +103,7 @@ class GenerationService:
         self.metrics = metrics
         self.max_admitted_requests = max_admitted_requests
         self.num_admitted = 0
+        self.caller = caller
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
         """The request's chunks; the last carries the finish reason, usage and timings. Bad input raises
@@ -145,7 +150,8 @@ class GenerationService:
                 prepared.params,
                 predicted_output_tokens,
                 route.bin_id,
-            )
+            ),
+            self.caller,
         )
         first_token_s: float | None = None
         is_engine_done = False

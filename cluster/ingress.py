@@ -23,6 +23,7 @@ from contextlib import aclosing
 from pathlib import Path
 
 import grpc
+import ray
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
@@ -112,7 +113,13 @@ class GenerationIngress:
         intake = Intake(load_tokenizer(model_dir), config.ingress, defaults, self.max_model_len)
         self.metrics = IngressMetrics(enabled=config.metrics.enabled)
         self.service = GenerationService(
-            intake, lengths, router, pools, self.metrics, config.max_admitted_requests
+            intake,
+            lengths,
+            router,
+            pools,
+            self.metrics,
+            config.max_admitted_requests,
+            caller=ray.get_runtime_context().current_actor,
         )
 
     def __serve_build_asgi_app__(self):  # Serve calls it once, after __init__
