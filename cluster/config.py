@@ -48,6 +48,12 @@ class ReplicaRouting(str, enum.Enum):
     """The replica with the fewest predicted tokens still to compute (``cluster/replica_router.py``)."""
     POWER_OF_TWO = "power_of_two"
     """Serve's default: the shorter queue of two random replicas (length-blind)."""
+    LEAST_COST = "least_cost"
+    """The least prefill still to compute there (prompt tokens minus the cached prefix the replica holds)
+    plus predicted work waited behind: cache- and length-aware (``cluster.router.least_cost``)."""
+    PREFIX_AFFINITY = "prefix_affinity"
+    """Ray Serve LLM's ``PrefixCacheAffinityRouter`` rule: the longest cached prefix, the least loaded
+    replica when loads are imbalanced (cache-aware, length-blind; ``cluster.router.prefix_affinity``)."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,21 @@ class RouterConfig:
     """Equal-mass bins of predicted output length (Multi-Bin batching); boundaries come from the predictor."""
     num_pools: int | None = None
     """Engine pools the bins are spread over, contiguous bins per pool; default one pool per bin."""
+    pool_affinity_min_cached_tokens: int | None = 512
+    """With several pools and prefix caching: a request whose prompt's first tokens (at least this many,
+    in whole blocks) the ingress last sent to another pool than its bin's stays in that pool, where they
+    are likely cached, if its bin is within ``pool_affinity_max_bin_distance`` of one that pool serves.
+    null: every request goes to its bin's pool."""
+    pool_affinity_max_bin_distance: int = 1
+    """How many bins from the ones its pool serves a request may be predicted and still stay there."""
 
     def __post_init__(self) -> None:
         check_range("num_bins", self.num_bins, 1, 64)
         if self.num_pools is not None:
             check_range("num_pools", self.num_pools, 1, self.num_bins)
+        if self.pool_affinity_min_cached_tokens is not None:
+            check_range("pool_affinity_min_cached_tokens", self.pool_affinity_min_cached_tokens, 1)
+        check_range("pool_affinity_max_bin_distance", self.pool_affinity_max_bin_distance, 0, 64)
 
     @property
     def resolved_num_pools(self) -> int:
@@ -143,11 +159,13 @@ class PoolConfig:
     """GPUs of each replica actor when ``pp_size`` is 1 (1 on GPU hosts); unused with pipeline stages."""
     replica_routing: ReplicaRouting = ReplicaRouting.LEAST_PREDICTED_WORK
     """How a request picks one of its pool's replicas: ``least_predicted_work`` (the replica with the fewest
-    tokens still to prefill plus predicted output tokens still to generate) or ``power_of_two`` (Serve's
-    default: the shorter queue of two random replicas)."""
+    tokens still to prefill plus predicted output tokens still to generate), ``least_cost`` (that plus the
+    prompt tokens the replica does not hold in its prefix cache), ``prefix_affinity`` (Ray Serve LLM's rule:
+    the longest cached prefix unless loads are imbalanced) or ``power_of_two`` (Serve's default: the
+    shorter queue of two random replicas)."""
     routing_stats_period_s: float = 0.5
-    """How often each replica reports its predicted work to the callers (``least_predicted_work``); between
-    reports a caller adds the requests it sent."""
+    """How often each replica reports its predicted work and cached blocks to the callers (every rule but
+    ``power_of_two``); between reports a caller adds the requests it sent."""
     stream_interval_s: float = 0.0
     """Least seconds between two streamed messages of one request after its first token. 0 (the default):
     a replica sends a request's new tokens whenever its caller has taken the previous ones, so a caller
