@@ -17,9 +17,11 @@ process: tests/multinode runs in its own pytest process (``make test-multinode``
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bench import write_report
 
 HEAD_CPUS = 1
 SERVE_GPU = Path(__file__).resolve().parents[1] / "deploy" / "serve-gpu.yaml"
@@ -177,16 +181,26 @@ def replicas_by_node(deployment: str) -> dict[str, list[ActorInfo]]:
     return dict(by_node)
 
 
-def num_outstanding_requests(replica: ActorInfo) -> int:
-    """Requests an engine replica holds, from its routing report (``EnginePool.record_routing_stats``,
-    asked of that replica's actor directly: a deployment handle would pick a replica itself)."""
+def replica_stats(replica: ActorInfo) -> Any:
+    """An engine replica's ``EngineStats``, asked of that replica's actor directly (a deployment handle
+    would pick a replica itself): Serve's own entry point for a handle call, with the request's metadata
+    built here (an internal of Serve 2.60, like the actor table above)."""
+    import pickle
+    import uuid
+
     import ray
+    from ray.serve._private.common import RequestMetadata
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    from cluster.replica_router import WORK_TOKENS_STAT
-
+    request_id = uuid.uuid4().hex
+    metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id, call_method="stats")
     actor = ray.get_actor(replica.name, namespace=SERVE_NAMESPACE)
-    return len(ray.get(actor.record_routing_stats.remote(), timeout=30)[WORK_TOKENS_STAT])
+    return ray.get(actor.handle_request.remote(pickle.dumps(metadata)), timeout=30)
+
+
+def num_outstanding_requests(replica: ActorInfo) -> int:
+    """Requests an engine replica holds."""
+    return replica_stats(replica).num_unfinished_requests
 
 
 # ---- deploy/serve-gpu.yaml made small ------------------------------------------------------------------
@@ -196,6 +210,18 @@ def num_outstanding_requests(replica: ActorInfo) -> int:
 class Served:
     address: str
     """HOST:PORT of the gRPC proxy on the head node."""
+    config: dict
+    """The Serve config deployed (``redeploy`` changes it)."""
+
+    def redeploy(self, configure: Callable[[dict], None]) -> None:
+        """Deploy this config changed by ``configure`` (a deployment's options: Serve updates it in place
+        where it can, as ``serve deploy`` of an edited file does); waits until it runs."""
+        from ray.serve.schema import ServeDeploySchema
+
+        from cluster.local import deploy
+
+        configure(self.config)
+        deploy(ServeDeploySchema.model_validate(self.config), timeout_s=300)
 
 
 def small_gpu_config(model_dir: str, grpc_port: int, http_port: int) -> dict:
@@ -224,6 +250,9 @@ def small_gpu_config(model_dir: str, grpc_port: int, http_port: int) -> dict:
         "num_gpus": 0.5,
     }
     args["ingress"].update(max_prompt_tokens=None, num_cpus=0.1)
+    # The file's per-pool options name 4 pools, and this app has one: the code's defaults here (a test
+    # sets what it needs: ``bench.scaling.with_engine_options``).
+    raw["applications"][0].pop("deployments", None)
     return raw
 
 
@@ -241,9 +270,38 @@ def deployed(model_dir: str, configure: Callable[[dict], None] = lambda raw: Non
     configure(raw)
     try:
         deploy(ServeDeploySchema.model_validate(raw), timeout_s=300)
-        yield Served(f"127.0.0.1:{grpc_port}")
+        yield Served(f"127.0.0.1:{grpc_port}", raw)
     finally:
         serve.shutdown()
+
+
+# ---- the commands of the multi-node benchmarks ---------------------------------------------------------
+
+
+def add_command_flags(p: argparse.ArgumentParser, scratch: str) -> None:
+    """The flags of ``binserve bench node-loss`` and ``scaling``: the model, the scratch folder, the report."""
+    p.add_argument("--model", help="checkpoint directory to serve (default: the tiny test model)")
+    p.add_argument("--scratch", default=scratch, help="where the tiny model (and the autoscaler's config) go")
+    p.add_argument("--json", help="write the report here")
+
+
+def run_command(
+    args: argparse.Namespace, measure: Callable[[dict, str], None], render: Callable[[dict], str]
+) -> int:
+    """Run ``measure(report, model_dir)`` (``--model``, or the tiny model written under ``--scratch``) with
+    the report dated and the load average noted at its start and end; write it to ``--json``, print it."""
+    from workers.tiny_model import make_tiny_model
+
+    model_dir = args.model or str(make_tiny_model(Path(args.scratch) / "model", arch="llama", seed=0))
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_at_start": os.getloadavg()[0],
+    }
+    measure(report, model_dir)
+    report["load_average_at_end"] = os.getloadavg()[0]
+    write_report(args.json, report)
+    print(render(report))
+    return 0
 
 
 # ---- Ray's autoscaler on its fake multi-node provider ------------------------------------------------

@@ -10,8 +10,10 @@ one pool of 2 engine replicas, 2 ingress replicas, the proxy on the head), long 
   ingress replicas with it; the head here cannot be removed, it holds the driver).
 
 Reported: how each stream ended, when the failed ones ended (from the kill), whether each failure names a
-replica that was lost, the time until a new request is served, and until Serve has replaced the lost
-replicas (every deployment at its replica count, none on a dead node). tests/multinode asserts the
+replica that was lost, the time until a new request is served, until Serve has replaced the lost
+replicas (every deployment at its replica count, none on a dead node), and until the surviving engine
+replicas hold no request (a lost ingress replica's engine requests are aborted: ``cluster/caller_watch.py``),
+with how many requests they aborted for a dead caller and the KV blocks they still hold then. tests/multinode asserts the
 behaviour (UNAVAILABLE only for the calls that were on what was lost, the rest complete, service whole
 again); this command measures the times.
 """
@@ -30,16 +32,18 @@ from dataclasses import asdict, dataclass
 import grpc
 from ray.exceptions import RayActorError
 
-from bench import write_report
 from bench.local_cluster import (
     ActorInfo,
     MultiNodeCluster,
+    add_command_flags,
     alive_actors,
-    num_outstanding_requests,
+    replica_stats,
     replicas_by_node,
+    run_command,
 )
 from cluster.app import INGRESS_NAME, pool_name
 from cluster.client import GenerationClient, make_request
+from proto.binserve.v1 import generation_pb2 as pb
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea, with many chapters."
 
@@ -59,6 +63,8 @@ class StreamEnd:
     """When the stream ended, from the kill (negative: before it)."""
     names_lost_replica: bool
     """The error's message names an actor that was lost (always False for OK)."""
+    num_tokens: int = 0
+    """Tokens it received."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,12 @@ class LossReport:
     seconds_until_served_again: float | None
     seconds_until_replicas_replaced: float | None
     seconds_until_engines_idle: float | None
-    """From the loss until no surviving engine replica holds a request. A lost ingress replica's engine
-    requests are not aborted today: they run to their end (docs/RELIABILITY.md, "Losing a node")."""
+    """From the loss until no surviving engine replica holds a request: for a lost ingress replica, the
+    time its engine requests take to be aborted (its death detected, ``cluster/caller_watch.py``)."""
+    num_orphaned_requests: int
+    """Engine requests the surviving replicas aborted because their caller died."""
+    num_kv_blocks_held: int | None
+    """KV blocks the engine replicas held once idle (0: nothing leaked); None if they never were."""
     probe_codes: dict[str, int]
     """How the new requests sent after the loss, until one was served, ended."""
 
@@ -94,6 +104,48 @@ class LossReport:
             "codes": self.codes,
             "seconds_until_failed_calls_ended": self.seconds_until_failed_calls_ended,
         }
+
+
+class Stream:
+    """One stream of forced tokens through the proxy, watched: its messages and tokens so far, how it ended.
+    ``flowing`` is set once it has ``FLOWING_MESSAGES`` messages (it runs on a replica), or has ended."""
+
+    FLOWING_MESSAGES = 3
+
+    def __init__(self, request: pb.GenerateRequest) -> None:
+        self.request = request
+        self.num_messages = 0
+        self.num_tokens = 0
+        self.code = ""
+        self.details = ""
+        self.ended_s = 0.0
+        self.flowing = asyncio.Event()
+
+    async def run(self, client: GenerationClient, timeout_s: float) -> None:
+        try:
+            async for message in client.generate_stream(self.request, timeout_s=timeout_s):
+                self.num_messages += 1
+                self.num_tokens += len(message.token_ids)
+                if self.num_messages >= self.FLOWING_MESSAGES:
+                    self.flowing.set()
+            self.code = "OK"
+        except grpc.aio.AioRpcError as exc:
+            self.code, self.details = exc.code().name, exc.details() or ""
+        self.flowing.set()
+        self.ended_s = time.monotonic()
+
+    def end(self, since_s: float, lost_actor_ids: list[str]) -> StreamEnd:
+        """How it ended, timed from ``since_s``; whether its error names one of ``lost_actor_ids``."""
+        names_lost = self.code != "OK" and any(actor_id in self.details for actor_id in lost_actor_ids)
+        return StreamEnd(self.code, self.num_messages, self.ended_s - since_s, names_lost, self.num_tokens)
+
+
+def forced_streams(num_streams: int, max_tokens: int) -> list[Stream]:
+    """Streams of ``max_tokens`` tokens each (EOS ignored), each prompt its own."""
+    return [
+        Stream(make_request(f"{i}. {PROMPT}", max_tokens=max_tokens, ignore_eos=True))
+        for i in range(num_streams)
+    ]
 
 
 def victims(loss: Loss, head_node_id: str) -> list[ActorInfo]:
@@ -121,31 +173,20 @@ async def lose_under_load(
 ) -> LossReport:
     """Start ``num_streams`` streams of ``max_tokens`` forced tokens; once each has 3 messages, lose what
     ``loss`` says; wait for every stream, then for the service and its replicas to be whole again."""
-    num_messages = [0] * num_streams
-    ends: list[tuple[str, int, float, str]] = []
+    streams = forced_streams(num_streams, max_tokens)
     async with GenerationClient(address) as client:
-        flowing = [asyncio.Event() for _ in range(num_streams)]
 
         async def stream(i: int) -> None:
             # Staggered: the replica router sees each stream before the next (a burst of equal requests
             # can land on one replica, and the loss would then take all or none of them).
             await asyncio.sleep(i * stagger_s)
-            request = make_request(f"{i}. {PROMPT}", max_tokens=max_tokens, ignore_eos=True)
-            code, details = "OK", ""
-            try:
-                async for _ in client.generate_stream(request, timeout_s=recovery_timeout_s):
-                    num_messages[i] += 1
-                    if num_messages[i] >= 3:
-                        flowing[i].set()
-            except grpc.aio.AioRpcError as exc:
-                code, details = exc.code().name, exc.details() or ""
-            flowing[i].set()
-            ends.append((code, num_messages[i], time.monotonic(), details))
+            await streams[i].run(client, recovery_timeout_s)
 
-        await _until_engines_idle(time.monotonic(), recovery_timeout_s)  # a fair start: routing sees no work
+        await until_engines_idle(time.monotonic(), recovery_timeout_s)  # a fair start: routing sees no work
+        orphaned_before = sum(s.num_orphaned_requests for s in await asyncio.to_thread(engine_stats))
         replica_counts = Counter(a.class_name for a in await asyncio.to_thread(alive_actors))
         tasks = [asyncio.create_task(stream(i)) for i in range(num_streams)]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in flowing)), timeout=recovery_timeout_s)
+        await asyncio.wait_for(asyncio.gather(*(s.flowing.wait() for s in streams)), recovery_timeout_s)
         lost = await asyncio.to_thread(victims, loss, nodes.head_node_id)
         lost_at_s = time.monotonic()
         if loss is Loss.NODE:
@@ -155,20 +196,20 @@ async def lose_under_load(
         served_again = asyncio.create_task(_until_served(client, lost_at_s, recovery_timeout_s))
         await asyncio.gather(*tasks)
         served_again_s, probe_codes = await served_again
-    idle_s = await _until_engines_idle(lost_at_s, recovery_timeout_s)
+    idle_s = await until_engines_idle(lost_at_s, recovery_timeout_s)
+    stats = await asyncio.to_thread(engine_stats)
     replaced_s = await _until_replaced(lost, replica_counts, lost_at_s, recovery_timeout_s)
     lost_ids = [a.actor_id for a in lost]
     return LossReport(
         loss=loss.value,
         lost_actors=tuple(a.class_name for a in lost),
-        streams=tuple(
-            StreamEnd(code, n, end_s - lost_at_s, code != "OK" and any(i in details for i in lost_ids))
-            for code, n, end_s, details in ends
-        ),
+        streams=tuple(s.end(lost_at_s, lost_ids) for s in sorted(streams, key=lambda s: s.ended_s)),
         max_tokens=max_tokens,
         seconds_until_served_again=served_again_s,
         seconds_until_replicas_replaced=replaced_s,
         seconds_until_engines_idle=idle_s,
+        num_orphaned_requests=sum(s.num_orphaned_requests for s in stats) - orphaned_before,
+        num_kv_blocks_held=None if idle_s is None else kv_blocks_held(stats),
         probe_codes=probe_codes,
     )
 
@@ -189,16 +230,22 @@ async def _until_served(
     return None, dict(codes)
 
 
-async def _until_engines_idle(since_s: float, timeout_s: float) -> float | None:
+def engine_stats() -> list:
+    """``EngineStats`` of every live engine replica (of pool 0)."""
+    return [replica_stats(r) for rs in replicas_by_node(pool_name(0)).values() for r in rs]
+
+
+def kv_blocks_held(stats: list) -> int:
+    return sum(s.num_kv_blocks - s.num_free_kv_blocks for s in stats)
+
+
+async def until_engines_idle(since_s: float, timeout_s: float) -> float | None:
     while time.monotonic() - since_s < timeout_s:
-        replicas = [
-            r for rs in (await asyncio.to_thread(replicas_by_node, pool_name(0))).values() for r in rs
-        ]
         try:
-            counts = await asyncio.gather(*(asyncio.to_thread(num_outstanding_requests, r) for r in replicas))
+            stats = await asyncio.to_thread(engine_stats)
         except RayActorError:  # a replica lost a moment ago
-            counts = [1]
-        if not any(counts):
+            stats = None
+        if stats is not None and not any(s.num_unfinished_requests for s in stats):
             return time.monotonic() - since_s
         await asyncio.sleep(0.2)
     return None
@@ -243,8 +290,9 @@ def render(report: dict) -> str:
 
     lines = [
         "| lost | streams OK / UNAVAILABLE / other | failed streams ended by | new requests until one is "
-        "served | served again after | Serve replaced it after | engines idle after |",
-        "|---|---|---|---|---|---|---|",
+        "served | served again after | Serve replaced it after | engines idle after | engine requests "
+        "aborted for a dead caller | KV blocks held then |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for loss in WHAT_IS_LOST:
         r = report[loss]
@@ -255,7 +303,8 @@ def render(report: dict) -> str:
             f"| {WHAT_IS_LOST[loss]} | {ok} / {unavailable} / {sum(codes.values())} "
             f"| {seconds(r['seconds_until_failed_calls_ended'])} | {probes} "
             f"| {seconds(r['seconds_until_served_again'])} | {seconds(r['seconds_until_replicas_replaced'])} "
-            f"| {seconds(r['seconds_until_engines_idle'])} |"
+            f"| {seconds(r['seconds_until_engines_idle'])} | {r.get('num_orphaned_requests', 'not measured')} "
+            f"| {r.get('num_kv_blocks_held', 'not measured')} |"
         )
     lines.append(
         f"\n{report['num_streams']} streams of {report['node']['max_tokens']} forced tokens, "
@@ -267,35 +316,27 @@ def render(report: dict) -> str:
 
 def cmd_bench_node_loss(args: argparse.Namespace) -> int:
     from bench.local_cluster import deployed, multinode_cluster
-    from workers.tiny_model import make_tiny_model
 
-    model_dir = args.model or str(make_tiny_model(args.scratch, arch="llama", seed=0))
-    report: dict = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_average_at_start": os.getloadavg()[0],
-        "num_streams": args.num_streams,
-    }
-    with multinode_cluster(num_gpu_nodes=2, cpus_per_gpu_node=2) as nodes, deployed(model_dir) as served:
-        for loss in (Loss.NODE, Loss.INGRESS):  # the order of tests/multinode/test_node_loss.py
-            result = asyncio.run(lose_under_load(served.address, nodes, loss, args.num_streams))
-            report[loss.value] = result.as_json()
-            print(
-                f"{loss.value}: codes {result.codes}, failed calls ended by "
-                f"{result.seconds_until_failed_calls_ended} s, served again after "
-                f"{result.seconds_until_served_again} s, replicas replaced after "
-                f"{result.seconds_until_replicas_replaced} s",
-                flush=True,
-            )
-    report["load_average_at_end"] = os.getloadavg()[0]
-    write_report(args.json, report)
-    print(render(report))
-    return 0
+    def measure(report: dict, model_dir: str) -> None:
+        report["num_streams"] = args.num_streams
+        with multinode_cluster(num_gpu_nodes=2, cpus_per_gpu_node=2) as nodes, deployed(model_dir) as served:
+            for loss in (Loss.NODE, Loss.INGRESS):  # the order of tests/multinode/test_node_loss.py
+                result = asyncio.run(lose_under_load(served.address, nodes, loss, args.num_streams))
+                report[loss.value] = result.as_json()
+                print(
+                    f"{loss.value}: codes {result.codes}, failed calls ended by "
+                    f"{result.seconds_until_failed_calls_ended} s, served again after "
+                    f"{result.seconds_until_served_again} s, replicas replaced after "
+                    f"{result.seconds_until_replicas_replaced} s, engines idle after "
+                    f"{result.seconds_until_engines_idle} s",
+                    flush=True,
+                )
+
+    return run_command(args, measure, render)
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
     p = bench_subparsers.add_parser("node-loss", help="lose a node or an ingress replica under load")
-    p.add_argument("--model", help="checkpoint directory to serve (default: the tiny test model)")
-    p.add_argument("--scratch", default="out/node-loss-model", help="where the tiny model is written")
+    add_command_flags(p, scratch="out/node-loss")
     p.add_argument("--num-streams", type=int, default=8, help="streams in flight when the loss comes")
-    p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_node_loss)

@@ -59,4 +59,9 @@ class PredictedTokensPolicy:
             return float(ctx.target_num_replicas), {}
         outstanding_tokens = sum(per_replica.values())
         # Reports of replicas that just stopped may linger; the sum over those still reporting is the load.
-        return outstanding_tokens / self.target_outstanding_tokens, {"outstanding_tokens": outstanding_tokens}
+        desired = outstanding_tokens / self.target_outstanding_tokens
+        if ctx.total_num_requests > 0:
+            # Requests still running keep one replica: a request past its predicted length adds no
+            # predicted tokens, and scaling to zero under it would cut its stream.
+            desired = max(desired, 1.0)
+        return desired, {"outstanding_tokens": outstanding_tokens}

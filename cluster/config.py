@@ -110,10 +110,25 @@ class PredictorConfig:
     """How long the first prompt of a batch waits for company."""
     num_replicas: int = 1
     num_cpus: float = 0.5
+    encoder_precision: str = "int8"
+    """``int8`` (the encoder's Linear layers as int8 weights, one scale per channel: about 0.6x the float32
+    time at batch 1, held-out Spearman within 0.01 of it; docs/PREDICTOR.md) or ``float32`` (as trained)."""
+    max_prompt_tokens: int | None = None
+    """Word pieces of each prompt the encoder reads (head and tail); null: the predictor's trained value."""
+    torch_threads: int = 1
+    """Torch threads of the process that runs the predictor (the ingress's, or the deployment's)."""
+    cache_size: int = 4096
+    """Prompts whose predictions are kept (least recently used out; 0: none). A chat resends its last user
+    message with every retry, and a repeated prompt then costs a dictionary lookup, not an encoder call."""
 
     def __post_init__(self) -> None:
+        from cluster.predictor import check_encoder_options
+
         if self.path is not None and not self.path:
             raise ValueError("path: must name a predictor directory or be null for the default")
+        check_encoder_options(self.encoder_precision, self.max_prompt_tokens)
+        check_range("torch_threads", self.torch_threads, 1, 256)
+        check_range("cache_size", self.cache_size, 0, 1_000_000)
         object.__setattr__(self, "placement", to_enum("placement", self.placement, PredictorPlacement))
         check_range("max_batch_size", self.max_batch_size, 1, 4096)
         check_range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 10.0)

@@ -11,7 +11,8 @@ accepts up to ``max_queued_requests`` concurrent calls (Serve's ``max_ongoing_re
 leaving them in Serve's FIFO in front of it.
 
 Cancelling a call (a cancelled gRPC stream, an expired deadline) cancels ``generate`` here, which aborts
-the request in the engine and frees its KV blocks.
+the request in the engine and frees its KV blocks. So does the death of the caller (an ingress replica lost
+with its process or node: ``cluster/caller_watch.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import ray
 from ray import serve
 
 from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
+from cluster.caller_watch import CallerWatch
 from cluster.config import PoolConfig
 from cluster.prometheus import EngineMetrics, EngineSnapshot
 from cluster.replica_router import MAX_REPORTED_BLOCKS, routing_stats
@@ -61,6 +63,8 @@ class EngineStats:
     """Processes of this replica: the replica itself, then its stage actors (fault checks kill them)."""
     node_ids: tuple[str, ...]
     """The Ray nodes of those processes, in the same order."""
+    num_orphaned_requests: int = 0
+    """Of the cancelled calls, those cancelled because their caller died (``cluster/caller_watch.py``)."""
 
 
 def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) -> dict[str, Any]:
@@ -136,6 +140,7 @@ class EnginePool:
         self.driver = build_driver(config, pools, runner_factory)
         self._num_requests_by_bin: collections.Counter[int] = collections.Counter()
         self._num_cancelled_requests = 0
+        self.callers = CallerWatch()
         self.metrics: EngineMetrics | None = None
         if metrics_interval_s is not None:
             self.metrics = EngineMetrics()
@@ -145,15 +150,17 @@ class EnginePool:
             ).start()
         self.driver.start()
 
-    async def generate(self, request: NewRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: NewRequest, caller: Any | None = None) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; the last has ``finish_reason`` set. ``ValueError`` (bad input),
-        ``QueueFullError`` and ``EngineDeadError`` reach the caller as the exception of the call."""
+        ``QueueFullError`` and ``EngineDeadError`` reach the caller as the exception of the call.
+        ``caller``: the calling actor's handle (an ingress replica); its death aborts the request."""
         self._num_requests_by_bin[request.bin_id] += 1
         try:
-            async for output in self.driver.generate(request):
-                if output.metrics is not None and self.metrics is not None:
-                    self.metrics.observe_finished(output.metrics, output.finish_reason)
-                yield output
+            with self.callers.calls_of(caller):
+                async for output in self.driver.generate(request):
+                    if output.metrics is not None and self.metrics is not None:
+                        self.metrics.observe_finished(output.metrics, output.finish_reason)
+                    yield output
         except (asyncio.CancelledError, GeneratorExit):
             self._num_cancelled_requests += 1  # the driver has aborted the request
             raise
@@ -174,6 +181,7 @@ class EnginePool:
                 ray.get_runtime_context().get_node_id(),
                 *getattr(self.driver.engine.runner, "stage_node_ids", ()),
             ),
+            num_orphaned_requests=self.callers.num_aborted_calls,
         )
 
     def _report_metrics(self, interval_s: float) -> None:

@@ -23,6 +23,7 @@ from contextlib import aclosing
 from pathlib import Path
 
 import grpc
+import ray
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
@@ -124,6 +125,7 @@ class GenerationIngress:
             pools,
             self.metrics,
             config.max_admitted_requests,
+            caller=ray.get_runtime_context().current_actor,
             block_size=cache.block_size if cache.enable_prefix_caching else None,  # names prompt blocks
         )
 

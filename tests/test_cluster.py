@@ -233,6 +233,8 @@ def test_a_pool_scaled_to_zero_comes_back_when_requests_wait() -> None:
     policy = PredictedTokensPolicy(target_outstanding_tokens=1000)
     assert policy(policy_context({}, current=0, target=0, waiting=3.0))[0] == 1.0  # requests in the handles
     assert policy(policy_context({}, current=0, target=0, waiting=0.0))[0] == 0.0  # idle: stay at zero
+    # A request past its predicted length reports no tokens: it still keeps one replica, never zero.
+    assert policy(policy_context({"a": 0.0, "b": 0.0}, waiting=1.0))[0] == 1.0
 
 
 # ---- the cluster --------------------------------------------------------------------------------------

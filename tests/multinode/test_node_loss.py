@@ -3,7 +3,7 @@
 deploy/serve-gpu.yaml made small (``bench/local_cluster.py``: one pool of 2 engine replicas, 2 ingress
 replicas, the proxy on the head) on a head node and two GPU-type nodes. The calls on what was lost end
 with UNAVAILABLE, never INTERNAL; the others finish; Serve replaces what was lost. ``binserve bench
-node-loss`` measures the times; here only an upper bound guards against a hang.
+node-loss`` measures the times; here only upper bounds guard against a hang.
 """
 
 from __future__ import annotations
@@ -15,10 +15,18 @@ import pytest
 
 from bench.local_cluster import MultiNodeCluster, Served, deployed, multinode_cluster, replicas_by_node
 from bench.node_loss import Loss, lose_under_load
+from bench.scaling import scale_in_under_load, with_engine_options
 from cluster.app import pool_name
 
 MAX_TOKENS = 400
 HANG_GUARD_S = 60.0
+GRACEFUL_SHUTDOWN_S = 5.0
+"""The engine pool's ``graceful_shutdown_timeout_s`` here: far longer than a short stream's rest, far
+shorter than a long one's."""
+ORPHAN_ABORT_BOUND_S = 30.0
+"""A dead ingress replica's engine requests are aborted within this (docs/RELIABILITY.md): one check a
+second once Ray declares the caller dead, with room for this loaded machine. Their natural end, 400
+tokens each on two shared cores, is not what ends them: the abort count says so."""
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +37,7 @@ def nodes() -> Iterator[MultiNodeCluster]:
 
 @pytest.fixture(scope="module")
 def served(nodes: MultiNodeCluster, chat_model: str) -> Iterator[Served]:
-    with deployed(chat_model) as served:
+    with deployed(chat_model, with_engine_options(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)) as served:
         yield served
 
 
@@ -56,6 +64,7 @@ def test_a_lost_gpu_node_fails_only_its_calls_with_unavailable_and_serve_replace
     assert report.seconds_until_served_again is not None, report
     assert report.seconds_until_replicas_replaced is not None, report
     assert report.seconds_until_engines_idle is not None, report
+    assert (report.num_orphaned_requests, report.num_kv_blocks_held) == (0, 0), report  # callers all alive
     [survivor] = nodes.gpu_nodes
     assert {n: len(r) for n, r in replicas_by_node(pool_name(0)).items()} == {survivor.node_id: 2}
 
@@ -70,5 +79,22 @@ def test_a_lost_ingress_replica_fails_its_calls_with_unavailable_and_another_ser
     assert report.seconds_until_failed_calls_ended < HANG_GUARD_S
     assert report.seconds_until_served_again is not None, report
     assert report.seconds_until_replicas_replaced is not None, report
-    # The lost calls' engine requests end (today by running to their end: not aborted), none is held.
-    assert report.seconds_until_engines_idle is not None, report
+    # The engine replicas abort every request of the dead ingress replica (not one runs to its end for
+    # nobody) and free every block, within the bound docs/RELIABILITY.md states.
+    assert report.num_orphaned_requests == len(report.failed), report
+    assert report.num_kv_blocks_held == 0, report
+    assert report.seconds_until_engines_idle < ORPHAN_ABORT_BOUND_S, report
+
+
+def test_a_scale_in_lets_short_streams_finish_and_cuts_long_ones_with_unavailable(served: Served) -> None:
+    report = asyncio.run(scale_in_under_load(served))
+    assert all(n > 0 for n in report.num_requests_by_replica), report  # both replicas streamed
+    # Short streams finish intact across the scale-in, wherever they ran.
+    assert [(s.code, s.num_tokens) for s in report.short] == [("OK", report.short_tokens)] * len(report.short)
+    # Long streams on the removed replica are cut when its graceful shutdown times out: UNAVAILABLE,
+    # naming it; those on the other one finish intact.
+    cut = [s for s in report.long if s.code != "OK"]
+    assert cut and all(s.code == "UNAVAILABLE" and s.names_lost_replica for s in cut), report
+    assert all(s.num_tokens == report.long_tokens for s in report.long if s.code == "OK"), report
+    assert report.seconds_until_scaled_in is not None, report
+    assert report.num_kv_blocks_held == 0, report
