@@ -1,4 +1,5 @@
-"""Multi-turn conversations replayed against the engine, prefix caching on vs off (issue 22, item 4).
+"""Multi-turn conversations replayed against the engine, prefix caching on vs off (issue 22, item 4), or
+against a served cluster once per replica routing rule (``--serve-config``: ``bench/conversation_routing.py``).
 
     binserve bench conversations --model .models/smollm2-135m-instruct --num-conversations 6 \\
         --json out/conversations.json
@@ -191,10 +192,10 @@ def offline_llm(args: argparse.Namespace):  # -> workers.llm.LLM
 
 
 def run(args: argparse.Namespace) -> dict:
-
+    from bench.experiments.harness import run_meta, this_command
     from workers.llm import build_engine
 
-    load_at_start = os.getloadavg()
+    load_at_start, started_s = os.getloadavg(), time.perf_counter()
     llm = offline_llm(args)
     config = llm.config
     conversations = build_conversations(llm.tokenizer, args)
@@ -243,12 +244,16 @@ def run(args: argparse.Namespace) -> dict:
             for o, t in zip(off, on, strict=False)
         ],
     }
+    report["meta"] = run_meta(this_command(), time.perf_counter() - started_s, round(load_at_start[0], 2))
+    report["targets"] = targets(report)
     if not identical:
         print("caching changed a greedy answer: the outputs differ", flush=True)
     return report
 
 
 def cmd_bench_conversations(args: argparse.Namespace) -> int:
+    if args.serve_config is not None:
+        return cmd_bench_conversation_routing(args)
     report = run(args)
     print(
         f"follow-up TTFT p50: off {report['rows']['caching off']['ttft_p50_follow_up_s']:.3f} s, "
@@ -260,6 +265,87 @@ def cmd_bench_conversations(args: argparse.Namespace) -> int:
     )
     write_report(args.json, report)
     return 0 if report["identical_greedy_outputs"] else 1
+
+
+def cmd_bench_conversation_routing(args: argparse.Namespace) -> int:
+    """``--serve-config``: the conversations against a served cluster, once per ``--routing`` rule."""
+    from bench.conversation_routing import run_routing, with_run
+    from workers.checkpoint import load_tokenizer
+
+    run = run_routing(args, build_conversations(load_tokenizer(args.model), args))
+    for routing, row in run["rows"].items():
+        print(
+            f"{routing}: mean TTFT {row['ttft_mean_s']:.3f} s, mean JCT {row['mean_jct_s']:.3f} s, "
+            f"hit rate {row['hit_rate_tokens']:.1%}, load {row['load_average']}"
+        )
+    write_report(args.json, with_run(args.json, run, args.append))
+    return 0
+
+
+# ---- the report's section (``binserve bench report`` renders docs/results/<model>/conversations.json) ----
+
+TITLE = "Conversations on the engine: prefix caching off vs on"
+TARGET_FOLLOW_UP_TTFT_SPEEDUP = 5.0
+
+
+def targets(report: dict) -> list[dict]:
+    speedup = report["follow_up_ttft_p50_speedup"]
+    return [
+        {
+            "target": f"follow-up turns' TTFT p50 >= {TARGET_FOLLOW_UP_TTFT_SPEEDUP:.0f}x lower with caching, "
+            "identical greedy outputs (engine)",
+            "value": speedup,
+            "threshold": TARGET_FOLLOW_UP_TTFT_SPEEDUP,
+            "met": speedup >= TARGET_FOLLOW_UP_TTFT_SPEEDUP and report["identical_greedy_outputs"],
+        }
+    ]
+
+
+def render(result: dict) -> str:
+    from bench.experiments.harness import markdown_table, provenance
+
+    header = ["prefix caching", "turns", "follow-up TTFT p50 (s)", "first-turn TTFT p50 (s)", "mean TTFT (s)"]
+    header += [
+        "mean JCT (s)",
+        "output tokens/s",
+        "hit rate (prompt tokens)",
+        "follow-up hit rate",
+        "engine CPU s",
+    ]
+    rows = [
+        [
+            name,
+            row["num_turns"],
+            row["ttft_p50_follow_up_s"],
+            row["ttft_p50_first_turn_s"],
+            row["ttft_mean_s"],
+            row["mean_jct_s"],
+            row["output_tokens_per_s"],
+            row["hit_rate_tokens"],
+            row["hit_rate_follow_up_tokens"],
+            row["engine_cpu_s"],
+        ]
+        for name, row in result["rows"].items()
+    ]
+    p, rerender = result["params"], result["rerender"]
+    return "\n".join(
+        [
+            f"{p['num_conversations']} ShareGPT conversations of up to {p['max_turns']} turns (Poisson arrivals "
+            f"at {p['rate']}/s, think time {p['think_s']} s, answers of at most {p['max_output_tokens']} "
+            f"tokens), greedy, through the engine in one process (chunk {p['chunk_size']}), the same "
+            "conversations with caching off, then on:",
+            "",
+            markdown_table(header, rows),
+            "",
+            f"Follow-up TTFT p50 {result['follow_up_ttft_p50_speedup']:.2f}x lower with caching; throughput "
+            f"{result['throughput_ratio']:.2f}x; identical greedy outputs: {result['identical_greedy_outputs']}. "
+            f"Re-rendered histories repeat {rerender['matching_fraction_tokens']:.1%} of the tokens the engine "
+            f"computed ({rerender['num_exact']} of {rerender['num_follow_up_turns']} follow-ups exactly; "
+            f"{rerender['mean_tokens_lost']:.1f} tokens lost on average).",
+            "",
+            provenance(result),
+        ]
+    )
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -280,5 +366,18 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--caching-first", action="store_true", help="run caching on before off (default after)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--serve-config",
+        help="serve this config (one pool) and replay through gRPC, once per --routing rule, instead of "
+        "the engine with caching off and on",
+    )
+    p.add_argument(
+        "--routing",
+        default="least_cost,prefix_affinity,least_predicted_work,power_of_two",
+        help="with --serve-config: the pools.replica_routing rules to run, comma-separated, in this order",
+    )
+    p.add_argument(
+        "--append", action="store_true", help="with --serve-config: keep the runs already in --json (repeats)"
+    )
     p.add_argument("--json", help="write the report here")
     p.set_defaults(func=cmd_bench_conversations)

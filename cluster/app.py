@@ -25,7 +25,7 @@ from cluster.config import AppConfig, PoolConfig, PredictorPlacement, ReplicaRou
 from cluster.engine_pool import EnginePool, RunnerFactory, replica_placement
 from cluster.ingress import GenerationIngress
 from cluster.predictor_deployment import LengthPredictorDeployment
-from cluster.replica_router import LeastPredictedWorkRouter
+from cluster.replica_router import BookRouter
 from pipeline.config import EngineConfig
 
 INGRESS_NAME = "ingress"
@@ -75,10 +75,14 @@ def pool_options(engine: EngineConfig, pools: PoolConfig) -> dict[str, Any]:
         "health_check_period_s": 10.0,
         "graceful_shutdown_timeout_s": 20.0,
     }
-    if pools.replica_routing is ReplicaRouting.LEAST_PREDICTED_WORK:
+    if pools.replica_routing is not ReplicaRouting.POWER_OF_TWO:  # Serve's own router otherwise
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=LeastPredictedWorkRouter,
+            request_router_class=BookRouter,
             request_routing_stats_period_s=pools.routing_stats_period_s,
+            request_router_kwargs={
+                "routing": pools.replica_routing.value,
+                "block_size": engine.cache.block_size,
+            },
         )
     if pools.is_autoscaling:
         options["autoscaling_config"] = {

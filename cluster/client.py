@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from pipeline.sampling import FIELD_NAMES
 from proto.binserve.v1 import generation_pb2 as pb
 from proto.binserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -31,22 +32,21 @@ FINISH_REASON_NAMES = {
 
 def make_request(
     prompt: str = "",
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
+    *,
+    messages: Sequence[tuple[str, str]] = (),
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
     request_id: str = "",
-    *,
-    messages: Sequence[tuple[str, str]] = (),
-    repetition_penalty: float | None = None,
-    presence_penalty: float | None = None,
-    frequency_penalty: float | None = None,
+    **sampling: float | int | None,
 ) -> pb.GenerateRequest:
-    """A request proto: a ``prompt``, or ``messages`` as (role, content) pairs. ``None`` leaves an
-    optional field unset: the deployment's serving default (``ModelInfo.sampling_defaults``)."""
+    """A request proto: a ``prompt``, or ``messages`` as (role, content) pairs, and any of the sampling fields
+    (``pipeline.sampling.FIELD_NAMES``: ``max_tokens``, ``temperature``, ...). ``None`` leaves an optional field
+    unset: the deployment's serving default (``ModelInfo.sampling_defaults``)."""
+    unknown = sorted(set(sampling) - set(FIELD_NAMES))
+    if unknown:
+        raise TypeError(
+            f"make_request: no sampling field {', '.join(unknown)}; the fields: {', '.join(FIELD_NAMES)}"
+        )
     request = pb.GenerateRequest(
         prompt=prompt,
         messages=[pb.ChatMessage(role=role, content=content) for role, content in messages],
@@ -54,17 +54,7 @@ def make_request(
         ignore_eos=ignore_eos,
         request_id=request_id,
     )
-    optional = dict(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-    )
-    for name, value in optional.items():
+    for name, value in sampling.items():
         if value is not None:
             setattr(request, name, value)
     return request

@@ -48,6 +48,12 @@ class ReplicaRouting(str, enum.Enum):
     """The replica with the fewest predicted tokens still to compute (``cluster/replica_router.py``)."""
     POWER_OF_TWO = "power_of_two"
     """Serve's default: the shorter queue of two random replicas (length-blind)."""
+    LEAST_COST = "least_cost"
+    """The least prefill still to compute there (prompt tokens minus the cached prefix the replica holds)
+    plus predicted work waited behind: cache- and length-aware (``cluster.router.least_cost``)."""
+    PREFIX_AFFINITY = "prefix_affinity"
+    """Ray Serve LLM's ``PrefixCacheAffinityRouter`` rule: the longest cached prefix, the least loaded
+    replica when loads are imbalanced (cache-aware, length-blind; ``cluster.router.prefix_affinity``)."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,21 @@ class RouterConfig:
     """Equal-mass bins of predicted output length (Multi-Bin batching); boundaries come from the predictor."""
     num_pools: int | None = None
     """Engine pools the bins are spread over, contiguous bins per pool; default one pool per bin."""
+    pool_affinity_min_cached_tokens: int | None = 512
+    """With several pools and prefix caching: a request whose prompt's first tokens (at least this many,
+    in whole blocks) the ingress last sent to another pool than its bin's stays in that pool, where they
+    are likely cached, if its bin is within ``pool_affinity_max_bin_distance`` of one that pool serves.
+    null: every request goes to its bin's pool."""
+    pool_affinity_max_bin_distance: int = 1
+    """How many bins from the ones its pool serves a request may be predicted and still stay there."""
 
     def __post_init__(self) -> None:
         check_range("num_bins", self.num_bins, 1, 64)
         if self.num_pools is not None:
             check_range("num_pools", self.num_pools, 1, self.num_bins)
+        if self.pool_affinity_min_cached_tokens is not None:
+            check_range("pool_affinity_min_cached_tokens", self.pool_affinity_min_cached_tokens, 1)
+        check_range("pool_affinity_max_bin_distance", self.pool_affinity_max_bin_distance, 0, 64)
 
     @property
     def resolved_num_pools(self) -> int:
@@ -94,10 +110,25 @@ class PredictorConfig:
     """How long the first prompt of a batch waits for company."""
     num_replicas: int = 1
     num_cpus: float = 0.5
+    encoder_precision: str = "int8"
+    """``int8`` (the encoder's Linear layers as int8 weights, one scale per channel: about 0.6x the float32
+    time at batch 1, held-out Spearman within 0.01 of it; docs/PREDICTOR.md) or ``float32`` (as trained)."""
+    max_prompt_tokens: int | None = None
+    """Word pieces of each prompt the encoder reads (head and tail); null: the predictor's trained value."""
+    torch_threads: int = 1
+    """Torch threads of the process that runs the predictor (the ingress's, or the deployment's)."""
+    cache_size: int = 4096
+    """Prompts whose predictions are kept (least recently used out; 0: none). A chat resends its last user
+    message with every retry, and a repeated prompt then costs a dictionary lookup, not an encoder call."""
 
     def __post_init__(self) -> None:
+        from cluster.predictor import check_encoder_options
+
         if self.path is not None and not self.path:
             raise ValueError("path: must name a predictor directory or be null for the default")
+        check_encoder_options(self.encoder_precision, self.max_prompt_tokens)
+        check_range("torch_threads", self.torch_threads, 1, 256)
+        check_range("cache_size", self.cache_size, 0, 1_000_000)
         object.__setattr__(self, "placement", to_enum("placement", self.placement, PredictorPlacement))
         check_range("max_batch_size", self.max_batch_size, 1, 4096)
         check_range("batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 10.0)
@@ -128,11 +159,13 @@ class PoolConfig:
     """GPUs of each replica actor when ``pp_size`` is 1 (1 on GPU hosts); unused with pipeline stages."""
     replica_routing: ReplicaRouting = ReplicaRouting.LEAST_PREDICTED_WORK
     """How a request picks one of its pool's replicas: ``least_predicted_work`` (the replica with the fewest
-    tokens still to prefill plus predicted output tokens still to generate) or ``power_of_two`` (Serve's
-    default: the shorter queue of two random replicas)."""
+    tokens still to prefill plus predicted output tokens still to generate), ``least_cost`` (that plus the
+    prompt tokens the replica does not hold in its prefix cache), ``prefix_affinity`` (Ray Serve LLM's rule:
+    the longest cached prefix unless loads are imbalanced) or ``power_of_two`` (Serve's default: the
+    shorter queue of two random replicas)."""
     routing_stats_period_s: float = 0.5
-    """How often each replica reports its predicted work to the callers (``least_predicted_work``); between
-    reports a caller adds the requests it sent."""
+    """How often each replica reports its predicted work and cached blocks to the callers (every rule but
+    ``power_of_two``); between reports a caller adds the requests it sent."""
     stream_interval_s: float = 0.0
     """Least seconds between two streamed messages of one request after its first token. 0 (the default):
     a replica sends a request's new tokens whenever its caller has taken the previous ones, so a caller

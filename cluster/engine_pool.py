@@ -33,7 +33,7 @@ from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
 from cluster.caller_watch import CallerWatch
 from cluster.config import PoolConfig
 from cluster.prometheus import EngineMetrics, EngineSnapshot
-from cluster.replica_router import routing_stats
+from cluster.replica_router import MAX_REPORTED_BLOCKS, routing_stats
 from pipeline.config import EngineConfig
 from pipeline.driver import EngineDriver
 from pipeline.engine import RequestOutput, Runner
@@ -217,10 +217,14 @@ class EnginePool:
                 )
             )
 
-    def record_routing_stats(self) -> dict[str, list[int] | float]:
+    def record_routing_stats(self) -> dict:
         """Serve's hook for routing stats, called every ``pools.routing_stats_period_s``: the predicted work
-        of each unfinished request, which the length-aware router (``cluster/replica_router.py``) weighs."""
-        return routing_stats(self.driver.predicted_work_tokens())
+        of each unfinished request and the names of the cached KV blocks, which the replica router
+        (``cluster/replica_router.py``) weighs."""
+        block_manager = self.driver.engine.scheduler.block_manager
+        return routing_stats(
+            self.driver.predicted_work_tokens(), block_manager.cached_block_names(MAX_REPORTED_BLOCKS)
+        )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook for custom autoscaling metrics, pushed to the controller periodically."""

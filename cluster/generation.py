@@ -5,8 +5,8 @@
         chunk.text, chunk.token_ids          # the new text and tokens; the last chunk has finish_reason
         chunk.final                          # usage and timings, on the last chunk only
 
-    intake (check, defaults, render, tokenize) -> predict the output length (the global predictor
-    deployment, batched) -> route: length -> bin -> engine pool -> detokenize, cut at stop strings
+    predict the output length (the ingress's own encoder, batched; it starts first) while the intake
+    checks, renders and tokenizes -> route: length -> bin -> engine pool -> detokenize, cut at stop strings
 
 The gRPC methods and the HTTP routes each translate these chunks into their wire format, so the two
 APIs give the same text for the same request. Leaving the iteration early (a stop string, a cancelled
@@ -28,10 +28,22 @@ from ray.serve.handle import DeploymentHandle
 from cluster.intake import GenerationInput, Intake
 from cluster.predictor_client import PredictorClient
 from cluster.prometheus import IngressMetrics
-from cluster.router import BinRouter
+from cluster.router import BinRouter, PrefixPools
 from cluster.text_stream import TextStream
+from pipeline.block_manager import prompt_block_names
+from pipeline.chat import predictor_text
 from pipeline.driver import QueueFullError
 from pipeline.request import FinishReason, NewRequest
+
+
+def early_predictor_text(request: GenerationInput, max_chars: int) -> str | None:
+    """``PreparedRequest.predictor_text`` before the intake has checked the request; None where the intake
+    will refuse it (or the text is too long to hand to the encoder unchecked)."""
+    if request.messages is None:
+        text = request.prompt
+    else:
+        text = predictor_text(request.messages) if request.messages else None
+    return text if text and len(text) <= max_chars else None
 
 
 @dataclass(frozen=True)
@@ -79,10 +91,13 @@ class GenerationService:
         metrics: IngressMetrics | None = None,
         max_admitted_requests: int | None = None,
         caller: Any | None = None,
+        block_size: int | None = None,
     ) -> None:
         """``max_admitted_requests``: requests held at once; more are refused (``QueueFullError``).
         ``caller``: the actor handle of the replica this service runs in, sent with every engine call so
-        that the engine aborts the calls of a caller that dies (``cluster/caller_watch.py``)."""
+        that the engine aborts the calls of a caller that dies (``cluster/caller_watch.py``).
+        ``block_size``: the engines' KV block size, to name each prompt's blocks once for the replica
+        router (``NewRequest.prompt_block_names``); None when prefix caching is off."""
         if len(pools) != router.num_pools:
             raise ValueError(f"pools: {len(pools)} engine pools given, the router needs {router.num_pools}")
         self.intake = intake
@@ -93,6 +108,8 @@ class GenerationService:
         self.max_admitted_requests = max_admitted_requests
         self.num_admitted = 0
         self.caller = caller
+        self.block_size = block_size
+        self.prefix_pools = PrefixPools()  # where this ingress sent each prompt block (several pools)
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
         """The request's chunks; the last carries the finish reason, usage and timings. Bad input raises
@@ -112,13 +129,31 @@ class GenerationService:
 
     async def _generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
         arrival_s = time.perf_counter()
-        prepared = self.intake.prepare(request)
+        # The encoder starts on the prompt first and reads it while the intake checks, renders and
+        # tokenizes it, so the two cost about the longer of them, not their sum.
+        text = early_predictor_text(request, self.intake.limits.max_prompt_chars)
+        prediction = None if text is None else self.predictor.predict(text)
+        try:
+            prepared = self.intake.prepare(request)
+        except BaseException:
+            if prediction is not None:
+                prediction.cancel()
+            raise
         predict_start_s = time.perf_counter()
-        predicted_output_tokens = await self.predictor.predict(prepared.predictor_text)
+        if prediction is None:
+            prediction = self.predictor.predict(prepared.predictor_text)
+        predicted_output_tokens = await prediction
         predict_s = time.perf_counter() - predict_start_s
         if self.metrics is not None:
             self.metrics.observe_prediction(predict_s)
-        route = self.router.route(predicted_output_tokens)
+        block_names = (
+            () if self.block_size is None else prompt_block_names(prepared.prompt_token_ids, self.block_size)
+        )
+        route = self.router.route(
+            predicted_output_tokens, self.prefix_pools.held(block_names, self.block_size)
+        )
+        if self.router.num_pools > 1:
+            self.prefix_pools.record(block_names, route.pool_id)
         routing = Routing(prepared.request_id or uuid.uuid4().hex, predicted_output_tokens, route.bin_id)
         text = TextStream(self.intake.tokenizer, prepared.stop)
         outputs = self.pools[route.pool_id].generate.remote(
@@ -128,6 +163,7 @@ class GenerationService:
                 prepared.params,
                 predicted_output_tokens,
                 route.bin_id,
+                block_names,
             ),
             self.caller,
         )

@@ -108,10 +108,16 @@ class GenerationIngress:
         else:
             lengths = RemotePredictor(predictor)
         boundaries = await lengths.bin_boundaries(config.router.num_bins)
-        router = BinRouter.build(boundaries, config.router.resolved_num_pools)
+        router = BinRouter.build(
+            boundaries,
+            config.router.resolved_num_pools,
+            config.router.pool_affinity_min_cached_tokens,
+            config.router.pool_affinity_max_bin_distance,
+        )
         defaults = SamplingDefaults.resolve(model_dir, config.sampling)
         intake = Intake(load_tokenizer(model_dir), config.ingress, defaults, self.max_model_len)
         self.metrics = IngressMetrics(enabled=config.metrics.enabled)
+        cache = config.engine.cache
         self.service = GenerationService(
             intake,
             lengths,
@@ -120,6 +126,7 @@ class GenerationIngress:
             self.metrics,
             config.max_admitted_requests,
             caller=ray.get_runtime_context().current_actor,
+            block_size=cache.block_size if cache.enable_prefix_caching else None,  # names prompt blocks
         )
 
     def __serve_build_asgi_app__(self):  # Serve calls it once, after __init__

@@ -25,9 +25,10 @@ from cluster.prometheus import PredictorMetrics
 @serve.deployment
 class LengthPredictorDeployment:
     def __init__(self, config: PredictorConfig, model_dir: str | None = None) -> None:
-        from cluster.predictor_client import load_predictor
+        from cluster.predictor_client import PredictionCache, load_predictor
 
         self.predictor = load_predictor(config, model_dir)
+        self.cache = PredictionCache(config.cache_size)
         self.metrics = PredictorMetrics()
         self.predict.set_max_batch_size(config.max_batch_size)
         self.predict.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -38,8 +39,14 @@ class LengthPredictorDeployment:
         # The encoder blocks for milliseconds; a worker thread keeps this replica's event loop (health
         # checks, the next batch's intake) responsive meanwhile.
         self.metrics.observe_batch(len(prompts))
-        prediction = await asyncio.to_thread(self.predictor.predict, prompts)
-        return [int(n) for n in prediction.output_tokens]
+        known = [self.cache.get(p) for p in prompts]
+        unknown = [p for p, tokens in zip(prompts, known, strict=True) if tokens is None]
+        if unknown:
+            prediction = iter((await asyncio.to_thread(self.predictor.predict, unknown)).output_tokens)
+            known = [int(next(prediction)) if tokens is None else tokens for tokens in known]
+            for prompt, tokens in zip(prompts, known, strict=True):
+                self.cache.put(prompt, tokens)
+        return known
 
     def bin_boundaries(self, num_bins: int) -> list[int]:
         """Inclusive upper edges of ``num_bins`` equal-mass bins of the training output lengths."""

@@ -21,10 +21,14 @@ gracefully when there are fewer replicas than bins).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import collections
+from array import array
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from cluster.predictor.lengths import bin_of
+from pipeline.block_manager import BlockName
+from pipeline.request import NewRequest
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,24 @@ def pools_for_bins(num_bins: int, num_pools: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class HeldPrefix:
+    """The pool likely holding the longest cached prefix of a prompt, and how many tokens of it."""
+
+    pool_id: int
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
 class BinRouter:
     bin_boundaries: tuple[int, ...]
     """Inclusive upper edges, in output tokens, of bins ``0 .. num_bins - 2``; non-decreasing."""
     pool_of_bin: tuple[int, ...]
     """The engine pool serving each bin."""
+    stay_min_cached_tokens: int | None = None
+    """A request stays in the pool holding at least this many tokens of its prompt's prefix rather than
+    go to its bin's pool (``route``); None: always its bin's pool."""
+    stay_max_bin_distance: int = 1
+    """... if its bin is at most this many bins from one that pool serves."""
 
     def __post_init__(self) -> None:
         edges = self.bin_boundaries
@@ -70,10 +87,17 @@ class BinRouter:
             raise ValueError(f"pool_of_bin: pools must be numbered 0 .. n-1 with none unused, got {pools}")
 
     @classmethod
-    def build(cls, bin_boundaries: Sequence[int], num_pools: int | None = None) -> BinRouter:
+    def build(
+        cls,
+        bin_boundaries: Sequence[int],
+        num_pools: int | None = None,
+        stay_min_cached_tokens: int | None = None,
+        stay_max_bin_distance: int = 1,
+    ) -> BinRouter:
         """A router over ``len(bin_boundaries) + 1`` bins on ``num_pools`` pools (default: one per bin)."""
         num_bins = len(bin_boundaries) + 1
-        return cls(tuple(bin_boundaries), pools_for_bins(num_bins, num_pools or num_bins))
+        pool_of_bin = pools_for_bins(num_bins, num_pools or num_bins)
+        return cls(tuple(bin_boundaries), pool_of_bin, stay_min_cached_tokens, stay_max_bin_distance)
 
     @property
     def num_bins(self) -> int:
@@ -87,17 +111,65 @@ class BinRouter:
         """The bin holding a predicted length: the number of boundaries strictly below it."""
         return bin_of(predicted_output_tokens, self.bin_boundaries)
 
-    def route(self, predicted_output_tokens: int) -> Route:
+    def route(self, predicted_output_tokens: int, held: HeldPrefix | None = None) -> Route:
+        """The bin of the predicted length and its pool; or, when ``held`` says another pool holds a long
+        cached prefix of the prompt (``stay_min_cached_tokens``) and the bin is near one that pool serves
+        (``stay_max_bin_distance``), that pool: the turns of one conversation, predicted into neighbouring
+        bins, keep their history's KV instead of prefilling it again elsewhere."""
         if predicted_output_tokens < 0:
             raise ValueError(f"predicted_output_tokens: must be >= 0, got {predicted_output_tokens}")
         bin_id = self.bin_of(predicted_output_tokens)
-        return Route(bin_id=bin_id, pool_id=self.pool_of_bin[bin_id])
+        pool_id = self.pool_of_bin[bin_id]
+        if held is not None and held.pool_id != pool_id and self.stay_min_cached_tokens is not None:
+            distance = min(abs(bin_id - b) for b, p in enumerate(self.pool_of_bin) if p == held.pool_id)
+            if (
+                held.num_cached_tokens >= self.stay_min_cached_tokens
+                and distance <= self.stay_max_bin_distance
+            ):
+                pool_id = held.pool_id
+        return Route(bin_id=bin_id, pool_id=pool_id)
+
+
+@dataclass
+class PrefixPools:
+    """Which pool this ingress last sent each prompt block to, by block name (least recently sent dropped
+    first beyond ``capacity``): where a conversation's history is likely cached. A guess, as Ray Serve
+    LLM's prefix tree is: the pool may have evicted the blocks since."""
+
+    capacity: int = 65_536
+    _pool_of_name: collections.OrderedDict[BlockName, int] = field(default_factory=collections.OrderedDict)
+
+    def record(self, block_names: Sequence[BlockName], pool_id: int) -> None:
+        for name in block_names:
+            self._pool_of_name[name] = pool_id
+            self._pool_of_name.move_to_end(name)
+        while len(self._pool_of_name) > self.capacity:
+            self._pool_of_name.popitem(last=False)
+
+    def held(self, block_names: Sequence[BlockName], block_size: int) -> HeldPrefix | None:
+        """The pool sent the longest prefix of these blocks (names are chained: a name found stands for
+        its whole prefix), or None."""
+        for i in range(len(block_names) - 1, -1, -1):
+            pool_id = self._pool_of_name.get(block_names[i])
+            if pool_id is not None:
+                return HeldPrefix(pool_id, (i + 1) * block_size)
+        return None
+
+
+def encode_block_names(names: Sequence[BlockName]) -> bytes:
+    """A replica's cached block names as its routing report carries them: 8 bytes a name."""
+    return array("q", names).tobytes()
+
+
+def decode_block_names(data: bytes) -> frozenset[BlockName]:
+    return frozenset(array("q", data))
 
 
 @dataclass
 class PredictedWorkBook:
     """One router's view of each replica's outstanding requests, as their predicted work: tokens still to
-    prefill plus predicted output tokens still to generate (``Request.predicted_work_tokens``).
+    prefill plus predicted output tokens still to generate (``Request.predicted_work_tokens``), and of the
+    prompt blocks each replica holds in its prefix cache.
 
     A new request of predicted work ``x`` goes to the replica where ``sum(min(w, x))`` over its outstanding
     requests' work ``w`` is least. Decoding shares each step among the running requests, so that sum is the
@@ -107,29 +179,61 @@ class PredictedWorkBook:
     replica with a few long ones and many requests, which costs mean latency when predictions are noisy.
 
     Replicas report every few hundred milliseconds, so a report is stale by the requests routed since. The
-    book adds each request it routes to its replica until a report made after the routing (which then
-    counts the request itself) or the request's completion. Reports and routings carry wall-clock times of
-    different processes: on one host they agree; across hosts the skew (milliseconds under NTP) only shifts
-    which report first counts a request.
+    book adds each request it routes to its replica (``add``: when the router picks the replica, and again
+    when the replica accepts it) until a report made after the routing (which then counts the request
+    itself) or the request's completion; so a burst routed between two reports spreads instead of following
+    one stale report. The routed requests' prompt blocks count as cached there from then on (their prefill
+    will cache them) until a report made after the routing says what the replica holds. Reports and
+    routings carry wall-clock times of different processes: on one host they agree; across hosts the skew
+    (milliseconds under NTP) only shifts which report first counts a request.
     """
 
+    block_size: int = 16
+    """Tokens per KV block of the pool's engines (``cache.block_size``): turns cached blocks into tokens."""
     reported: dict[Hashable, tuple[int, ...]] = field(default_factory=dict)
     """Per replica: the predicted work of each outstanding request, as last reported."""
     reported_at_s: dict[Hashable, float] = field(default_factory=dict)
+    cached: dict[Hashable, frozenset[BlockName]] = field(default_factory=dict)
+    """Per replica: the names of its cached blocks, as last reported."""
     routed: dict[Hashable, dict[Hashable, tuple[int, float]]] = field(default_factory=dict)
     """Per replica: requests this router sent there that no report counts yet, as (work, routed at)."""
+    routed_names: dict[Hashable, dict[Hashable, tuple[tuple[BlockName, ...], float]]] = field(
+        default_factory=dict
+    )
+    """Per replica: prompt block names of requests sent there since its report, as (names, routed at)."""
 
-    def report(self, replica_id: Hashable, work_tokens: Sequence[int], reported_at_s: float) -> None:
+    def report(
+        self,
+        replica_id: Hashable,
+        work_tokens: Sequence[int],
+        reported_at_s: float,
+        cached_names: Collection[BlockName] = frozenset(),
+    ) -> None:
         if reported_at_s <= self.reported_at_s.get(replica_id, float("-inf")):
             return  # the same report again (or an older one)
         self.reported[replica_id] = tuple(work_tokens)
         self.reported_at_s[replica_id] = reported_at_s
-        pending = self.routed.get(replica_id, {})
-        for request_id in [r for r, (_, routed_at_s) in pending.items() if routed_at_s <= reported_at_s]:
-            del pending[request_id]
+        self.cached[replica_id] = frozenset(cached_names)
+        for book in (self.routed, self.routed_names):
+            pending = book.get(replica_id, {})
+            for request_id in [r for r, (_, routed_at_s) in pending.items() if routed_at_s <= reported_at_s]:
+                del pending[request_id]
 
-    def add(self, replica_id: Hashable, request_id: Hashable, work_tokens: int, routed_at_s: float) -> None:
+    def add(
+        self,
+        replica_id: Hashable,
+        request_id: Hashable,
+        work_tokens: int,
+        routed_at_s: float,
+        block_names: Sequence[BlockName] = (),
+    ) -> None:
+        """Count a request at the replica it was sent to (it moves there if it was counted elsewhere)."""
+        for book in (self.routed, self.routed_names):
+            for pending in book.values():
+                pending.pop(request_id, None)
         self.routed.setdefault(replica_id, {})[request_id] = (work_tokens, routed_at_s)
+        if block_names:
+            self.routed_names.setdefault(replica_id, {})[request_id] = (tuple(block_names), routed_at_s)
 
     def complete(self, replica_id: Hashable, request_id: Hashable) -> None:
         self.routed.get(replica_id, {}).pop(request_id, None)
@@ -137,7 +241,7 @@ class PredictedWorkBook:
     def forget_all_but(self, replica_ids: Sequence[Hashable]) -> None:
         """Drop replicas that left the pool."""
         keep = set(replica_ids)
-        for book in (self.reported, self.reported_at_s, self.routed):
+        for book in (self.reported, self.reported_at_s, self.cached, self.routed, self.routed_names):
             for replica_id in [r for r in book if r not in keep]:
                 del book[replica_id]
 
@@ -154,3 +258,73 @@ class PredictedWorkBook:
         """``replica_ids`` from the least delay for a request of ``work_tokens`` to the most; ties keep the
         given order (callers shuffle it, so that routers with equal views do not all pick one idle replica)."""
         return sorted(replica_ids, key=lambda r: self.delay_tokens(r, work_tokens))
+
+    def num_cached_blocks(self, replica_id: Hashable, block_names: Sequence[BlockName]) -> int:
+        """How many leading blocks of ``block_names`` the replica holds, as far as this router knows. Names
+        are chained, so a name found means its whole prefix is there."""
+        reported = self.cached.get(replica_id, frozenset())
+        routed = [set(names) for names, _ in self.routed_names.get(replica_id, {}).values()]
+        n = 0
+        for name in block_names:
+            if name not in reported and not any(name in names for names in routed):
+                break
+            n += 1
+        return n
+
+    def num_cached_tokens(self, replica_id: Hashable, new: NewRequest) -> int:
+        """Prompt tokens of ``new`` the replica would find cached (at least one is always computed)."""
+        cached = self.num_cached_blocks(replica_id, new.prompt_block_names) * self.block_size
+        return min(cached, len(new.prompt_token_ids) - 1)
+
+    def num_known_blocks(self, replica_id: Hashable) -> int:
+        """Blocks the replica holds as far as this router knows: the size of its cache, for Ray's rule."""
+        routed = self.routed_names.get(replica_id, {}).values()
+        return len(self.cached.get(replica_id, ())) + sum(len(names) for names, _ in routed)
+
+
+# ---- rules: each ranks a pool's replicas for one request, best first ---------------------------------
+
+
+def least_predicted_work(book: PredictedWorkBook, replica_ids: Sequence[Hashable], new: NewRequest) -> list:
+    """The least ``sum(min(w, x))`` for the request's predicted work ``x`` (cache-blind)."""
+    return book.ranked(replica_ids, new.predicted_work_tokens)
+
+
+def least_cost(book: PredictedWorkBook, replica_ids: Sequence[Hashable], new: NewRequest) -> list:
+    """The least cost: the prefill the replica would still compute (prompt tokens it does not hold cached)
+    plus the predicted work the request would wait behind there, ``sum(min(w, x))`` with ``x`` its own
+    work at that replica (uncached prefill plus predicted output). Both in tokens of the one definition of
+    predicted service, so a long cached prefix outweighs a slightly longer queue and not a much longer one."""
+
+    def cost(replica_id: Hashable) -> int:
+        uncached = len(new.prompt_token_ids) - book.num_cached_tokens(replica_id, new)
+        work = new.predicted_work_tokens - len(new.prompt_token_ids) + uncached
+        return uncached + book.delay_tokens(replica_id, work)
+
+    return sorted(replica_ids, key=cost)
+
+
+IMBALANCED_REQUESTS = 10
+"""Ray Serve LLM's ``PrefixCacheAffinityRouter`` default ``imbalanced_threshold``: outstanding requests
+between the busiest and the idlest replica beyond which it balances load instead of following prefixes."""
+MATCH_RATE = 0.1
+"""Its ``match_rate_threshold``: the least share of the prompt a replica must hold to be preferred."""
+
+
+def prefix_affinity(book: PredictedWorkBook, replica_ids: Sequence[Hashable], new: NewRequest) -> list:
+    """Ray Serve LLM's ``PrefixCacheAffinityRouter`` rule (cache-aware, length-blind): when the replicas'
+    outstanding requests differ by more than ``IMBALANCED_REQUESTS``, the least loaded; else the replicas
+    holding the longest cached prefix if it covers at least ``MATCH_RATE`` of the prompt, else those with
+    the smallest caches; among equals, and for the rest of the ranking, the least loaded."""
+    load = {r: len(book.outstanding(r)) for r in replica_ids}
+    by_load = sorted(replica_ids, key=load.__getitem__)
+    if not by_load or load[by_load[-1]] - load[by_load[0]] > IMBALANCED_REQUESTS:
+        return by_load
+    cached = {r: book.num_cached_tokens(r, new) for r in by_load}
+    best = max(cached.values())
+    if best >= MATCH_RATE * len(new.prompt_token_ids) and best > 0:
+        first = [r for r in by_load if cached[r] == best]
+    else:
+        size = {r: book.num_known_blocks(r) for r in by_load}
+        first = [r for r in by_load if size[r] == min(size.values())]
+    return first + [r for r in by_load if r not in first]

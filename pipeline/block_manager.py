@@ -18,13 +18,38 @@ Prefix caching is block naming:
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 
 from pipeline.request import Request
 
 BlockName = int
-"""``hash((parent name, token ids))``: deterministic across processes for ints (unlike str hashes)."""
+"""``hash((parent name, token ids))``: deterministic across processes for ints (unlike str hashes), a
+signed 64-bit integer."""
 
 _ROOT_NAME: BlockName = 0  # the parent of a sequence's first block (hash(None) varies by process)
+
+
+def extend_block_names(
+    names: list[BlockName], token_ids: Sequence[int], block_size: int, num_blocks: int
+) -> list[BlockName]:
+    """Name the full blocks of ``token_ids`` up to ``num_blocks``, appending to ``names`` (the names of its
+    first ``len(names)`` blocks) and returning it. The one definition of a block's name: the engine names
+    its blocks with it, and the ingress names a prompt's blocks with it to route by cached prefix."""
+    for i in range(len(names), num_blocks):
+        parent = names[-1] if names else _ROOT_NAME
+        names.append(hash((parent, tuple(token_ids[i * block_size : (i + 1) * block_size]))))
+    return names
+
+
+def num_cacheable_blocks(num_tokens: int, block_size: int) -> int:
+    """Full blocks of a sequence that a cache hit may cover: at least its last token is always computed."""
+    return (num_tokens - 1) // block_size
+
+
+def prompt_block_names(token_ids: Sequence[int], block_size: int) -> tuple[BlockName, ...]:
+    """The names of the prompt blocks a cache could hold for this prompt (``cached_prefix`` looks them up)."""
+    num_blocks = num_cacheable_blocks(len(token_ids), block_size)
+    return tuple(extend_block_names([], token_ids, block_size, num_blocks))
 
 
 class BlockManager:
@@ -125,11 +150,7 @@ class BlockManager:
     def _names_of(self, request: Request, num_blocks: int) -> list[BlockName]:
         """The names of the request's first ``num_blocks`` full blocks (computed once, then extended)."""
         names = self._names.setdefault(request.request_id, [])
-        size, tokens = self.block_size, request.token_ids
-        for i in range(len(names), num_blocks):
-            parent = names[-1] if names else _ROOT_NAME
-            names.append(hash((parent, tuple(tokens[i * size : (i + 1) * size]))))
-        return names
+        return extend_block_names(names, request.token_ids, self.block_size, num_blocks)
 
     def cached_prefix(self, request: Request) -> list[int]:
         """Block ids of the longest cached prefix of the request's tokens, leaving at least its last token
@@ -137,12 +158,23 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hit: list[int] = []
-        for name in self._names_of(request, (request.num_tokens - 1) // self.block_size):
+        for name in self._names_of(request, num_cacheable_blocks(request.num_tokens, self.block_size)):
             block_id = self._block_of_name.get(name)
             if block_id is None:
                 break
             hit.append(block_id)
         return hit
+
+    def cached_block_names(self, max_names: int) -> list[BlockName]:
+        """The names of cached blocks, at most ``max_names``: those in use first, then free ones from the
+        most recently freed (the last to be evicted). What a replica reports to the routers. Safe to call
+        from another thread than the engine's: it reads copies (each made in one step under the GIL)."""
+        name_of_block = dict(self._name_of_block)
+        free = list(self._cached_free_block_ids)
+        free_set = set(free)
+        in_use = [name for block_id, name in name_of_block.items() if block_id not in free_set]
+        recent_free = [name_of_block[b] for b in reversed(free) if b in name_of_block]
+        return (in_use + recent_free)[:max_names]
 
     def num_taken_from_free(self, block_ids: list[int]) -> int:
         """How many of these blocks no one holds: taking them shrinks the free pool."""

@@ -105,6 +105,18 @@ def add_config_flags(
         parser.add_argument(FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-")), **kwargs)
 
 
+def add_sampling_flags(parser: argparse.ArgumentParser, unset_help: str) -> None:
+    """A flag per ``SamplingParams`` field (``--ignore-eos`` too), in a group of their own; the sampling fields
+    default to ``None``, which ``unset_help`` says who fills in."""
+    from pipeline.request import SamplingParams
+    from pipeline.sampling import FIELD_NAMES
+
+    group = parser.add_argument_group("sampling")
+    add_config_flags(
+        group, SamplingParams, skip=("stop_token_ids",), unset=FIELD_NAMES, unset_help=unset_help
+    )
+
+
 def config_from_flags(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
     """Build dataclass ``cls`` from the flags ``add_config_flags`` added (missing ones keep defaults)."""
     values = {

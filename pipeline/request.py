@@ -66,6 +66,10 @@ class NewRequest:
     """The length predictor's guess (or an oracle's); SSJF orders by it."""
     bin_id: int = 0
     """The router's bin; static and dynamic batches can be drawn from one bin."""
+    prompt_block_names: tuple[int, ...] = ()
+    """The names of the prompt's cacheable blocks (``pipeline.block_manager.prompt_block_names``), hashed
+    once by the ingress so the replica router can find where the prompt's prefix is cached; empty when
+    prefix caching is off. The engine names its blocks itself."""
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -196,4 +200,3 @@ class Request:
         preemption, those beyond the first admission's cache hit) plus predicted remaining output."""
         num_prefilled = max(self.num_computed_tokens, self.num_cached_tokens)
         return max(0, self.num_prompt_tokens - num_prefilled) + self.predicted_remaining_tokens
-

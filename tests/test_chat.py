@@ -157,3 +157,24 @@ def test_a_plain_prompt_is_tokenized_as_before(intake: Intake, smollm2_tokenizer
     assert list(prepared.prompt_token_ids) == smollm2_tokenizer("Hello there").input_ids
     assert prepared.params == SamplingParams(max_tokens=4, temperature=0.0, top_p=0.9, repetition_penalty=1.1)
     assert prepared.predictor_text == "Hello there"
+
+
+@pytest.mark.parametrize(
+    "request_fields",
+    [
+        dict(prompt="Hello there"),
+        dict(messages=(ChatMessage("system", "Be brief."), ChatMessage("user", "Name a fruit."))),
+    ],
+)
+def test_the_ingress_predicts_from_the_text_the_intake_hands_the_predictor(
+    intake: Intake, request_fields
+) -> None:
+    """The ingress starts the predictor before the intake has run; it must read the same text."""
+    from cluster.generation import early_predictor_text
+
+    request = GenerationInput(max_tokens=4, **request_fields)
+    limit = intake.limits.max_prompt_chars
+    assert early_predictor_text(request, limit) == intake.prepare(request).predictor_text
+    assert early_predictor_text(GenerationInput(prompt="x" * (limit + 1)), limit) is None
+    assert early_predictor_text(GenerationInput(prompt=""), limit) is None
+    assert early_predictor_text(GenerationInput(messages=()), limit) is None

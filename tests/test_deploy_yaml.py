@@ -21,7 +21,7 @@ from cluster.grpc_proxy import INSTALL_FUNCTION
 from cluster.local import load_serve_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-SERVE_CONFIGS = ["serve-local.yaml", "serve-gpu.yaml"]
+SERVE_CONFIGS = ["serve-local.yaml", "serve-gpu.yaml", "serve-conversations.yaml"]
 
 
 def serve_config_of(name: str) -> dict:

@@ -250,5 +250,97 @@ def test_in_process_predictor_batches_what_arrives_while_it_encodes() -> None:
         return list(await asyncio.gather(*(predictor.predict(p) for p in prompts)))
 
     assert asyncio.run(run()) == [int(n) for n in encode(prompts).output_tokens]
-    assert batches == [3, 2]  # all five arrived before the encoder started
+    assert batches == [1, 3, 1]  # the first starts alone at once; the rest arrived while it was encoded
     assert asyncio.run(predictor.bin_boundaries(2)) == [int(b) for b in predictor.predictor.bin_boundaries(2)]
+
+
+def test_predict_starts_the_encoder_before_the_caller_awaits_and_answers_repeats_from_the_cache() -> None:
+    """``predict`` hands the prompt to the encoder thread at once (the ingress tokenizes meanwhile); a
+    prompt answered before is answered again without the encoder; cache_size 0 keeps nothing."""
+    import asyncio
+    import threading
+
+    from cluster.config import PredictorConfig
+    from cluster.predictor_client import InProcessPredictor
+
+    for cache_size, expected_calls in ((8, 1), (0, 2)):
+        predictor = InProcessPredictor(PredictorConfig(cache_size=cache_size))
+        encode, started, calls = predictor.predictor.predict, threading.Event(), []
+
+        def recording(prompts, encode=encode, started=started, calls=calls):
+            calls.append(list(prompts))
+            started.set()
+            return encode(prompts)
+
+        predictor.predictor.predict = recording
+
+        async def run(predictor=predictor, started=started) -> tuple[int, int, bool]:
+            first = predictor.predict("Explain paged attention.")
+            assert started.wait(timeout=60)  # the loop has not run: the encoder started on its own
+            tokens = await first
+            again = predictor.predict("Explain paged attention.")
+            return tokens, await again, again.done()
+
+        tokens, repeated, _ = asyncio.run(run())
+        assert repeated == tokens == int(encode(["Explain paged attention."]).output_tokens[0])
+        assert len(calls) == expected_calls
+
+
+def test_prediction_cache_keeps_the_most_recent_prompts() -> None:
+    from cluster.predictor_client import PredictionCache
+
+    cache = PredictionCache(max_size=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "a" is now the most recent
+    cache.put("c", 3)
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, None, 3)
+    empty = PredictionCache(max_size=0)
+    empty.put("a", 1)
+    assert empty.get("a") is None
+
+
+def test_the_inference_layers_give_transformers_floats() -> None:
+    """The encoder's written-out inference layers compute what transformers' BertLayer computes, padded
+    batch included."""
+    import torch
+
+    predictor = LengthPredictor.load()
+    encoder = predictor.model.encoder
+    tokenized = encoder.tokenize(["hi", "Write a detailed design document for a key-value store, please."])
+    input_ids, attention_mask = encoder.pad(tokenized.token_ids)
+    with torch.inference_mode():
+        hidden = encoder.embed(input_ids)
+        ours = encoder._run_layers_inference(hidden, attention_mask, 0, len(encoder.layers))
+        theirs = encoder._run_layers_transformers(hidden, attention_mask, 0, len(encoder.layers))
+    real = attention_mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-5)
+
+
+def test_int8_and_fewer_prompt_tokens_run_the_same_predictor_differently() -> None:
+    predictor = LengthPredictor.load(encoder_precision="int8", max_prompt_tokens=16)
+    assert predictor.is_int8 and not LengthPredictor.load().is_int8
+    assert all(len(ids) <= 16 for ids in predictor.model.encoder.tokenize(["word " * 100]).token_ids)
+    prompts = ["hi", "Translate 'good morning' into French.", "Write a detailed essay about the sea. " * 20]
+    # int8 quantizes each call's activations as a whole, so it encodes prompts one at a time: a prompt's
+    # answer does not depend on its batch.
+    assert [predictor.predict([p]).output_tokens[0] for p in prompts] == predictor.predict(
+        prompts
+    ).output_tokens
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        (dict(encoder_precision="int4"), r"encoder_precision: must be one of"),
+        (dict(max_prompt_tokens=4), r"max_prompt_tokens: must be null .* \[8, 512\], got 4"),
+        (dict(max_prompt_tokens=513), r"max_prompt_tokens: .* got 513"),
+        (dict(torch_threads=0), r"torch_threads"),
+        (dict(cache_size=-1), r"cache_size"),
+    ],
+)
+def test_bad_predictor_run_options_name_the_field(fields: dict, match: str) -> None:
+    from cluster.config import PredictorConfig
+
+    with pytest.raises(ValueError, match=match):
+        PredictorConfig(**fields)

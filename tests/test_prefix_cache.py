@@ -125,7 +125,7 @@ def test_the_conversation_bench_replays_every_turn_with_identical_answers(tiny_l
     import argparse
     import json
 
-    from bench.conversations import cmd_bench_conversations, register
+    from bench.conversations import cmd_bench_conversations, register, render
     from tests.test_chat import make_chat_model
 
     parser = argparse.ArgumentParser()
@@ -161,3 +161,5 @@ def test_the_conversation_bench_replays_every_turn_with_identical_answers(tiny_l
     assert on["num_turns"] == off["num_turns"] >= 4 and on["num_follow_up_turns"] >= 2
     assert off["cached_prompt_tokens"] == 0 < on["cached_prompt_tokens"]
     assert 0.0 <= report["rerender"]["matching_fraction_tokens"] <= 1.0
+    assert [t["value"] for t in report["targets"]] == [report["follow_up_ttft_p50_speedup"]]
+    assert "| caching off |" in render(report) and "| caching on |" in render(report)

@@ -9,7 +9,21 @@ import random
 import pytest
 
 from cluster.predictor.lengths import equal_mass_boundaries
-from cluster.router import BinRouter, PredictedWorkBook, Route, pools_for_bins
+from cluster.router import (
+    IMBALANCED_REQUESTS,
+    BinRouter,
+    HeldPrefix,
+    PredictedWorkBook,
+    PrefixPools,
+    Route,
+    decode_block_names,
+    encode_block_names,
+    least_cost,
+    least_predicted_work,
+    pools_for_bins,
+    prefix_affinity,
+)
+from pipeline.block_manager import BlockManager, prompt_block_names
 from pipeline.request import NewRequest, Request, SamplingParams
 
 
@@ -153,3 +167,118 @@ def test_a_replica_reports_queued_prefill_plus_predicted_output_still_to_generat
     assert request.predicted_work_tokens == 1
     no_prediction = NewRequest("q", (5,) * 3, SamplingParams(max_tokens=64))
     assert no_prediction.predicted_work_tokens == 67  # max_tokens stands in
+
+
+# ---- replica choice by cached prefix and predicted work ---------------------------------------------
+
+
+def chat_turn(request_id: str, prompt: list[int], predicted_output_tokens: int, block_size: int = 4):
+    """A request as the ingress sends it: its prompt's blocks named once (``prompt_block_names``)."""
+    return NewRequest(
+        request_id,
+        tuple(prompt),
+        SamplingParams(max_tokens=512),
+        predicted_output_tokens,
+        prompt_block_names=prompt_block_names(prompt, block_size),
+    )
+
+
+def test_the_ingress_names_a_prompts_blocks_exactly_as_the_block_manager_does() -> None:
+    blocks = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    tokens = [7, 3, 9, 1, 4, 4, 2, 8, 5, 6, 0, 1, 3]  # 3 full blocks and one token
+    held = Request("a", list(tokens), SamplingParams(), arrival_s=0.0)
+    blocks.grow(held, held.num_tokens)
+    blocks.name_full_blocks(held, held.num_tokens)
+    names = prompt_block_names(tokens, 4)
+    assert len(names) == 3 and set(blocks.cached_block_names(100)) == set(names)
+    # 12 tokens: the last block holds the last token, which is always computed, so it is not named.
+    assert prompt_block_names(tokens[:12], 4) == names[:2]
+    # Chained: changing the first token renames every block.
+    assert set(prompt_block_names([0, *tokens[1:]], 4)).isdisjoint(names)
+
+
+def test_a_replica_reports_in_use_blocks_then_the_most_recently_freed_and_the_names_round_trip() -> None:
+    blocks = BlockManager(num_blocks=16, block_size=2, enable_prefix_caching=True)
+    first, second, kept = (
+        Request(i, list(t), SamplingParams(), 0.0)
+        for i, t in (("a", [1, 2, 3]), ("b", [4, 5, 6]), ("c", [7, 8, 9]))
+    )
+    for r in (first, second, kept):
+        blocks.grow(r, r.num_tokens)
+        blocks.name_full_blocks(r, r.num_tokens)
+    blocks.free(first)
+    blocks.free(second)  # freed last: evicted last, so reported before "a"
+    [a], [b], [c] = (prompt_block_names(t, 2) for t in ([1, 2, 3], [4, 5, 6], [7, 8, 9]))
+    assert blocks.cached_block_names(10) == [c, b, a]
+    assert blocks.cached_block_names(2) == [c, b]
+    data = encode_block_names([c, b, a, -(2**63), 2**63 - 1])
+    assert len(data) == 5 * 8
+    assert decode_block_names(data) == {a, b, c, -(2**63), 2**63 - 1}
+
+
+def test_least_cost_weighs_the_prefill_a_replica_saves_against_the_work_it_would_wait_behind() -> None:
+    book = PredictedWorkBook(block_size=4)
+    history = list(range(100, 180))  # 80 tokens: 20 blocks, of which 19 are cacheable
+    turn = chat_turn("t2", [*history, 1, 2, 3, 4], predicted_output_tokens=20)
+    book.report("warm", [60], 10.0, cached_names=prompt_block_names(history, 4))
+    book.report("cold", [], 10.0)
+    assert book.num_cached_tokens("warm", turn) == 76 and book.num_cached_tokens("cold", turn) == 0
+    # warm: 8 uncached + min(60, 28) = 36; cold: 84 + 0 = 84.
+    assert least_cost(book, ["cold", "warm"], turn) == ["warm", "cold"]
+    # Cache-blind, the idle replica wins.
+    assert least_predicted_work(book, ["cold", "warm"], turn) == ["cold", "warm"]
+    # A much longer queue at the warm replica outweighs its cache: 8 + 4 x 28 = 120 > 84.
+    book.report("warm", [60] * 4, 11.0, cached_names=prompt_block_names(history, 4))
+    assert least_cost(book, ["warm", "cold"], turn) == ["cold", "warm"]
+
+
+def test_a_routed_prompt_counts_as_cached_at_its_replica_until_a_later_report() -> None:
+    book = PredictedWorkBook(block_size=4)
+    book.report("a", [], 10.0)
+    book.report("b", [], 10.0)
+    history = list(range(40))
+    book.add("b", "t1", 50, routed_at_s=10.1, block_names=prompt_block_names(history, 4))
+    book.complete("b", "t1")  # answered before any report: its prefix stays known
+    turn = chat_turn("t2", [*history, 9, 9], predicted_output_tokens=10)
+    assert book.num_cached_tokens("b", turn) == 36 and least_cost(book, ["a", "b"], turn) == ["b", "a"]
+    book.report("b", [], 10.5, cached_names=())  # made after: what the replica says it holds wins
+    assert book.num_cached_tokens("b", turn) == 0
+
+
+def test_prefix_affinity_follows_the_longest_prefix_unless_loads_are_imbalanced() -> None:
+    book = PredictedWorkBook(block_size=4)
+    history = list(range(400))
+    turn = chat_turn("t", [*history, 1], predicted_output_tokens=500)
+    book.report("warm", [1000] * 3, 10.0, cached_names=prompt_block_names(history, 4))
+    book.report("cold", [10], 10.0, cached_names=prompt_block_names([5] * 40, 4))
+    book.report("idle", [], 10.0, cached_names=prompt_block_names([6] * 80, 4))
+    # Balanced (3 against 0 requests): the longest match, whatever the work behind it.
+    assert prefix_affinity(book, ["idle", "cold", "warm"], turn) == ["warm", "idle", "cold"]
+    # No replica holds 10% of the prompt: the smallest cache first, the rest by load.
+    fresh = chat_turn("f", [9] * 40, predicted_output_tokens=5)
+    assert prefix_affinity(book, ["idle", "cold", "warm"], fresh) == ["cold", "idle", "warm"]
+    # Imbalanced (more than IMBALANCED_REQUESTS apart): the least loaded, cache ignored.
+    book.report("warm", [1] * (IMBALANCED_REQUESTS + 1), 11.0, cached_names=prompt_block_names(history, 4))
+    assert prefix_affinity(book, ["warm", "cold", "idle"], turn) == ["idle", "cold", "warm"]
+
+
+# ---- bins to pools, weighed against a cached prefix -------------------------------------------------
+
+
+def test_a_turn_stays_in_the_pool_holding_its_history_unless_its_bin_is_far() -> None:
+    router = BinRouter.build([50, 100, 200], num_pools=4, stay_min_cached_tokens=32, stay_max_bin_distance=1)
+    pools = PrefixPools()
+    history = list(range(80))
+    pools.record(prompt_block_names(history, 4), pool_id=1)  # turn 1 was predicted into bin 1
+    turn = prompt_block_names([*history, 7, 7, 7], 4)
+    held = pools.held(turn, 4)
+    assert held == HeldPrefix(pool_id=1, num_cached_tokens=76)
+    assert router.route(120, held) == Route(bin_id=2, pool_id=1)  # one bin off: stays with its history
+    assert router.route(500, held) == Route(bin_id=3, pool_id=3)  # two bins off: its bin's pool
+    assert router.route(120, HeldPrefix(1, 28)) == Route(bin_id=2, pool_id=2)  # too little cached
+    assert BinRouter.build([50, 100, 200], 4).route(120, held) == Route(bin_id=2, pool_id=2)  # off
+    assert pools.held(prompt_block_names([9, *history], 4), 4) is None  # another prompt
+    small = PrefixPools(capacity=3)
+    small.record(prompt_block_names(history, 4), pool_id=0)
+    assert small.held(turn, 4) == HeldPrefix(0, 76)  # the longest names are the most recent
+    assert small.held(prompt_block_names(history[:12], 4), 4) is None  # its first blocks were dropped

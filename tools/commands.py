@@ -114,19 +114,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_make_tiny_model)
 
-    from pipeline.config_flags import add_config_flags
-    from pipeline.request import SamplingParams
-    from pipeline.sampling import FIELD_NAMES
+    from pipeline.config_flags import add_sampling_flags
 
     p = subparsers.add_parser("generate", help="generate for one prompt with the offline engine")
     add_engine_args(p)
-    add_config_flags(
-        p.add_argument_group("SamplingParams"),
-        SamplingParams,
-        skip=("stop_token_ids",),
-        unset=FIELD_NAMES,
-        unset_help="the model's generation_config.json, as the server and transformers apply it",
-    )
+    add_sampling_flags(p, "the model's generation_config.json, as the server and transformers apply it")
     p.add_argument("--prompt", required=True)
     p.add_argument(
         "--chat", action="store_true", help="send the prompt as a user message, rendered with the chat template"

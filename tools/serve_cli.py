@@ -24,6 +24,8 @@ from typing import Any
 from cluster.local import DEFAULT_NUM_CPUS, check_paths, deploy, load_serve_config, start_local_ray
 
 API_KEY_ENV = "BINSERVE_API_KEY"  # cluster.auth reads the same variable on the server
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -85,20 +87,14 @@ def _response_json(response) -> dict[str, Any]:
 
 async def _client_generate(args: argparse.Namespace) -> int:
     from cluster.client import GenerationClient, make_request
+    from pipeline.sampling import FIELD_NAMES
 
     request = make_request(
         "" if args.chat else args.prompt,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
         stop=args.stop or (),
         ignore_eos=args.ignore_eos,
         messages=[("user", args.prompt)] if args.chat else (),
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
+        **{name: getattr(args, name) for name in FIELD_NAMES},
     )
     async with GenerationClient(args.address, args.application, args.api_key) as client:
         if args.stream and not args.json:
@@ -152,6 +148,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from pipeline.config_flags import add_sampling_flags
+
     p = subparsers.add_parser("serve", help="run the serving application from a Serve config (YAML)")
     p.add_argument("--config", required=True, help="a Serve config, e.g. deploy/serve-local.yaml")
     p.add_argument("--address", default=None, help="a running Ray cluster (e.g. auto); default: start one")
@@ -185,17 +183,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name == "generate":
             p.add_argument("--prompt", required=True)
             p.add_argument("--chat", action="store_true", help="send the prompt as a user message")
-            # Unset sampling fields take the deployment's serving defaults (`client info` shows them).
-            p.add_argument("--max-tokens", type=int, default=None)
-            p.add_argument("--temperature", type=float, default=None, help="0: greedy")
-            p.add_argument("--top-p", type=float, default=None)
-            p.add_argument("--top-k", type=int, default=None)
-            p.add_argument("--repetition-penalty", type=float, default=None)
-            p.add_argument("--presence-penalty", type=float, default=None)
-            p.add_argument("--frequency-penalty", type=float, default=None)
-            p.add_argument("--seed", type=int, default=None)
+            add_sampling_flags(p, "the deployment's serving defaults (`client info` shows them)")
             p.add_argument("--stop", action="append", help="a stop string (repeatable)")
-            p.add_argument("--ignore-eos", action="store_true")
             p.add_argument("--stream", action="store_true", help="stream the tokens as they come")
             p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=cmd_client)

@@ -312,9 +312,38 @@ def workload_text(p: dict[str, Any], num_requests: int) -> str:
     )
 
 
-def sharegpt_workload(tokenizer, params) -> list[WorkloadRequest]:
-    """An experiment's ShareGPT requests; ``params`` carries num_requests, seed, max_prompt_tokens and
-    max_output_tokens (every experiment's ``Params`` does). Lengths are ChatGPT's answers' unless
+@dataclass(frozen=True)
+class EngineWorkload:
+    """The fields of an engine experiment's ``Params`` that choose its model and requests
+    (``sharegpt_workload``); each experiment extends it and sets its own sizes."""
+
+    model_dir: str = DEFAULT_MODEL_DIR
+    labels: str = ""
+    """The served model's length labels: its own answer lengths on held-out prompts; empty: ChatGPT's."""
+    num_requests: int = 64
+    max_prompt_tokens: int = 256
+    max_output_tokens: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SimulatedWorkload:
+    """The fields of a simulated cluster's ``Params``: a measured (or estimated) step-cost profile, the tokenizer
+    that cuts ShareGPT's prompts, and the cluster's size; each simulation extends it."""
+
+    profile: str = str(REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json")
+    tokenizer_dir: str = DEFAULT_MODEL_DIR
+    num_requests: int = 4000
+    max_prompt_tokens: int = 2048
+    max_output_tokens: int = 1024
+    num_replicas: int = 16
+    max_num_seqs: int = 32
+    """Per replica."""
+    seed: int = 0
+
+
+def sharegpt_workload(tokenizer, params: EngineWorkload | SimulatedWorkload) -> list[WorkloadRequest]:
+    """An experiment's ShareGPT requests (``params``: its ``Params``). Lengths are ChatGPT's answers' unless
     ``params.labels`` names the served model's own length labels: then the held-out labelled prompts,
     chat-rendered, with the model's own answer lengths (``bench.workload.labelled_requests``)."""
     from bench.workload import labelled_requests, sharegpt_requests

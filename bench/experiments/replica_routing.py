@@ -46,14 +46,7 @@ def slos_of(mean_jct_s: float, p99_ttft_s: float, scale: float = 1.0) -> dict[st
 
 
 @dataclass(frozen=True)
-class Params:
-    profile: str = str(harness.REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json")
-    tokenizer_dir: str = ".models/tiny-llama"
-    num_requests: int = 4000
-    max_prompt_tokens: int = 2048
-    max_output_tokens: int = 1024
-    num_replicas: int = 16
-    max_num_seqs: int = 32
+class Params(harness.SimulatedWorkload):
     chunk_size: int = 512
     num_blocks: int = 25_000
     slo_scale_s: float = 1.0
@@ -73,7 +66,6 @@ class Params:
     max_wait_service_multiple: float = 4.0
     """``SchedulerConfig.max_wait_service_multiple``."""
     use_trained_predictor: bool = False
-    seed: int = 0
     systems: tuple[tuple[str, str, str], ...] = field(
         default=(
             ("length-blind (Serve power-of-two, FCFS)", "power_of_two", "fcfs"),

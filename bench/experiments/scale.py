@@ -44,13 +44,8 @@ class PolicySlo:
 
 
 @dataclass(frozen=True)
-class Params:
-    profile: str = str(harness.REPO_DIR / "profiles" / "gpu-llama3-8b-h100-estimate.json")
-    tokenizer_dir: str = ".models/tiny-llama"
+class Params(harness.SimulatedWorkload):
     num_requests: int = 2000
-    max_prompt_tokens: int = 2048
-    max_output_tokens: int = 1024
-    num_replicas: int = 16
     num_bins: int = 4
     slos: tuple[PolicySlo, ...] = (PolicySlo("sarathi", 2.0, 0.1), PolicySlo("dynamic", 15.0, 0.1))
     max_num_seqs: int = 32
@@ -63,7 +58,6 @@ class Params:
     low_rate_per_s: float = 10.0
     high_rate_per_s: float = 410.0
     iterations: int = 5
-    seed: int = 0
 
 
 SIZES = {

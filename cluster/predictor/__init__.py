@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from cluster.predictor.lengths import Prediction
 from cluster.predictor.served_model import ServedModel, warn_if_mismatched
+from pipeline.config import check_choice
 
 DEFAULT_DIR = Path(__file__).parent / "default"
 DEFAULT_PROBE_DIR = DEFAULT_DIR / "probe"
@@ -20,6 +21,12 @@ DEFAULT_PROBE_DIR = DEFAULT_DIR / "probe"
 """SmolLM2-135M-Instruct's own output lengths under the deployment's default sampling."""
 CHATGPT_DIR = Path(__file__).parent / "chatgpt"
 """ChatGPT's answer lengths (the ShareGPT responses) in the tiny model's tokens: forced-length experiments."""
+
+ENCODER_PRECISIONS = ("float32", "int8")
+"""How the encoder's Linear layers run: as trained, or as int8 weights (``LengthPredictor.load``)."""
+MIN_PROMPT_TOKENS = 8
+MAX_PROMPT_TOKENS = 512
+"""MiniLM's position embeddings end at 512; below 8, [CLS] and [SEP] leave the prompt almost nothing."""
 
 if TYPE_CHECKING:
     from cluster.predictor.predictor import LengthPredictor
@@ -64,6 +71,19 @@ def check_predictor_for_model(predictor_dir: str | Path | None, model_dir: str |
         raise ValueError(f"predictor: no predictor.json in {metadata_path.parent}")
     trained_for = json.loads(metadata_path.read_text()).get("served_model")
     return warn_if_mismatched(ServedModel(**trained_for) if trained_for else None, model_dir)
+
+
+def check_encoder_options(encoder_precision: str, max_prompt_tokens: int | None) -> None:
+    """How a predictor may run, checked in one place (torch-free) for ``LengthPredictor.load`` and
+    ``PredictorConfig``."""
+    check_choice("encoder_precision", encoder_precision, ENCODER_PRECISIONS)
+    if max_prompt_tokens is not None and not (
+        isinstance(max_prompt_tokens, int) and MIN_PROMPT_TOKENS <= max_prompt_tokens <= MAX_PROMPT_TOKENS
+    ):
+        raise ValueError(
+            f"max_prompt_tokens: must be null (the predictor's trained value) or an integer in "
+            f"[{MIN_PROMPT_TOKENS}, {MAX_PROMPT_TOKENS}], got {max_prompt_tokens!r}"
+        )
 
 
 def __getattr__(name: str) -> object:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NUM_ENCODER_LAYERS = 6
@@ -88,6 +89,14 @@ class PromptEncoder(nn.Module):
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int
     ) -> torch.Tensor:
         """Layers ``start:stop`` on hidden states (B, T, H), the embeddings' output when ``start == 0``."""
+        if not self.training:
+            return self._run_layers_inference(hidden, attention_mask, start, stop)
+        return self._run_layers_transformers(hidden, attention_mask, start, stop)
+
+    def _run_layers_transformers(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int
+    ) -> torch.Tensor:
+        """transformers' own BertLayer (with its dropout when training)."""
         from transformers.masking_utils import create_bidirectional_mask
 
         mask = create_bidirectional_mask(
@@ -95,6 +104,36 @@ class PromptEncoder(nn.Module):
         )
         for layer in self.layers[start:stop]:
             hidden = layer(hidden, mask)
+        return hidden
+
+    def _run_layers_inference(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int
+    ) -> torch.Tensor:
+        """The same layers without dropout, written out: transformers' BertLayer spends about as long in
+        Python (mask building, signature checks) as a prompt's matmuls take at batch 1, and the ingress
+        waits for it. Same weights and the same ops, so the same floats as ``layer(hidden, mask)``
+        (checked in tests/test_predictor.py); the Linear modules may be int8 (``quantize_int8``)."""
+        batch, width, _ = hidden.shape
+        # (B, 1, 1, T): True where a key is a real token; None when nothing is padded (a batch of one).
+        mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
+        for layer in self.layers[start:stop]:
+            attention = layer.attention.self
+            # (B, T, H) -> (B, heads, T, head_size)
+            shape = (batch, width, attention.num_attention_heads, attention.attention_head_size)
+
+            def heads(x: torch.Tensor, shape: tuple[int, ...] = shape) -> torch.Tensor:
+                return x.view(shape).transpose(1, 2)
+
+            context = F.scaled_dot_product_attention(
+                heads(attention.query(hidden)),
+                heads(attention.key(hidden)),
+                heads(attention.value(hidden)),
+                attn_mask=mask,
+            )  # (B, heads, T, head_size)
+            context = context.transpose(1, 2).reshape(batch, width, -1)  # (B, T, H)
+            attended = layer.attention.output.LayerNorm(layer.attention.output.dense(context) + hidden)
+            intermediate = F.gelu(layer.intermediate.dense(attended))  # (B, T, 4H)
+            hidden = layer.output.LayerNorm(layer.output.dense(intermediate) + attended)
         return hidden
 
     @staticmethod

@@ -177,17 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     labels = read_records(args.labels, args.tokenizer)
     result = run(labels, args.tokenizer, Corpus.load())
+    write_with_meta(result, args.json, "generalisation", argv, started, load_at_start)
+    print(render(result))
+    return 0
+
+
+def write_with_meta(
+    result: dict, path: str, module: str, argv: list[str] | None, started: float, load_at_start: float
+) -> None:
+    """Write ``result`` as JSON with how it was made: the command, the date, the duration, the load."""
     result["meta"] = {
-        "command": "python -m tools.predictor.generalisation "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": f"python -m tools.predictor.{module} " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "duration_s": round(time.perf_counter() - started, 1),
         "load_average": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(render(result))
-    return 0
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""What each way of running the shipped predictor costs at batch 1, and how well it then ranks fresh prompts.
+
+    python -m tools.predictor.run_options --labels cluster/predictor/data/smollm2-135m-instruct.seed0.jsonl \
+        --tokenizer .models/smollm2-135m-instruct --json docs/results/smollm2-135m-instruct/predictor_latency.json
+
+The options are the ones ``predictor`` in a deployment's YAML takes (``PredictorConfig``):
+``encoder_precision`` (float32 as trained, or int8 Linear weights) and ``max_prompt_tokens`` (fewer word
+pieces than the predictor was trained on). Each variant is the shipped default loaded that way
+(``LengthPredictor.load``), so it is exactly what the ingress would run.
+
+- Ranking: Spearman on the default's held-out labels, and on the **clean** ones (no group-mate among any
+  prompt it trained on: the grouped evaluation of ``tools/predictor/generalisation.py``), with 95% intervals
+  from a bootstrap over whole groups.
+- Latency: ``predict([prompt])`` in this process, one torch thread, over the held-out prompts; the variants
+  take turns on each prompt so that a change in the machine's load falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from bench.labels import is_validation, read_records
+from bench.request_stats import percentile
+from tools.predictor.generalisation import Corpus, scored, subset, write_with_meta
+
+VARIANTS = (("float32", None), ("int8", None), ("float32", 32), ("int8", 32))
+"""(encoder_precision, max_prompt_tokens); None: the trained value. The first is the trained predictor."""
+
+
+def variant_name(precision: str, max_prompt_tokens: int | None, trained_tokens: int) -> str:
+    return f"{precision}, {max_prompt_tokens or trained_tokens} tokens"
+
+
+def measure(labels: list, corpus: Corpus, latency_calls: int) -> dict:
+    import torch
+
+    from cluster.predictor import LengthPredictor
+
+    torch.set_num_threads(1)
+    predictors = {}
+    for precision, tokens in VARIANTS:
+        predictor = LengthPredictor.load(encoder_precision=precision, max_prompt_tokens=tokens)
+        trained_tokens = predictor.metadata.max_prompt_tokens
+        predictors[variant_name(precision, tokens, trained_tokens)] = predictor
+    fraction = next(iter(predictors.values())).metadata.validation_fraction
+    held_out = [r for r in labels if is_validation(r.record_id, fraction)]
+    truth = [r.output_tokens for r in held_out]
+    groups = [corpus.group_of_id[r.record_id] for r in held_out]
+    trained = corpus.trained_groups(fraction)
+    clean = [i for i, g in enumerate(groups) if g not in trained]
+    prompts = [r.prompt for r in held_out]
+
+    timings: dict[str, list[float]] = {name: [] for name in predictors}
+    for predictor in predictors.values():
+        predictor.predict(prompts[:4])  # warm-up
+    for prompt in prompts[:latency_calls]:
+        for name, predictor in predictors.items():
+            start = time.perf_counter()
+            predictor.predict([prompt])
+            timings[name].append((time.perf_counter() - start) * 1e3)
+
+    result = {}
+    for name, predictor in predictors.items():
+        estimates = [float(x) for x in predictor.predict_log_tokens(prompts)[0]]
+        result[name] = {
+            "p50_ms_batch1": round(percentile(timings[name], 50), 2),
+            "p99_ms_batch1": round(percentile(timings[name], 99), 2),
+            "held_out": scored(estimates, truth, groups),
+            "clean": scored(subset(clean, estimates), subset(clean, truth), subset(clean, groups)),
+        }
+    return {
+        "validation_fraction": fraction,
+        "num_latency_calls": min(latency_calls, len(prompts)),
+        "variants": result,
+    }
+
+
+def render(result: dict) -> str:
+    lines = [
+        "| variant | p50 ms, batch 1 | p99 ms | held out: Spearman (95%), prompts | clean (grouped) |",
+        "|---|---:|---:|---|---|",
+    ]
+    for name, v in result["variants"].items():
+        cells = [
+            f"{v[part]['spearman']:.3f} ({v[part]['spearman_ci95'][0]:.2f} to {v[part]['spearman_ci95'][1]:.2f}), "
+            f"{v[part]['num_prompts']}"
+            for part in ("held_out", "clean")
+        ]
+        lines.append(
+            f"| {name} | {v['p50_ms_batch1']:.1f} | {v['p99_ms_batch1']:.1f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--labels", required=True, help="a label file of cluster/predictor/data/")
+    parser.add_argument("--tokenizer", required=True, help="the served model's directory (its tokenizer)")
+    parser.add_argument(
+        "--latency-calls", type=int, default=200, help="timed prompts per variant (default 200)"
+    )
+    parser.add_argument("--json", required=True, help="write the figures here")
+    args = parser.parse_args(argv)
+    if args.latency_calls < 1:
+        raise ValueError(f"latency_calls: must be at least 1, got {args.latency_calls}")
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
+    result = measure(read_records(args.labels, args.tokenizer), Corpus.load(), args.latency_calls)
+    write_with_meta(result, args.json, "run_options", argv, started, load_at_start)
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
