@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench import path, trace_replay
+from bench import path, served, trace_replay
 from bench.experiments import hf, multibin, pipeline_bubbles, replica_routing, sarathi, scale, ssjf
 from bench.experiments.harness import (
     DEFAULT_MODEL_DIR,
@@ -52,6 +52,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "replica_routing": replica_routing,
     "trace": trace_replay,
     "path": path,  # binserve bench path
+    "served": served,  # binserve bench served
 }
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
 USES_PREDICTOR = ("ssjf", "multibin", "scale")
