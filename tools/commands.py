@@ -156,6 +156,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from bench import (
         admission,
         conversations,
+        demo_pairs,
         gpu_check,
         node_loss,
         prefix_overhead,
@@ -186,6 +187,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     agreement.register(bench_sub)
     path_bench.register(bench_sub)
     served_bench.register(bench_sub)
+    demo_pairs.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
     p.add_argument(

@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench import path, served, trace_replay
+from bench import demo_pairs, path, served, trace_replay
 from bench.experiments import hf, multibin, pipeline_bubbles, replica_routing, sarathi, scale, ssjf
 from bench.experiments.harness import (
     DEFAULT_MODEL_DIR,
@@ -53,6 +53,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "trace": trace_replay,
     "path": path,  # binserve bench path
     "served": served,  # binserve bench served
+    "demo": demo_pairs,  # binserve bench demo
 }
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
 USES_PREDICTOR = ("ssjf", "multibin", "scale")
