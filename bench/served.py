@@ -107,8 +107,13 @@ def engine_run(engine: Engine, request: WorkloadRequest, num_streams: int, num_r
 
 
 async def measure(
-    args: argparse.Namespace, addresses: ServeAddresses, engine: Engine, request: WorkloadRequest
+    args: argparse.Namespace,
+    addresses: ServeAddresses,
+    engine: Engine,
+    request: WorkloadRequest,
+    on_pair: Callable[[list[Pair]], None],
 ) -> list[Pair]:
+    """The pairs; ``on_pair`` sees every pair so far after each one."""
     pairs = []
     async with (
         stream_caller("grpc", addresses, args.max_tokens) as grpc_one,
@@ -131,6 +136,7 @@ async def measure(
                 pair = Pair(num_streams, is_engine_first, alone, served, load_average())
                 print_pair(pair)
                 pairs.append(pair)
+                on_pair(pairs)
     return pairs
 
 
@@ -229,20 +235,23 @@ def cmd_bench_served(args: argparse.Namespace) -> int:
     engine = LLM(config).engine
     prompt_ids = tuple(load_tokenizer(model_dir)(PROMPT).input_ids)  # as the ingress tokenizes a prompt
     request = WorkloadRequest(PROMPT, prompt_ids, args.max_tokens)
+
+    def write(pairs: list[Pair]) -> None:  # after every pair: a run cut off keeps the pairs it finished
+        levels = summarize(pairs)
+        result = {
+            "model": Path(model_dir).name,
+            "config": args.config,
+            "max_tokens": args.max_tokens,
+            "num_rounds": args.rounds,
+            "levels": levels,
+            "pairs": [asdict(p) for p in pairs],
+            "targets": targets(Path(model_dir).name, levels),
+            "meta": run_meta(this_command(), time.perf_counter() - started_s, load_at_start),
+        }
+        write_report(args.json, result)
+
     with serving_locally_at(args.config, model_dir, num_cpus=NUM_CPUS) as addresses:
-        pairs = asyncio.run(measure(args, addresses, engine, request))
-    levels = summarize(pairs)
-    result = {
-        "model": Path(model_dir).name,
-        "config": args.config,
-        "max_tokens": args.max_tokens,
-        "num_rounds": args.rounds,
-        "levels": levels,
-        "pairs": [asdict(p) for p in pairs],
-        "targets": targets(Path(model_dir).name, levels),
-        "meta": run_meta(this_command(), time.perf_counter() - started_s, load_at_start),
-    }
-    write_report(args.json, result)
+        asyncio.run(measure(args, addresses, engine, request, write))
     return 0
 
 
