@@ -274,11 +274,13 @@ def render(result: dict[str, Any]) -> str:
             f"{1000 * lv['engine_p50_step_s']:.1f}",
             f"{lv['gap_over_step']:.2f}x",
             f"{1000 * lv['p50_ttft_s']:.0f}",
+            str(lv["num_pairs"]),
         ]
         for lv in result["levels"]
     ]
     header = ["streams", "API", "engine alone tok/s", "served tok/s", "served / engine (range)"]
     header += ["tokens per chunk", "chunk gap p50 ms", "engine step p50 ms", "gap / step", "TTFT p50 ms"]
+    header += ["pairs"]
     loads = ", ".join(str(p["load_average"]) for p in result["pairs"])
     intro = (
         f"`{result['config']}` served on a local Ray cluster (one bin, one pool of one replica, `pp_size` 1, one "
