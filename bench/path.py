@@ -175,19 +175,16 @@ async def http_stream(session, url: str, max_tokens: int) -> StreamResult:
 
 
 async def run_level(
-    one_stream: Callable[[], Awaitable[StreamResult]],
-    num_streams: int,
-    duration_s: float,
-    min_requests_per_caller: int = 1,
+    one_stream: Callable[[], Awaitable[StreamResult]], num_streams: int, duration_s: float, min_each: int = 1
 ) -> tuple[list[StreamResult], float]:
-    """``num_streams`` callers sending streams back to back until ``duration_s`` and at least
-    ``min_requests_per_caller`` each; results and makespan."""
+    """``num_streams`` callers sending streams back to back until ``duration_s`` and ``min_each`` each;
+    results and makespan."""
     start_s = time.perf_counter()
     deadline_s = start_s + duration_s
 
     async def caller() -> list[StreamResult]:
         results = [await one_stream()]
-        while time.perf_counter() < deadline_s or len(results) < min_requests_per_caller:
+        while time.perf_counter() < deadline_s or len(results) < min_each:
             results.append(await one_stream())
         return results
 
@@ -225,14 +222,9 @@ async def stream_caller(
 
 
 async def measure(
-    api: str,
-    addresses: ServeAddresses,
-    num_streams: int,
-    args: argparse.Namespace,
-    pids: dict[str, int],
-    step_s: float,
+    api: str, addresses, num_streams: int, args: argparse.Namespace, pids: dict[str, int], step_s: float
 ) -> Level:
-    """One level."""
+    """One level; ``addresses``: the proxies' (``cluster.local.ServeAddresses``)."""
     async with stream_caller(api, addresses, args.max_tokens) as one:
         await run_level(one, min(num_streams, 4), 0.0)  # warm: connections, the predictor, the path
         before = cpu_times_s(pids)

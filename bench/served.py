@@ -84,7 +84,7 @@ def engine_config(config_path: str, model_dir: str):  # -> pipeline.config.Engin
 async def served_run(
     one: Callable[[], Awaitable[StreamResult]], api: str, num_streams: int, num_rounds: int
 ) -> ServedRun:
-    results, makespan_s = await run_level(one, num_streams, 0.0, min_requests_per_caller=num_rounds)
+    results, makespan_s = await run_level(one, num_streams, 0.0, min_each=num_rounds)
     num_tokens = sum(r.num_tokens for r in results)
     return ServedRun(
         api=api,
