@@ -68,21 +68,22 @@ def run_once(label: str, tree: str, model_dir: str) -> dict[str, Any]:
 def cmd_bench_demo(args: argparse.Namespace) -> int:
     started_s, load_at_start = time.perf_counter(), load_average()
     trees = {"before": args.before, "after": args.after}
-    runs = []
+    runs: list[dict[str, Any]] = []
     for i in range(args.pairs):
-        order = ("before", "after") if i % 2 == 0 else ("after", "before")
-        runs += [run_once(label, trees[label], str(Path(args.model_dir).resolve())) for label in order]
-    medians = {
-        label: statistics.median(r["output_tokens_per_s"] for r in runs if r["label"] == label)
-        for label in trees
-        if all(r["output_tokens_per_s"] is not None for r in runs if r["label"] == label)
-    }
-    result = {
-        "runs": runs,
-        "median_output_tokens_per_s": medians,
-        "meta": run_meta(this_command(), time.perf_counter() - started_s, load_at_start),
-    }
-    write_report(args.json, result)
+        for label in ("before", "after") if i % 2 == 0 else ("after", "before"):
+            runs.append(run_once(label, trees[label], str(Path(args.model_dir).resolve())))
+            medians = {  # the JSON after every run: a run cut off keeps the runs it finished
+                name: statistics.median(r["output_tokens_per_s"] for r in runs if r["label"] == name)
+                for name in trees
+                if [r for r in runs if r["label"] == name]
+                and all(r["output_tokens_per_s"] is not None for r in runs if r["label"] == name)
+            }
+            result = {
+                "runs": runs,
+                "median_output_tokens_per_s": medians,
+                "meta": run_meta(this_command(), time.perf_counter() - started_s, load_at_start),
+            }
+            write_report(args.json, result)
     return 0 if len(medians) == len(trees) else 1
 
 
