@@ -6,6 +6,7 @@ other, with output lengths forced (EOS ignored) so both generate exactly the sam
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from bench.workload import WorkloadRequest, sharegpt_requests
 from pipeline.config import EngineConfig
+from pipeline.engine import Engine
 from pipeline.request import NewRequest, SamplingParams
 
 if TYPE_CHECKING:
@@ -25,31 +27,55 @@ def _run_engine(config: EngineConfig, requests: list[WorkloadRequest]) -> dict:
     from workers.llm import LLM
 
     llm = LLM(config)
-    engine = llm.engine
+    return {**run_engine(llm.engine, requests), "num_kv_blocks": llm.runner.num_blocks}
+
+
+def run_engine(
+    engine: Engine,
+    requests: list[WorkloadRequest],
+    max_num_running: int | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Run ``requests`` (greedy, output lengths forced) to the end on ``engine`` in this thread. With
+    ``max_num_running`` at most that many are in the engine at once, a finished one's place going to the
+    next, as callers that each send their next request when one ends (None: all at once)."""
+    slots = len(requests) if max_num_running is None else max_num_running
+    pending = collections.deque(enumerate(requests))
+
+    def add_next() -> None:
+        if pending:
+            i, r = pending.popleft()
+            params = SamplingParams(max_tokens=r.output_tokens, ignore_eos=True)
+            engine.add_request(NewRequest(str(i), tuple(r.prompt_token_ids), params))
+
+    for _ in range(slots):
+        add_next()
+    finished, steps_s = [], []
     start_s = time.perf_counter()
-    for i, r in enumerate(requests):
-        params = SamplingParams(max_tokens=r.output_tokens, ignore_eos=True)
-        engine.add_request(NewRequest(str(i), tuple(r.prompt_token_ids), params))
-    finished = []
-    with tqdm(total=len(requests), desc="binserve engine", unit="req") as bar:
+    with tqdm(total=len(requests), desc="binserve engine", unit="req", disable=not show_progress) as bar:
         while engine.has_unfinished:
-            for out in engine.step():
+            step_start_s = time.perf_counter()
+            outputs = engine.step()
+            steps_s.append(time.perf_counter() - step_start_s)
+            for out in outputs:
                 if out.metrics is not None:
                     finished.append(out.metrics)
                     bar.update(1)
+                    add_next()
     wall_s = time.perf_counter() - start_s
     num_output = sum(m.num_output_tokens for m in finished)
     tbts = [t for m in finished for t in m.tbt_s]
     return {
         "wall_s": wall_s,
+        "num_requests": len(finished),
         "output_tokens": num_output,
         "output_tokens_per_s": num_output / wall_s,
         "requests_per_s": len(finished) / wall_s,
         "mean_ttft_s": statistics.fmean(m.ttft_s for m in finished),
         "mean_completion_s": statistics.fmean(m.completion_s for m in finished),
         "p50_tbt_s": statistics.median(tbts) if tbts else None,
+        "p50_step_s": statistics.median(steps_s),
         "num_preemptions": sum(m.num_preemptions for m in finished),
-        "num_kv_blocks": llm.runner.num_blocks,
     }
 
 

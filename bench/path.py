@@ -20,20 +20,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from bench import write_report
 from bench.request_stats import percentile
+
+if TYPE_CHECKING:
+    from cluster.local import ServeAddresses
 
 PROMPT = "Write a long story about a dragon who learns to cook, with several chapters and dialogue."
 PROCESSES = {"proxy": "ProxyActor", "ingress": "ServeReplica:binserve:ingress"}
@@ -47,6 +52,8 @@ class StreamResult:
     num_tokens: int
     num_messages: int
     """Streamed messages the tokens came in: fewer than the tokens where the replica coalesced them."""
+    gaps_s: tuple[float, ...]
+    """Seconds between consecutive token-carrying messages."""
 
 
 @dataclass(frozen=True)
@@ -134,48 +141,51 @@ def cpu_times_s(pids: dict[str, int]) -> dict[str, float]:
 async def grpc_stream(client, max_tokens: int) -> StreamResult:
     from cluster.client import make_request
 
-    start_s = time.perf_counter()
-    ttft_s, num_tokens, num_messages = None, 0, 0
+    arrivals_s, num_tokens = [time.perf_counter()], 0
     async for message in client.generate_stream(make_request(PROMPT, max_tokens=max_tokens, ignore_eos=True)):
-        ttft_s = ttft_s if ttft_s is not None else time.perf_counter() - start_s
+        arrivals_s.append(time.perf_counter())
         num_tokens += len(message.token_ids)
-        num_messages += 1
     if num_tokens != max_tokens:
         raise RuntimeError(f"grpc: {num_tokens} tokens streamed, {max_tokens} asked for")
-    return StreamResult(ttft_s, num_tokens, num_messages)
+    return stream_result(arrivals_s, num_tokens)
+
+
+def stream_result(arrivals_s: list[float], num_tokens: int) -> StreamResult:
+    """From the send time and each token-carrying message's arrival."""
+    gaps_s = tuple(b - a for a, b in itertools.pairwise(arrivals_s[1:]))
+    return StreamResult(arrivals_s[1] - arrivals_s[0], num_tokens, len(arrivals_s) - 1, gaps_s)
 
 
 async def http_stream(session, url: str, max_tokens: int) -> StreamResult:
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0}
     body.update(stream=True, stream_options={"include_usage": True})
-    start_s = time.perf_counter()
-    ttft_s, num_messages, num_tokens = None, 0, None
+    arrivals_s, num_tokens = [time.perf_counter()], None
     async with session.post(f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.content:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
-            ttft_s = ttft_s if ttft_s is not None else time.perf_counter() - start_s
             event = json.loads(line[6:])
             if event.get("usage"):
                 num_tokens = event["usage"]["completion_tokens"]
             else:
-                num_messages += 1
+                arrivals_s.append(time.perf_counter())
     if num_tokens != max_tokens:
         raise RuntimeError(f"http: {num_tokens} tokens streamed, {max_tokens} asked for")
-    return StreamResult(ttft_s, num_tokens, num_messages)
+    return stream_result(arrivals_s, num_tokens)
 
 
 async def run_level(
-    one_stream: Callable[[], Awaitable[StreamResult]], num_streams: int, duration_s: float
+    one_stream: Callable[[], Awaitable[StreamResult]], num_streams: int, duration_s: float, min_each: int = 1
 ) -> tuple[list[StreamResult], float]:
-    """``num_streams`` callers sending streams back to back until ``duration_s``; results and makespan."""
+    """``num_streams`` callers sending streams back to back until ``duration_s`` and ``min_each`` each;
+    results and makespan."""
     start_s = time.perf_counter()
     deadline_s = start_s + duration_s
 
     async def caller() -> list[StreamResult]:
         results = [await one_stream()]
-        while time.perf_counter() < deadline_s:
+        while time.perf_counter() < deadline_s or len(results) < min_each:
             results.append(await one_stream())
         return results
 
@@ -183,10 +193,12 @@ async def run_level(
     return [r for results in per_caller for r in results], time.perf_counter() - start_s
 
 
-async def measure(
-    api: str, addresses, num_streams: int, args: argparse.Namespace, pids: dict[str, int], step_s: float
-) -> Level:
-    """One level; ``addresses``: the proxies' (``tools.serve_cli.ServeAddresses``)."""
+@contextlib.asynccontextmanager
+async def stream_caller(
+    api: str, addresses: ServeAddresses, max_tokens: int
+) -> AsyncIterator[Callable[[], Awaitable[StreamResult]]]:
+    """A function that sends one streamed request of ``max_tokens`` forced tokens through ``api``'s proxy
+    (``grpc``: ``GenerateStream``; ``http``: ``/v1/completions``) and times its messages."""
     import aiohttp
 
     from cluster.client import GenerationClient
@@ -201,12 +213,20 @@ async def measure(
             await client.wait_ready()
 
             def one() -> Awaitable[StreamResult]:
-                return grpc_stream(client, args.max_tokens)
+                return grpc_stream(client, max_tokens)
         else:
 
             def one() -> Awaitable[StreamResult]:
-                return http_stream(session, addresses.http, args.max_tokens)
+                return http_stream(session, addresses.http, max_tokens)
 
+        yield one
+
+
+async def measure(
+    api: str, addresses, num_streams: int, args: argparse.Namespace, pids: dict[str, int], step_s: float
+) -> Level:
+    """One level; ``addresses``: the proxies' (``cluster.local.ServeAddresses``)."""
+    async with stream_caller(api, addresses, args.max_tokens) as one:
         await run_level(one, min(num_streams, 4), 0.0)  # warm: connections, the predictor, the path
         before = cpu_times_s(pids)
         results, makespan_s = await run_level(one, num_streams, args.duration_s)

@@ -148,6 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from bench import (
         admission,
         conversations,
+        demo_pairs,
         gpu_check,
         node_loss,
         prefix_overhead,
@@ -159,6 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     from bench import bubbles as pipeline_bench
     from bench import path as path_bench
+    from bench import served as served_bench
 
     pipeline_bench.register(bench_sub)
     roofline.register(bench_sub)
@@ -176,6 +178,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     agreement.register(bench_sub)
     path_bench.register(bench_sub)
+    served_bench.register(bench_sub)
+    demo_pairs.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")
     p.add_argument(

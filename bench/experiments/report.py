@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench import conversation_routing, conversations, path, trace_replay
+from bench import conversation_routing, conversations, demo_pairs, path, served, trace_replay
 from bench.experiments import hf, multibin, pipeline_bubbles, replica_routing, sarathi, scale, ssjf
 from bench.experiments.harness import (
     DEFAULT_MODEL_DIR,
@@ -54,6 +54,8 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "path": path,  # binserve bench path
     "conversations": conversations,  # binserve bench conversations
     "conversation_routing": conversation_routing,  # binserve bench conversations --serve-config
+    "served": served,  # binserve bench served
+    "demo": demo_pairs,  # binserve bench demo
 }
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
 USES_PREDICTOR = ("ssjf", "multibin", "scale")
