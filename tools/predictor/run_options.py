@@ -13,6 +13,10 @@ pieces than the predictor was trained on). Each variant is the shipped default l
   from a bootstrap over whole groups.
 - Latency: ``predict([prompt])`` in this process, one torch thread, over the held-out prompts; the variants
   take turns on each prompt so that a change in the machine's load falls on all of them alike.
+- With ``--model``: the ingress's own share of a request before it is routed, as ``GenerationService``
+  spends it (the intake checks, renders the chat and tokenizes; the predictor answers), timed in this
+  process without Ray: predicting after the intake (main's order) and overlapped with it, each precision,
+  taking turns on each prompt.
 """
 
 from __future__ import annotations
@@ -77,6 +81,51 @@ def measure(labels: list, corpus: Corpus, latency_calls: int) -> dict:
     }
 
 
+def time_ingress_share(prompts: list[str], model_dir: str) -> dict:
+    """p50/p99 ms from a chat request's arrival to its predicted length, sequential and overlapped."""
+    import asyncio
+
+    from cluster.config import IngressConfig, PredictorConfig, SamplingDefaultsConfig
+    from cluster.generation import early_predictor_text
+    from cluster.intake import GenerationInput, Intake, SamplingDefaults
+    from cluster.predictor_client import InProcessPredictor
+    from pipeline.chat import ChatMessage
+    from workers.checkpoint import load_tokenizer
+
+    limits = IngressConfig()
+    defaults = SamplingDefaults.resolve(model_dir, SamplingDefaultsConfig())
+    intake = Intake(load_tokenizer(model_dir), limits, defaults, max_model_len=4096)
+    clients = {
+        p: InProcessPredictor(PredictorConfig(encoder_precision=p, cache_size=0)) for p in ("float32", "int8")
+    }
+
+    async def one(client: InProcessPredictor, request: GenerationInput, overlapped: bool) -> float:
+        start = time.perf_counter()
+        if overlapped:
+            prediction = client.predict(early_predictor_text(request, limits.max_prompt_chars))
+            intake.prepare(request)
+            await prediction
+        else:
+            await client.predict(intake.prepare(request).predictor_text)
+        return (time.perf_counter() - start) * 1e3
+
+    async def run() -> dict[str, list[float]]:
+        timings: dict[str, list[float]] = {}
+        for prompt in prompts:
+            request = GenerationInput(messages=(ChatMessage("user", prompt),), max_tokens=8)
+            for precision, client in clients.items():
+                for overlapped in (False, True):
+                    key = f"{precision}, {'overlapped' if overlapped else 'after the intake'}"
+                    timings.setdefault(key, []).append(await one(client, request, overlapped))
+        return timings
+
+    timings = asyncio.run(run())
+    return {
+        key: {"p50_ms": round(percentile(v, 50), 2), "p99_ms": round(percentile(v, 99), 2)}
+        for key, v in timings.items()
+    }
+
+
 def render(result: dict) -> str:
     lines = [
         "| variant | p50 ms, batch 1 | p99 ms | held out: Spearman (95%), prompts | clean (grouped) |",
@@ -102,13 +151,22 @@ def main(argv: list[str] | None = None) -> int:
         "--latency-calls", type=int, default=200, help="timed prompts per variant (default 200)"
     )
     parser.add_argument("--json", required=True, help="write the figures here")
+    parser.add_argument(
+        "--model", default=None, help="also time the ingress's share with this model's intake"
+    )
     args = parser.parse_args(argv)
     if args.latency_calls < 1:
         raise ValueError(f"latency_calls: must be at least 1, got {args.latency_calls}")
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
-    result = measure(read_records(args.labels, args.tokenizer), Corpus.load(), args.latency_calls)
+    labels = read_records(args.labels, args.tokenizer)
+    result = measure(labels, Corpus.load(), args.latency_calls)
+    if args.model is not None:
+        prompts = [r.prompt for r in labels if is_validation(r.record_id, result["validation_fraction"])]
+        result["ingress_share"] = time_ingress_share(prompts[: args.latency_calls], args.model)
     write_with_meta(result, args.json, "run_options", argv, started, load_at_start)
     print(render(result))
+    for key, figures in result.get("ingress_share", {}).items():
+        print(f"intake + predict, {key}: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms")
     return 0
 
 
