@@ -24,7 +24,16 @@ from typing import Any
 from tqdm import tqdm
 
 from bench import path, trace_replay
-from bench.experiments import hf, multibin, pipeline_bubbles, replica_routing, sarathi, scale, ssjf
+from bench.experiments import (
+    hf,
+    multibin,
+    pipeline_bubbles,
+    queue_orders,
+    replica_routing,
+    sarathi,
+    scale,
+    ssjf,
+)
 from bench.experiments.harness import (
     DEFAULT_MODEL_DIR,
     DEFAULT_REPORT,
@@ -45,6 +54,7 @@ EXPERIMENTS: dict[str, ModuleType] = {
     "pipeline": pipeline_bubbles,
     "hf": hf,
     "scale": scale,
+    "queue_orders": queue_orders,
 }
 # Results of their own, longer commands (a real cluster, ``binserve bench trace``): rendered and judged with
 # the rest, not run by the report.
@@ -54,7 +64,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "path": path,  # binserve bench path
 }
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
-USES_PREDICTOR = ("ssjf", "multibin", "scale")
+USES_PREDICTOR = ("ssjf", "multibin", "scale", "queue_orders")
 TARGETS_FILE = "targets.json"
 
 
@@ -95,6 +105,8 @@ def _parse_like(current: Any, text: str, field_name: str) -> Any:
             return text.lower() in ("1", "true", "yes")
         if isinstance(current, tuple) and all(isinstance(v, int) for v in current):
             return tuple(int(v) for v in text.split(","))
+        if isinstance(current, tuple) and all(isinstance(v, float) for v in current):
+            return tuple(float(v) for v in text.split(","))
         if isinstance(current, int):
             return int(text)
         if isinstance(current, float) or current is None:
@@ -164,8 +176,14 @@ def load_results(results_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]
     for directory in sorted(directories, key=lambda d: (d.name.startswith("tiny"), d.name)):
         for name in SECTIONS:
             path = directory / f"{name}.json"
-            if path.is_file():
-                found.setdefault(directory.name, {})[name] = json.loads(path.read_text())
+            if not path.is_file():
+                continue
+            result = json.loads(path.read_text())
+            # An experiment's own JSON names it; a file of that name from another command (the simulator's
+            # queue_orders.json of a GPU profile) is not its result.
+            if name in EXPERIMENTS and result.get("experiment") != name:
+                continue
+            found.setdefault(directory.name, {})[name] = result
     return found
 
 
@@ -179,6 +197,7 @@ def target_verdicts(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[
             "reached": t["value"],
             "threshold": t.get("threshold"),
             "met": t["met"],
+            **({"share_of_oracle_gain": t["share_of_oracle_gain"]} if "share_of_oracle_gain" in t else {}),
         }
         for model, by_name in results.items()
         for name, result in by_name.items()
