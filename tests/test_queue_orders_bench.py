@@ -172,3 +172,49 @@ def test_cli_takes_either_spelling() -> None:
     args = _parser().parse_args(["bench", "exp", "queue-orders", "--size", "smoke"])
     assert args.name == "queue_orders"
     assert report.params_for("queue_orders", "smoke", overrides=["loads=0.7,1.1"]).loads == (0.7, 1.1)
+
+
+def test_every_target_carries_its_share_of_the_oracle_gain() -> None:
+    """Computed from the stored rows where the result predates the field, so re-rendering adds it."""
+    from bench.experiments import replica_routing
+    from bench.experiments.harness import target
+    from tests.test_experiments import _fake_results
+
+    fake = _fake_results()  # SSJF: the oracle cuts mean JCT 50%, the predictor 30%, in every mode
+    multibin = {
+        "gains": [{"num_bins": 4, "real_oracle": 1.5, "real_predicted": 1.2}],
+        "targets": [target("oracle 4 bins", 1.5, 1.5), target("predicted 4 bins", 1.2, 1.2)],
+    }
+    aware = "length-aware (least predicted work, SSJF)"
+    routing = {
+        "slos": ["mean JCT <= 4 s"],
+        "rows": [
+            {
+                "system": "length-blind (Serve power-of-two, FCFS)",
+                "predictions": "oracle",
+                "mean JCT <= 4 s": 100,
+            },
+            {"system": aware, "predictions": "oracle", "mean JCT <= 4 s": 150},
+            {"system": aware, "predictions": "synthetic, Spearman 0.54", "mean JCT <= 4 s": 120},
+        ],
+    }
+    routing["targets"] = replica_routing.targets(routing)
+    results = {
+        "m": {
+            "ssjf": fake["ssjf"],
+            "multibin": multibin,
+            "sarathi": fake["sarathi"],
+            "queue_orders": _result(),
+            "replica_routing": routing,
+        }
+    }
+    shares = [(v["experiment"], v["share_of_oracle_gain"]) for v in report.target_verdicts(results)]
+    assert shares == [
+        *[("ssjf", pytest.approx(0.6))] * 3,
+        ("multibin", 1.0),
+        ("multibin", pytest.approx(0.4)),
+        ("sarathi", None),  # no oracle row
+        *[("queue_orders", pytest.approx(0.5))] * 3,
+        ("replica_routing", 1.0),
+        ("replica_routing", pytest.approx(0.4)),
+    ]

@@ -277,8 +277,8 @@ def averaged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         exact = by_key.get((r["load"], r["order"], "exact"))
         r["share_of_oracle_gain"] = (
-            r["mean_jct_change"] / exact["mean_jct_change"]
-            if r["lengths"] == "predicted" and exact and exact["mean_jct_change"] < 0
+            harness.share_of_gain(-r["mean_jct_change"], -exact["mean_jct_change"])
+            if r["lengths"] == "predicted" and exact
             else None
         )
     return rows
