@@ -206,7 +206,8 @@ def test_report_renders_every_section_with_provenance_and_plots(tmp_path: Path) 
     verdicts = json.loads((tmp_path / "targets.json").read_text())
     assert {v["model"] for v in verdicts} == {"smollm2-135m-instruct", "tiny-llama"}
     for v in verdicts:
-        assert set(v) == {"experiment", "model", "goal", "reached", "threshold", "met"}
+        keys = {"experiment", "model", "goal", "reached", "threshold", "met", "share_of_oracle_gain"}
+        assert set(v) == keys
         assert v["met"] in (True, False, None)
     assert [v for v in verdicts if v["model"] == "smollm2-135m-instruct"] == [
         {**v, "model": "smollm2-135m-instruct"}

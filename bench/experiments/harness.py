@@ -307,6 +307,19 @@ def _finite(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class WorkloadParams:
+    """Where every real-engine experiment's ``Params`` starts: the model and its ShareGPT requests
+    (``sharegpt_workload``)."""
+
+    model_dir: str = DEFAULT_MODEL_DIR
+    labels: str = ""
+    """The served model's length labels: its own answer lengths on held-out prompts; empty: ChatGPT's."""
+    num_requests: int = 32
+    max_prompt_tokens: int = 256
+    max_output_tokens: int = 256
+
+
 def workload_text(p: dict[str, Any], num_requests: int) -> str:
     """How a result's requests were made, for its table's caption (``p``: the result's params)."""
     if p.get("labels"):

@@ -38,12 +38,8 @@ UNIT_STEP = StepCostModel(base_s=1.0, prefill_token_s=0.0, decode_token_s=0.0, k
 
 
 @dataclass(frozen=True)
-class Params:
-    model_dir: str = harness.DEFAULT_MODEL_DIR
-    labels: str = ""
-    """The served model's length labels: its own answer lengths on held-out prompts; empty: ChatGPT's."""
+class Params(harness.WorkloadParams):
     num_requests: int = 64
-    max_prompt_tokens: int = 256
     max_output_tokens: int = 512
     batch_size: int = 8
     """B. The closed form's gain at k=4 grows with B (1.48x at B=8, 1.54x at 16, 1.6x as B grows), but on

@@ -39,13 +39,7 @@ PROBE_OUTPUT_TOKENS = 12
 
 
 @dataclass(frozen=True)
-class Params:
-    model_dir: str = harness.DEFAULT_MODEL_DIR
-    labels: str = ""
-    """The served model's length labels: its own answer lengths on held-out prompts; empty: ChatGPT's."""
-    num_requests: int = 32
-    max_prompt_tokens: int = 256
-    max_output_tokens: int = 256
+class Params(harness.WorkloadParams):
     tbt_slo_s: float = 0.15
     budget_headroom: float = 0.8
     """The budget's step must cost at most this share of the SLO by the fitted cost: room for noise at p99."""

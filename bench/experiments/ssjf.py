@@ -29,10 +29,7 @@ MODES = ("none", "dynamic", "continuous")
 
 
 @dataclass(frozen=True)
-class Params:
-    model_dir: str = harness.DEFAULT_MODEL_DIR
-    labels: str = ""
-    """The served model's length labels: its own answer lengths on held-out prompts; empty: ChatGPT's."""
+class Params(harness.WorkloadParams):
     num_requests: int = 40
     max_prompt_tokens: int = 512
     max_output_tokens: int = 1024
