@@ -101,6 +101,8 @@ def test_rows_average_the_repeats_and_compare_with_fcfs_at_the_same_load() -> No
     assert hrrn_predicted["share_of_oracle_gain"] == pytest.approx(0.5)
     assert rows["ssjf", "predicted"]["share_of_oracle_gain"] is None  # no oracle gain to share
     assert hrrn_predicted["mean_slowdown"] == {"short": 2.0, "medium": 1.5, "long": 1.2}
+    # A run cut short before a load's FCFS run (a checkpoint): that load has nothing to compare with yet.
+    assert q.averaged([{**r, "load": 1.1} for r in RUNS[2:]]) == []
 
 
 def test_targets_judge_the_predicted_order_that_cuts_mean_jct_most() -> None:

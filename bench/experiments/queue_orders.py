@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -54,6 +55,8 @@ class Params(harness.WorkloadParams):
     """Arrival rates as multiples of the capacity the burst under FCFS measured."""
     orders: tuple[str, ...] = ("ssjf", "ssjf_bounded", "hrrn")
     repeats: int = 1
+    checkpoint_json: str = ""
+    """Where set, the result so far is written here after every run: a run cut short keeps what it measured."""
     kv_cache_bytes: int = 256 * 2**20
     """Room for every running request's whole context on SmolLM2, so no run preempts."""
     seed: int = 0
@@ -143,6 +146,7 @@ def mean_slowdown_by_class(
 
 
 def run(params: Params, predictor: harness.PredictorChoice) -> dict[str, Any]:
+    start_s, load_at_start = time.perf_counter(), harness.load_average()
     engines = harness.Engines(params.model_dir, kv_cache_bytes=params.kv_cache_bytes)
     workload = harness.sharegpt_workload(engines.tokenizer, params)
     cost, probe = _measure_step_cost(engines, workload, params)
@@ -158,6 +162,45 @@ def run(params: Params, predictor: harness.PredictorChoice) -> dict[str, Any]:
     true_tokens = [r.output_tokens for r in workload]
     classes = length_classes(true_tokens)
     rows = []
+
+    def result() -> dict[str, Any]:
+        table = averaged(rows)
+        return {
+            "experiment": "queue_orders",
+            "title": TITLE,
+            "params": asdict(params),
+            "predictor": predictor.note,
+            "prediction_quality": {
+                e.source: harness.prediction_quality(true_tokens, e.output_tokens)
+                for e in estimates
+                if e.source != "oracle"
+            },
+            "step_cost": {**asdict(cost), **probe, "budget_tokens": measured_budget},
+            "chunk_size": chunk_size,
+            "max_num_seqs": max_num_seqs,
+            "service_s_per_token": step_s,
+            "capacity_per_s": burst.requests_per_s,
+            "capacity_p99_tbt_s": burst.p99_tbt_s,
+            "workload": {
+                "num_requests": len(workload),
+                "mean_prompt_tokens": statistics.fmean(len(r.prompt_token_ids) for r in workload),
+                "mean_output_tokens": statistics.fmean(true_tokens),
+                "class_mean_output_tokens": {
+                    c: statistics.fmean(n for n, k in zip(true_tokens, classes, strict=True) if k == c)
+                    for c in LENGTH_CLASSES
+                },
+            },
+            "runs": rows,
+            "rows": table,
+            "targets": targets(table),
+        }
+
+    def checkpoint() -> None:
+        if params.checkpoint_json:
+            meta = harness.run_meta(harness.this_command(), time.perf_counter() - start_s, load_at_start)
+            harness.write_json(params.checkpoint_json, {**result(), "meta": meta})
+
+    checkpoint()  # the budget and capacity, before any run
     for load_index, load in enumerate(params.loads):
         for repeat in range(params.repeats):
             arrivals = poisson_arrivals(len(workload), load * burst.requests_per_s, params.seed + repeat)
@@ -184,36 +227,8 @@ def run(params: Params, predictor: harness.PredictorChoice) -> dict[str, Any]:
                         "load_average": load_at_start,
                     }
                 )
-    table = averaged(rows)
-    return {
-        "experiment": "queue_orders",
-        "title": TITLE,
-        "params": asdict(params),
-        "predictor": predictor.note,
-        "prediction_quality": {
-            e.source: harness.prediction_quality(true_tokens, e.output_tokens)
-            for e in estimates
-            if e.source != "oracle"
-        },
-        "step_cost": {**asdict(cost), **probe, "budget_tokens": measured_budget},
-        "chunk_size": chunk_size,
-        "max_num_seqs": max_num_seqs,
-        "service_s_per_token": step_s,
-        "capacity_per_s": burst.requests_per_s,
-        "capacity_p99_tbt_s": burst.p99_tbt_s,
-        "workload": {
-            "num_requests": len(workload),
-            "mean_prompt_tokens": statistics.fmean(len(r.prompt_token_ids) for r in workload),
-            "mean_output_tokens": statistics.fmean(true_tokens),
-            "class_mean_output_tokens": {
-                c: statistics.fmean(n for n, k in zip(true_tokens, classes, strict=True) if k == c)
-                for c in LENGTH_CLASSES
-            },
-        },
-        "runs": rows,
-        "rows": table,
-        "targets": targets(table),
-    }
+                checkpoint()
+    return result()
 
 
 def _measure_step_cost(
@@ -253,6 +268,8 @@ def averaged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (load, order, lengths): the repeats' mean of every figure, and the changes in mean and
     p99 JCT against FCFS at the same load (negative is better); for predicted lengths also the share of the
     exact lengths' mean-JCT cut that the prediction keeps."""
+    with_fcfs = {r["load"] for r in runs if r["order"] == "fcfs"}  # a run cut short may lack it
+    runs = [r for r in runs if r["load"] in with_fcfs]
     keys = list(dict.fromkeys((r["load"], r["order"], r["lengths"]) for r in runs))
     rows = []
     for load, order, lengths in keys:
