@@ -112,7 +112,8 @@ def test_targets_judge_the_predicted_order_that_cuts_mean_jct_most() -> None:
     assert (tail["value"], tail["met"]) == (pytest.approx(0.0), True)  # 32 s against 32 s
     assert (share["value"], share["met"]) == (pytest.approx(0.5), False)
     assert [t["share_of_oracle_gain"] for t in (cut, tail, share)] == [pytest.approx(0.5)] * 3
-    assert q.targets(q.averaged(RUNS[:2])) == []  # no predicted lengths: nothing judged
+    unmeasured = q.targets(q.averaged(RUNS[:2]))  # no run with predicted lengths: listed, not judged
+    assert [(t["value"], t["met"], t["share_of_oracle_gain"]) for t in unmeasured] == [(None, None, None)] * 3
 
 
 def _result() -> dict:
@@ -220,3 +221,10 @@ def test_every_target_carries_its_share_of_the_oracle_gain() -> None:
         ("replica_routing", 1.0),
         ("replica_routing", pytest.approx(0.4)),
     ]
+
+
+def test_a_checkpoint_before_any_run_renders_with_its_targets_unmeasured(tmp_path: Path) -> None:
+    early = {**_result(), "runs": [], "rows": [], "targets": q.targets([])}
+    q.plot(early, str(tmp_path / "queue_orders.png"))
+    assert "fixed at `chunk_size` 20" in q.render(early)
+    assert [t["met"] for t in early["targets"]] == [None] * 3

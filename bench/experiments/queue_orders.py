@@ -297,15 +297,16 @@ def averaged(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's three bounds at 0.9x load, judged on the order whose predicted lengths cut mean JCT most;
-    each carries that order's share of the oracle's gain."""
+    each carries that order's share of the oracle's gain (not measured where no such run was made)."""
     candidates = [r for r in rows if r["load"] == TARGET_LOAD and r["lengths"] == "predicted"]
     best = min(candidates, key=lambda r: r["mean_jct_change"], default=None)
     if best is None:
-        return []
+        best = {"order": "any order", "mean_jct_change": None, "p99_jct_change": None}
     where = f" ({best['order']}, predicted lengths, {TARGET_LOAD}x load)"
-    share = best["share_of_oracle_gain"]
+    share = best.get("share_of_oracle_gain")
+    cut = None if best["mean_jct_change"] is None else -best["mean_jct_change"]
     found = [
-        harness.target("Mean JCT >= 25% lower than FCFS" + where, -best["mean_jct_change"], 0.25),
+        harness.target("Mean JCT >= 25% lower than FCFS" + where, cut, 0.25),
         harness.target(
             "p99 JCT no worse than FCFS" + where, best["p99_jct_change"], 0.0, higher_is_better=False
         ),
