@@ -226,5 +226,5 @@ def test_every_target_carries_its_share_of_the_oracle_gain() -> None:
 def test_a_checkpoint_before_any_run_renders_with_its_targets_unmeasured(tmp_path: Path) -> None:
     early = {**_result(), "runs": [], "rows": [], "targets": q.targets([])}
     q.plot(early, str(tmp_path / "queue_orders.png"))
-    assert "fixed at `chunk_size` 20" in q.render(early)
+    assert "fixed at `chunk_size` 20" in q.render(early) and "at p99 TBT 140 ms" in q.render(early)
     assert [t["met"] for t in early["targets"]] == [None] * 3

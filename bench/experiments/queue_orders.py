@@ -1,6 +1,6 @@
 """Queue orders on the real engine with the step capped by a TBT SLO (issue 25, item 3).
 
-    binserve bench exp queue_orders --model .models/smollm2-135m-instruct --size real   # ~30 min here
+    binserve bench exp queue_orders --model .models/smollm2-135m-instruct --size real   # ~20 min, idle machine
 
 Where length awareness pays: the batch is capped, so a queue forms. Here the cap is the TBT SLO. Every running
 decode waits for the whole step, so the step's token budget (``chunk_size``) is the lever. A short burst at the
@@ -353,7 +353,8 @@ def render(result: dict[str, Any]) -> str:
             f"tokens): {c['base_s'] * 1e3:.0f} ms + {c['token_s'] * 1e3:.2f} ms per token. "
             + _budget_text(result)
             + " Capacity (a burst under FCFS): "
-            f"{result['capacity_per_s']:.3f} requests/s; arrivals Poisson at each load times it, "
+            f"{result['capacity_per_s']:.3f} requests/s at p99 TBT {result['capacity_p99_tbt_s'] * 1e3:.0f} ms; "
+            "arrivals Poisson at each load times it, "
             f"{p['repeats']} repeat(s), run order alternated between loads and repeats. `hrrn` and the wait bound "
             f"price predicted work at {result['service_s_per_token'] * 1e3:.0f} ms per token (one budget step); "
             f"`ssjf` ages at 30 s. Lengths: {result['predictor']}"
