@@ -340,7 +340,7 @@ def render(result: dict[str, Any]) -> str:
         for r in result["rows"]
     ]
     quality = "; ".join(
-        f"{name}: Spearman {q['spearman']:.2f}, mean absolute error {q['mae_tokens']:.0f} tokens"
+        f"{name}: Spearman {harness.fmt(q['spearman'], 2)}, mean absolute error {q['mae_tokens']:.0f} tokens"
         for name, q in result["prediction_quality"].items()
     )
     classes = ", ".join(f"{k} {n:.0f}" for k, n in w["class_mean_output_tokens"].items())
