@@ -183,7 +183,7 @@ def _fake_results() -> dict[str, dict]:
 
 
 def test_report_renders_every_section_with_provenance_and_plots(tmp_path: Path) -> None:
-    results = {name: {**r, "meta": META} for name, r in _fake_results().items()}
+    results = {name: {**r, "experiment": name, "meta": META} for name, r in _fake_results().items()}
     for name, result in results.items():
         write_json(tmp_path / "tiny-llama" / f"{name}.json", result)
         report.EXPERIMENTS[name].plot(result, str(tmp_path / "tiny-llama" / f"{name}.png"))
@@ -202,11 +202,12 @@ def test_report_renders_every_section_with_provenance_and_plots(tmp_path: Path) 
     assert "**missed**" in text and "| sarathi | tiny-llama |" in text
     assert "| 4 | 160 (1.60x) | 144 (1.60x) | 1.6 (1.60x) | 1.6 (1.60x) |" in text
     assert "![SSJF vs FCFS: job completion time, tiny-llama](tiny-llama/ssjf.png)" in text
-    assert "Not run on this model: pipeline, scale (`binserve bench exp NAME --model DIR`)." in text
+    assert "Not run on this model: pipeline, scale, queue_orders (`binserve bench exp NAME" in text
     verdicts = json.loads((tmp_path / "targets.json").read_text())
     assert {v["model"] for v in verdicts} == {"smollm2-135m-instruct", "tiny-llama"}
     for v in verdicts:
-        assert set(v) == {"experiment", "model", "goal", "reached", "threshold", "met"}
+        keys = {"experiment", "model", "goal", "reached", "threshold", "met", "share_of_oracle_gain"}
+        assert set(v) == keys
         assert v["met"] in (True, False, None)
     assert [v for v in verdicts if v["model"] == "smollm2-135m-instruct"] == [
         {**v, "model": "smollm2-135m-instruct"}

@@ -1,7 +1,7 @@
 """``binserve bench report`` and ``binserve bench exp NAME``: the papers' experiments on this system.
 
     binserve bench exp ssjf --size smoke --json /tmp/ssjf.json     # one experiment, small, to try it
-    binserve bench report                                          # all six on the tiny model (~15 min)
+    binserve bench report                                          # all seven on the tiny model (~15 min)
     binserve bench report --model .models/smollm2-135m-instruct --size real   # the real model (~70 min)
 
 Registered under the ``bench`` group of ``cluster/commands.py``.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-EXPERIMENT_NAMES = ("ssjf", "multibin", "sarathi", "pipeline", "hf", "scale")
+EXPERIMENT_NAMES = ("ssjf", "multibin", "sarathi", "pipeline", "hf", "scale", "queue_orders")
 SIZES = ("full", "smoke", "real")
 PREDICTOR_HELP = (
     "a trained length predictor's directory (default: cluster/predictor/chatgpt for ChatGPT's lengths, "
@@ -66,7 +66,8 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     from bench.experiments.harness import DEFAULT_REPORT, DEFAULT_RESULTS_DIR
 
     p = bench_subparsers.add_parser("exp", help="one of the papers' experiments; writes JSON and a PNG plot")
-    p.add_argument("name", choices=EXPERIMENT_NAMES)
+    # queue-orders and queue_orders alike: the file and module names use underscores.
+    p.add_argument("name", choices=EXPERIMENT_NAMES, type=lambda name: name.replace("-", "_"))
     p.add_argument(
         "--size",
         choices=SIZES,

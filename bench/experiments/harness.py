@@ -254,6 +254,15 @@ def provenance(result: dict[str, Any]) -> str:
     )
 
 
+def share_of_gain(gain: float | None, oracle_gain: float | None) -> float | None:
+    """The share of the exact lengths' gain that predicted lengths keep (``gain`` over ``oracle_gain``, both
+    signed so that larger is better); None where the exact lengths gained nothing, so there is no gain to
+    share. Negative: the prediction made things worse where the exact lengths helped."""
+    if gain is None or oracle_gain is None or math.isnan(gain) or not oracle_gain > 0:
+        return None
+    return gain / oracle_gain
+
+
 def target(description: str, value: float | None, threshold: float, higher_is_better: bool = True) -> dict:
     """One acceptance target and whether this run reached it (None: not measured in this run)."""
     if value is None or math.isnan(value):

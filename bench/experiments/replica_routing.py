@@ -224,6 +224,35 @@ def targets(result: dict) -> list[dict]:
     return found
 
 
+def oracle_shares(result: dict) -> list[float | None]:
+    """Per stored target: the share of the oracle lengths' capacity gain over length-blind serving that its
+    row's lengths keep, against the oracle row of the same system (under the mean-JCT SLO; for the tail
+    target, under the p99-TTFT SLO)."""
+    slos = result["slos"]
+    blind_row = next(r for r in result["rows"] if r["system"].startswith("length-blind"))
+    aware = [r for r in result["rows"] if r["system"].startswith("length-aware")]
+    oracle_rows = {r["system"]: r for r in aware if r["predictions"] == "oracle"}
+
+    def gain(row: dict | None, slo: str) -> float | None:
+        return row[slo] / blind_row[slo] - 1 if row and blind_row[slo] else None
+
+    shares = []
+    for t in result["targets"]:
+        tail = "lesser ratio" in t["target"]
+        row = next(
+            (
+                r
+                for r in aware
+                if f"{r['predictions']} lengths" in t["target"] and (not tail or r["system"] in t["target"])
+            ),
+            None,
+        )
+        slo = slos[1 if tail else 0]
+        oracle = oracle_rows.get(row["system"]) if row else None
+        shares.append(harness.share_of_gain(gain(row, slo), gain(oracle, slo)))
+    return shares
+
+
 def merge_runs(first: dict, second: dict) -> dict:
     """One result from two runs of the same requests on different rate grids (a coarse grid, then a finer
     one around the capacities): every row's runs on the union of the grids, capacities recomputed. The

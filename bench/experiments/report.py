@@ -24,7 +24,16 @@ from typing import Any
 from tqdm import tqdm
 
 from bench import conversation_routing, conversations, demo_pairs, path, served, trace_replay
-from bench.experiments import hf, multibin, pipeline_bubbles, replica_routing, sarathi, scale, ssjf
+from bench.experiments import (
+    hf,
+    multibin,
+    pipeline_bubbles,
+    queue_orders,
+    replica_routing,
+    sarathi,
+    scale,
+    ssjf,
+)
 from bench.experiments.harness import (
     DEFAULT_MODEL_DIR,
     DEFAULT_REPORT,
@@ -45,6 +54,7 @@ EXPERIMENTS: dict[str, ModuleType] = {
     "pipeline": pipeline_bubbles,
     "hf": hf,
     "scale": scale,
+    "queue_orders": queue_orders,
 }
 # Results of their own, longer commands (a real cluster, ``binserve bench trace``): rendered and judged with
 # the rest, not run by the report.
@@ -58,7 +68,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "demo": demo_pairs,  # binserve bench demo
 }
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
-USES_PREDICTOR = ("ssjf", "multibin", "scale")
+USES_PREDICTOR = ("ssjf", "multibin", "scale", "queue_orders")
 TARGETS_FILE = "targets.json"
 
 
@@ -99,6 +109,10 @@ def _parse_like(current: Any, text: str, field_name: str) -> Any:
             return text.lower() in ("1", "true", "yes")
         if isinstance(current, tuple) and all(isinstance(v, int) for v in current):
             return tuple(int(v) for v in text.split(","))
+        if isinstance(current, tuple) and all(isinstance(v, float) for v in current):
+            return tuple(float(v) for v in text.split(","))
+        if isinstance(current, tuple) and all(isinstance(v, str) for v in current):
+            return tuple(v.strip() for v in text.split(","))
         if isinstance(current, int):
             return int(text)
         if isinstance(current, float) or current is None:
@@ -168,13 +182,20 @@ def load_results(results_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]
     for directory in sorted(directories, key=lambda d: (d.name.startswith("tiny"), d.name)):
         for name in SECTIONS:
             path = directory / f"{name}.json"
-            if path.is_file():
-                found.setdefault(directory.name, {})[name] = json.loads(path.read_text())
+            if not path.is_file():
+                continue
+            result = json.loads(path.read_text())
+            # An experiment's own JSON names it; a file of that name from another command (the simulator's
+            # queue_orders.json of a GPU profile) is not its result.
+            if name in EXPERIMENTS and result.get("experiment") != name:
+                continue
+            found.setdefault(directory.name, {})[name] = result
     return found
 
 
 def target_verdicts(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One entry per target of every result: what ``targets.json`` holds."""
+    """One entry per target of every result: what ``targets.json`` holds, each with the share of the exact
+    lengths' gain that the target's lengths keep (null where the result has no oracle row to compare with)."""
     return [
         {
             "experiment": name,
@@ -183,11 +204,23 @@ def target_verdicts(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[
             "reached": t["value"],
             "threshold": t.get("threshold"),
             "met": t["met"],
+            "share_of_oracle_gain": share,
         }
         for model, by_name in results.items()
         for name, result in by_name.items()
-        for t in result.get("targets", [])
+        for t, share in zip(result.get("targets", []), oracle_shares(name, result), strict=True)
     ]
+
+
+def oracle_shares(name: str, result: dict[str, Any]) -> list[float | None]:
+    """Per target of ``result``: its own ``share_of_oracle_gain``, else its module's ``oracle_shares`` (from
+    the stored rows, so re-rendering adds them to results measured before), else None."""
+    stored = result.get("targets", [])
+    computed = getattr(SECTIONS[name], "oracle_shares", None)
+    shares = computed(result) if computed else []
+    if len(shares) != len(stored):  # a module's targets changed since the result was measured
+        shares = [None] * len(stored)
+    return [t.get("share_of_oracle_gain", share) for t, share in zip(stored, shares, strict=True)]
 
 
 ROUNDS_FILE = "ROUNDS.md"
@@ -240,10 +273,12 @@ def _targets_table(verdicts: list[dict[str, Any]]) -> str:
     for t in verdicts:
         verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
         value = fmt(t["reached"]) if t["reached"] is not None else "–"
-        rows.append([t["experiment"], t["model"], t["goal"], value, verdict])
+        share = "–" if t["share_of_oracle_gain"] is None else f"{t['share_of_oracle_gain']:.0%}"
+        rows.append([t["experiment"], t["model"], t["goal"], value, verdict, share])
     if not rows:
         return "No experiment with a target has been run."
-    return markdown_table(["experiment", "model", "target", "reached", "verdict"], rows)
+    headers = ["experiment", "model", "target", "reached", "verdict", "share of the oracle's gain"]
+    return markdown_table(headers, rows)
 
 
 def _relative(path: Path, start: Path) -> str:
