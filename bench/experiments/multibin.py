@@ -178,6 +178,18 @@ def run(params: Params, predictor: harness.PredictorChoice) -> dict[str, Any]:
     }
 
 
+def oracle_shares(result: dict[str, Any]) -> list[float | None]:
+    """Per target: the share of the oracle's 4-bin throughput gain over 1 bin (the oracle's own: 1, where it
+    gains)."""
+    oracle, predicted = (_gain(result["gains"], 4, column) for column in ("real_oracle", "real_predicted"))
+    oracle_gain = None if oracle is None else oracle - 1
+    predicted_gain = None if predicted is None else predicted - 1
+    return [
+        harness.share_of_gain(oracle_gain, oracle_gain),
+        harness.share_of_gain(predicted_gain, oracle_gain),
+    ]
+
+
 def relative_to_one_bin(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every throughput column divided by its value at one bin."""
     first = rows[0]

@@ -132,6 +132,15 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
+def oracle_shares(result: dict[str, Any]) -> list[float | None]:
+    """Per target (one per mode): the share of the oracle's mean-JCT cut that the predictor keeps."""
+    cut = {(r["mode"], r["order"]): -r["mean_jct_change"] for r in result["rows"]}
+    return [
+        harness.share_of_gain(cut.get((mode, "ssjf predicted")), cut.get((mode, "ssjf oracle")))
+        for mode in MODES
+    ]
+
+
 def render(result: dict[str, Any]) -> str:
     p, w = result["params"], result["workload"]
     header = [
