@@ -44,6 +44,8 @@ PROMPT = "Write a long story about a dragon who learns to cook, with several cha
 PROCESSES = {"proxy": "ProxyActor", "ingress": "ServeReplica:binserve:ingress"}
 """Ray actor class names of the measured processes; the engine replica's is ``ENGINE_CLASS``."""
 ENGINE_CLASS = "ServeReplica:binserve:engine-pool-0"
+FLOOR_IMPORT_PATH = "bench.serve_floor:build_app"
+"""``--serve-floor``: the config's application replaced by Serve alone (``bench/serve_floor.py``)."""
 
 
 @dataclass(frozen=True)
@@ -279,17 +281,24 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
     step_s = raw["applications"][0]["args"]["path_runner"]["step_s"]
     started_s, load_at_start = time.time(), os.getloadavg()
     levels: list[Level] = []
+    alone: list[EngineAlone] = []
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = _model_dir(args, Path(scratch))
         app_args = raw["applications"][0]["args"]
-        alone = [engine_alone(app_args, model_dir, n, args.max_tokens) for n in args.streams]
+        config_path = args.config
+        if args.serve_floor:  # the same deployment names and resources, nothing of binserve inside
+            raw["applications"][0]["import_path"] = FLOOR_IMPORT_PATH
+            config_path = Path(scratch) / "serve-floor.yaml"
+            config_path.write_text(yaml.safe_dump(raw))
+        else:
+            alone = [engine_alone(app_args, model_dir, n, args.max_tokens) for n in args.streams]
         for a in alone:
             print(
                 f"engine alone {a.num_streams:4d} streams: {a.tokens_per_s:9.0f} tokens/s, "
                 f"{a.cpu_us_per_token:.1f} us CPU per token",
                 flush=True,
             )
-        with serving_locally_at(args.config, model_dir, num_cpus=args.num_cpus) as addresses:
+        with serving_locally_at(config_path, model_dir, num_cpus=args.num_cpus) as addresses:
             pids = serve_pids()
             for num_streams in args.streams:
                 for api in args.apis:
@@ -303,6 +312,7 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
         "load_average_start": load_at_start,
         "load_average_end": os.getloadavg(),
         "config": args.config,
+        "serve_floor": args.serve_floor,
         "step_s": step_s,
         "max_tokens": args.max_tokens,
         "duration_s": args.duration_s,
@@ -316,6 +326,10 @@ def cmd_bench_path(args: argparse.Namespace) -> int:
 
 # ---- the report's section (``binserve bench report`` renders docs/results/<model>/path.json) ------------
 
+FLOOR_NOTE = (
+    " (Serve's floor: `bench/serve_floor.py` in place of binserve, the same two streaming hops with "
+    "nothing of binserve in them)"
+)
 TITLE = "The serving path alone: streamed tokens/s and CPU per token with a zero-cost runner"
 TARGET_TOKENS_PER_S = 20_000
 TARGET_CPU_US_PER_TOKEN = 50.0
@@ -327,7 +341,8 @@ def with_run(path: str, run: dict[str, Any]) -> dict[str, Any]:
     judged on the newest run."""
     existing = json.loads(Path(path).read_text()) if Path(path).is_file() else {"runs": []}
     runs = [r for r in existing["runs"] if r["label"] is None or r["label"] != run["label"]] + [run]
-    return {"runs": runs, "targets": targets(run)}
+    judged = [r for r in runs if not r.get("serve_floor")]  # the floor is a yardstick, not binserve
+    return {"runs": runs, "targets": targets(judged[-1]) if judged else []}
 
 
 def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -387,7 +402,8 @@ def render(result: dict[str, Any]) -> str:
             )
             engine_notes.append(rows_note)
     notes = [
-        f"- {run['label'] or '-'}{' (code: ' + run['code'] + ')' if run.get('code') else ''}: "
+        f"- {run['label'] or '-'}{' (code: ' + run['code'] + ')' if run.get('code') else ''}"
+        f"{FLOOR_NOTE if run.get('serve_floor') else ''}: "
         f"`{run['command']}`, {run['date_utc']} UTC, step {1000 * run['step_s']:.0f} ms, "
         f"{run['max_tokens']} tokens per request, load average {run['load_average_start'][0]:.1f} at the "
         f"start and {run['load_average_end'][0]:.1f} at the end"
@@ -413,6 +429,12 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="forced output tokens per request")
     p.add_argument("--duration-s", type=float, default=10.0, help="callers start requests until then")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    p.add_argument(
+        "--serve-floor",
+        action="store_true",
+        help="serve bench/serve_floor.py instead (Serve's proxy and two streaming hops, nothing of "
+        "binserve): the floor binserve's figures compare with",
+    )
     p.add_argument(
         "--label", help="a name for this run (before, after): a result file keeps one run per label"
     )

@@ -47,3 +47,31 @@ def test_a_bad_path_runner_section_names_the_field(section: dict, message: str) 
 def test_the_path_runner_refuses_a_vocabulary_it_cannot_cycle_in() -> None:
     with pytest.raises(ValueError, match=r"vocab_size: must be > 1000 for the path runner, got 512"):
         PathRunner(0.0, 64, 512)
+
+
+def test_the_serve_floor_pool_streams_every_token_once_and_coalesces_behind_a_slow_caller() -> None:
+    import asyncio
+
+    from bench.path_runner import FIRST_TOKEN_ID
+    from bench.serve_floor import FloorPool
+
+    pool = FloorPool.func_or_class(step_s=0.001)  # the class itself, without Serve
+
+    async def stream(delay_s: float) -> list[tuple[int, ...]]:
+        messages = []
+        async for token_ids in pool.generate(40):
+            messages.append(token_ids)
+            await asyncio.sleep(delay_s)
+        return messages
+
+    async def both() -> list[list[tuple[int, ...]]]:
+        return await asyncio.wait_for(asyncio.gather(stream(0.0), stream(0.02)), 30)
+
+    try:
+        fast, slow = asyncio.run(both())
+    finally:
+        pool.stopped = True
+    for messages in (fast, slow):
+        assert [t for m in messages for t in m] == list(range(FIRST_TOKEN_ID, FIRST_TOKEN_ID + 40))
+    assert len(slow) < len(fast)  # tokens made while the caller slept come in one message
+    assert not pool.requests
