@@ -69,16 +69,22 @@ def _packaged_sharegpt() -> tuple[dict, ...]:
 def sharegpt_conversations(num_conversations: int, seed: int = 0, min_turns: int = 2) -> list[list[dict]]:
     """Draw ``num_conversations`` (seeded) whole ShareGPT conversations among the 10,000 ids, each with at
     least ``min_turns`` human turns: ``[{"from": "human" | "gpt", "value": text}, ...]``."""
-    eligible = [
-        turns
-        for turns in _packaged_conversations().values()
-        if sum(t["from"] == "human" for t in turns) >= min_turns
-    ]
+    eligible = list(eligible_conversations(min_turns).values())
     if len(eligible) < num_conversations:
         raise ValueError(
             f"num_conversations: {len(eligible)} conversations have {min_turns}+ turns, got {num_conversations}"
         )
     return random.Random(seed).sample(eligible, num_conversations)
+
+
+def eligible_conversations(min_turns: int) -> dict[str, list[dict]]:
+    """The conversations among the 10,000 ids with at least ``min_turns`` human turns, by id, in the ids'
+    order."""
+    return {
+        record_id: turns
+        for record_id, turns in _packaged_conversations().items()
+        if sum(t["from"] == "human" for t in turns) >= min_turns
+    }
 
 
 @functools.cache

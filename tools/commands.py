@@ -147,6 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_offline)
     from bench import (
         admission,
+        conversation_probe,
         conversations,
         demo_pairs,
         gpu_check,
@@ -173,6 +174,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     admission.register(bench_sub)
     trace_replay.register(bench_sub)
     conversations.register(bench_sub)
+    conversation_probe.register(bench_sub)
     prefix_overhead.register(bench_sub)
     from bench.sim import agreement
 

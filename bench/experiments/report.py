@@ -23,7 +23,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench import conversation_routing, conversations, demo_pairs, path, served, trace_replay
+from bench import (
+    conversation_probe,
+    conversation_routing,
+    conversations,
+    demo_pairs,
+    path,
+    served,
+    trace_replay,
+)
 from bench.experiments import (
     hf,
     multibin,
@@ -64,6 +72,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "path": path,  # binserve bench path
     "conversations": conversations,  # binserve bench conversations
     "conversation_routing": conversation_routing,  # binserve bench conversations --serve-config
+    "conversation_probe": conversation_probe,  # binserve bench conversation-probe
     "served": served,  # binserve bench served
     "demo": demo_pairs,  # binserve bench demo
 }
@@ -264,7 +273,10 @@ def render_report(
     rounds = Path(results_dir) / ROUNDS_FILE
     if rounds.is_file():  # the notes of each measurement round, written when it was measured
         # One heading level down: the notes' title becomes a section of the report.
-        lines += ["", *("#" + line if line.startswith("#") else line for line in rounds.read_text().splitlines())]
+        lines += [
+            "",
+            *("#" + line if line.startswith("#") else line for line in rounds.read_text().splitlines()),
+        ]
     return "\n".join(lines) + "\n"
 
 
