@@ -52,7 +52,8 @@ class Routing:
 
     request_id: str
     predicted_output_tokens: int
-    """The length predictor's estimate of the output, which chose the bin."""
+    """The length predictor's estimate of the output, at most the request's ``max_tokens``; it chose the
+    bin."""
     bin_id: int
     """The bin that estimate fell in; the router sent the request to a pool serving it."""
 
@@ -142,7 +143,9 @@ class GenerationService:
         predict_start_s = time.perf_counter()
         if prediction is None:
             prediction = self.predictor.predict(prepared.predictor_text)
-        predicted_output_tokens = await prediction
+        # An answer cannot outrun its max_tokens: a longer prediction would send a short request to a long
+        # bin and count work (routing, SSJF, autoscaling) that cannot happen.
+        predicted_output_tokens = min(await prediction, prepared.params.max_tokens)
         predict_s = time.perf_counter() - predict_start_s
         if self.metrics is not None:
             self.metrics.observe_prediction(predict_s)
