@@ -12,7 +12,7 @@ from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from cluster.router import BinRouter
 from pipeline.config import SchedulerConfig
-from pipeline.request import Request, SamplingParams
+from pipeline.request import NewRequest, Request, SamplingParams
 
 UNIT_STEP = StepCostModel(base_s=1.0, prefill_token_s=0.0, decode_token_s=0.0, kv_token_s=0.0)
 
@@ -74,8 +74,15 @@ def test_least_predicted_work_sends_a_long_request_past_a_busy_replica() -> None
         replica.scheduler.add(
             Request(str(i), [0], SamplingParams(max_tokens=n), 0.0, predicted_output_tokens=n)
         )
-    assert sim._choose_replica(sim.pools[0], work_tokens=1000) is second
-    assert sim._choose_replica(sim.pools[0], work_tokens=10) is first
+    assert sim._choose_replica(sim.pools[0], _new(work_tokens=1000)) is second
+    assert sim._choose_replica(sim.pools[0], _new(work_tokens=10)) is first
+
+
+def _new(work_tokens: int) -> NewRequest:
+    """A one-token prompt of ``work_tokens`` predicted work in all."""
+    return NewRequest(
+        "new", (1,), SamplingParams(max_tokens=work_tokens), predicted_output_tokens=work_tokens - 1
+    )
 
 
 def test_the_agreement_benchmark_reports_every_repeat(tiny_llama: str) -> None:
