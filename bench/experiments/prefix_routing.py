@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import multiprocessing
 import random
 import sys
 import time
@@ -44,14 +46,15 @@ from workers.checkpoint import load_tokenizer
 
 @dataclass(frozen=True)
 class Params(harness.SimulatedWorkload):
-    num_conversations: int = 800
+    num_conversations: int = 1000
     max_turns: int = 8
     max_message_chars: int = 4000
     """User messages are cut to this (as ``binserve bench conversations --max-message-chars``)."""
     max_model_len: int = 8192
     """Llama-3-8B's context: a turn whose prompt and answer would not fit ends its conversation."""
-    think_s: float = 5.0
-    """Mean seconds between an answer and the next turn (exponential)."""
+    think_s: float = 1.0
+    """Mean seconds between an answer and the next turn (exponential; ``binserve bench conversations``'
+    default)."""
     template_tokens: int = 9
     """Chat markup around each user message (Llama 3's headers and end-of-turn tokens)."""
     min_token_id: int = 1000
@@ -66,7 +69,7 @@ class Params(harness.SimulatedWorkload):
     """Predicted answer lengths of this Spearman correlation with the true ones (``noisy_lengths``, as
     the trained predictor reaches); None: the true lengths."""
     routing_stats_period_s: float = PoolConfig.routing_stats_period_s
-    rates: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0)
+    rates: tuple[float, ...] = (20.0, 40.0, 60.0, 80.0)
     """New conversations per second; the highest near saturation."""
     rules: tuple[str, ...] = ("power_of_two", "prefix_affinity", "least_predicted_work", "least_cost")
 
@@ -194,32 +197,44 @@ def best_rule(rows: Sequence[dict], rate_per_s: float) -> str:
     return min(at, key=lambda r: r["mean_ttft_s"])["rule"]
 
 
-def run(params: Params) -> dict:
+_turns: list[SimRequest] = []
+"""A worker process's copy of the turns (``_init_worker``), so each job does not pickle them again."""
+
+
+def _init_worker(turns: list[SimRequest]) -> None:
+    global _turns
+    _turns = turns
+
+
+def _simulate_job(params: Params, cost_model: StepCostModel, job: tuple[str, bool, float]) -> dict:
+    rule, caching, rate = job
+    started = time.time()
+    row = {"rule": rule, "caching": caching, "rate_per_s": rate}
+    row.update(simulate(params, cost_model, rule, caching, at_rate(_turns, rate, params.seed)))
+    print(
+        f"{rule}, caching {'on' if caching else 'off'}, {rate:g} conv/s: mean TTFT {row['mean_ttft_s']:.3f} s, "
+        f"p99 TTFT {row['p99_ttft_s']:.3f} s, mean JCT {row['mean_jct_s']:.3f} s, hit rate "
+        f"{row['hit_rate_tokens']:.1%}, {row['output_tokens_per_s']:.0f} tokens/s ({time.time() - started:.0f} s)",
+        flush=True,
+    )
+    return row
+
+
+def run(params: Params, processes: int = 1) -> dict:
+    """Every rule with caching on at every rate, then the best rule with caching off; ``processes`` runs
+    the simulations in parallel (each is deterministic, so the rows do not depend on it)."""
     cost_model = StepCostModel.load(params.profile)
     conversations, user_tokens = load_conversations(params)
     turns = with_predictions(
         conversation_requests(conversations, user_tokens, params), params.spearman, params.seed
     )
-    rows = []
-
-    def add(rule: str, caching: bool, rate: float) -> None:
-        started = time.time()
-        row = {"rule": rule, "caching": caching, "rate_per_s": rate}
-        row.update(simulate(params, cost_model, rule, caching, at_rate(turns, rate, params.seed)))
-        rows.append(row)
-        print(
-            f"{rule}, caching {'on' if caching else 'off'}, {rate:g} conv/s: mean TTFT {row['mean_ttft_s']:.3f} s, "
-            f"p99 TTFT {row['p99_ttft_s']:.3f} s, mean JCT {row['mean_jct_s']:.3f} s, hit rate "
-            f"{row['hit_rate_tokens']:.1%}, {row['output_tokens_per_s']:.0f} tokens/s ({time.time() - started:.0f} s)",
-            flush=True,
+    with multiprocessing.get_context("fork").Pool(processes, _init_worker, (turns,)) as pool:
+        simulate_jobs = functools.partial(_simulate_job, params, cost_model)
+        rows = pool.map(
+            simulate_jobs, [(rule, True, rate) for rule in params.rules for rate in params.rates], 1
         )
-
-    for rule in params.rules:
-        for rate in params.rates:
-            add(rule, True, rate)
-    best = best_rule(rows, max(params.rates))
-    for rate in params.rates:
-        add(best, False, rate)
+        best = best_rule(rows, max(params.rates))
+        rows += pool.map(simulate_jobs, [(best, False, rate) for rate in params.rates], 1)
     return {
         "params": asdict(params),
         "profile_source": cost_model.source,
@@ -310,6 +325,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a minute-sized run (120 conversations, 2 rates)"
     )
+    parser.add_argument("--processes", type=int, default=1, help="simulations run in parallel")
     parser.add_argument("--json", required=True, help="docs/results/MODEL/prefix_routing.json for the report")
     args = parser.parse_args()
     start_s, load_at_start = time.perf_counter(), harness.load_average()
@@ -322,7 +338,7 @@ def main() -> None:
     )
     if args.quick:
         params = dataclasses.replace(params, **QUICK)
-    result = run(params)
+    result = run(params, args.processes)
     result["meta"] = harness.run_meta(
         "python -m bench.experiments.prefix_routing " + " ".join(sys.argv[1:]),
         time.perf_counter() - start_s,
