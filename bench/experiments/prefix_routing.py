@@ -262,8 +262,8 @@ def targets(result: dict) -> list[dict]:
         return []
     others = min(r["mean_ttft_s"] for rule, r in at.items() if rule != TARGET_RULE)
     goal = (
-        f"simulated prefix hits at {result['params']['num_replicas']} replicas: least cost's mean TTFT at "
-        f"{top:g} conversations/s >= 1.0x better than the best other rule's (ratio other / least cost)"
+        f"simulated prefix hits, {result['params']['num_replicas']} replicas, {top:g} conversations/s: the best "
+        "other rule's mean TTFT over least cost's >= 1.0 (least cost no worse)"
     )
     return [harness.target(goal, others / at[TARGET_RULE]["mean_ttft_s"], 1.0)]
 
@@ -295,7 +295,7 @@ def render(result: dict) -> str:
         ]
         for r in result["rows"]
     ]
-    predictions = "true" if p["spearman"] is None else f"synthetic, Spearman {p['spearman']:g},"
+    predictions = "true" if p["spearman"] is None else f"synthetic (Spearman {p['spearman']:g})"
     text = (
         f"{p['num_replicas']} replicas in one pool, simulated under the step-cost profile `{Path(p['profile']).name}` "
         f"({result['profile_source']}). {result['num_conversations']} ShareGPT conversations of up to "
@@ -304,7 +304,7 @@ def render(result: dict) -> str:
         f"{result['mean_output_tokens']:.0f}, at most {p['max_output_tokens']}), Poisson arrivals of new "
         f"conversations, think time {p['think_s']:g} s on average, SARATHI (chunk {p['chunk_size']}, "
         f"{p['max_num_seqs']} sequences, {p['queue_order']}), {p['num_blocks']} KV blocks of {p['block_size']} "
-        f"tokens per replica, {predictions} predicted answer lengths, reports every {p['routing_stats_period_s']:g} s. "
+        f"tokens per replica, predicted answer lengths {predictions}, reports every {p['routing_stats_period_s']:g} s. "
         "Token ids are synthetic and every resent answer is exactly the generated tokens (a real chat template "
         f"may re-tokenize it differently). Caching off: the best rule at the highest rate ({result['best_rule']}). "
         "What it says: docs/ROUTING.md."
