@@ -33,7 +33,8 @@ from cluster.autoscaling import OUTSTANDING_TOKENS_METRIC
 from cluster.caller_watch import CallerWatch
 from cluster.config import PoolConfig
 from cluster.prometheus import EngineMetrics, EngineSnapshot
-from cluster.replica_router import MAX_REPORTED_BLOCKS, routing_stats
+from cluster.replica_router import routing_stats
+from cluster.router import MAX_REPORTED_BLOCKS
 from pipeline.config import EngineConfig
 from pipeline.driver import EngineDriver
 from pipeline.engine import RequestOutput, Runner

@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Sequence
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from cluster.config import ReplicaRouting
 from cluster.router import (
+    MAX_REPORTED_BLOCKS,
+    RULES,
     PredictedWorkBook,
     decode_block_names,
     encode_block_names,
-    least_cost,
-    least_predicted_work,
-    prefix_affinity,
 )
 from pipeline.block_manager import BlockName
 from pipeline.request import NewRequest, SamplingParams
@@ -41,16 +40,6 @@ from pipeline.request import NewRequest, SamplingParams
 WORK_TOKENS_STAT = "predicted_work_tokens"
 REPORTED_AT_STAT = "reported_at_s"
 CACHED_BLOCKS_STAT = "cached_block_names"
-MAX_REPORTED_BLOCKS = 8192
-"""Most cached block names one report carries (64 KiB): those in use, then the most recently freed."""
-
-Rule = Callable[[PredictedWorkBook, Sequence[Hashable], NewRequest], list]
-RULES: dict[ReplicaRouting, Rule] = {
-    ReplicaRouting.LEAST_PREDICTED_WORK: least_predicted_work,
-    ReplicaRouting.LEAST_COST: least_cost,
-    ReplicaRouting.PREFIX_AFFINITY: prefix_affinity,
-}
-"""The rules this router runs; ``power_of_two`` is Serve's own router."""
 
 
 def routing_stats(work_tokens: list[int], cached_block_names: Sequence[BlockName] = ()) -> dict:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import collections
 from array import array
-from collections.abc import Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 
+from cluster.config import ReplicaRouting
 from cluster.predictor.lengths import bin_of
 from pipeline.block_manager import BlockName
 from pipeline.request import NewRequest
@@ -154,6 +155,10 @@ class PrefixPools:
             if pool_id is not None:
                 return HeldPrefix(pool_id, (i + 1) * block_size)
         return None
+
+
+MAX_REPORTED_BLOCKS = 8192
+"""Most cached block names one routing report carries (64 KiB): those in use, then the most recently freed."""
 
 
 def encode_block_names(names: Sequence[BlockName]) -> bytes:
@@ -328,3 +333,13 @@ def prefix_affinity(book: PredictedWorkBook, replica_ids: Sequence[Hashable], ne
         size = {r: book.num_known_blocks(r) for r in by_load}
         first = [r for r in by_load if size[r] == min(size.values())]
     return first + [r for r in by_load if r not in first]
+
+
+Rule = Callable[[PredictedWorkBook, Sequence[Hashable], NewRequest], list]
+RULES: dict[ReplicaRouting, Rule] = {
+    ReplicaRouting.LEAST_PREDICTED_WORK: least_predicted_work,
+    ReplicaRouting.LEAST_COST: least_cost,
+    ReplicaRouting.PREFIX_AFFINITY: prefix_affinity,
+}
+"""The rules a pool's router runs by ``pools.replica_routing`` (Serve's ``BookRouter`` and the simulator);
+``power_of_two`` is Serve's own router."""

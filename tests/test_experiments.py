@@ -419,3 +419,71 @@ def test_routing_rows_for_chosen_queue_orders() -> None:
     assert systems[2][0] == "length-aware (least predicted work, HRRN)"
     with pytest.raises(ValueError, match="queue_order: must be one of fcfs, ssjf, ssjf_bounded, hrrn"):
         replica_routing.systems_of("ssjf,lifo")
+
+
+def test_conversation_turns_resend_their_history_and_stop_at_the_context() -> None:
+    from bench.conversations import Conversation
+    from bench.experiments import prefix_routing
+
+    params = prefix_routing.Params(max_model_len=200, template_tokens=2)
+    conversations = [
+        Conversation(("a", "b", "c"), (30, 40, 500), 0.5, (1.0, 2.0, 3.0)),
+        Conversation(("d", "e"), (10, 20), 1.5, (4.0, 5.0)),
+    ]
+    turns = prefix_routing.conversation_requests(conversations, [[5, 6, 7], [8, 9]], params)
+    # The first conversation's third turn would not fit 200 tokens: it ends after two.
+    assert [(t.prompt_tokens, t.output_tokens, t.follows) for t in turns] == [
+        (7, 30, None),
+        (7 + 30 + 8, 40, 0),
+        (10, 10, None),
+        (10 + 10 + 11, 20, 2),
+    ]
+    assert [t.arrival_s for t in turns] == [0.5, 1.0, 1.5, 4.0]  # a follow-up: its think time
+    first, second = turns[:2]
+    assert (
+        second.prompt_token_ids
+        == first.prompt_token_ids + first.output_token_ids + second.prompt_token_ids[37:]
+    )
+    ids = [i for t in turns for i in t.prompt_token_ids + t.output_token_ids]
+    assert min(ids) >= params.min_token_id and max(ids) < params.max_token_id
+    assert turns == prefix_routing.conversation_requests(conversations, [[5, 6, 7], [8, 9]], params)
+    moved = prefix_routing.at_rate(turns, 10.0, seed=0)
+    assert [t.arrival_s for t in moved][1::2] == [1.0, 4.0]  # only first turns move
+
+
+def test_prefix_routing_renders_and_judges_least_cost_against_the_best_other_rule() -> None:
+    from bench.experiments import prefix_routing
+
+    def row(rule: str, caching: bool, rate: float, ttft: float) -> dict:
+        return {
+            "rule": rule,
+            "caching": caching,
+            "rate_per_s": rate,
+            "num_turns": 10,
+            "mean_ttft_s": ttft,
+            "p99_ttft_s": 2 * ttft,
+            "mean_follow_up_ttft_s": None,
+            "mean_jct_s": 1.0,
+            "p99_tbt_s": 0.01,
+            "output_tokens_per_s": 100.0,
+            "hit_rate_tokens": 0.5,
+            "num_preemptions": 0,
+        }
+
+    rows = [row("power_of_two", True, 20.0, 0.4), row("least_cost", True, 20.0, 0.2)]
+    rows += [row("least_cost", True, 10.0, 0.1), row("least_cost", False, 20.0, 0.3)]
+    result = {
+        "params": asdict(prefix_routing.Params(rates=(10.0, 20.0))),
+        "profile_source": "x",
+        "num_conversations": 2,
+        "num_turns": 10,
+        "num_follow_up_turns": 8,
+        "mean_prompt_tokens": 100.0,
+        "mean_output_tokens": 50.0,
+        "best_rule": prefix_routing.best_rule(rows, 20.0),
+        "rows": rows,
+    }
+    assert result["best_rule"] == "least_cost"
+    (target,) = prefix_routing.targets(result)
+    assert target["value"] == pytest.approx(2.0) and target["met"] is True
+    assert "| least_cost | off | 20 | 0.300 |" in prefix_routing.render(result)

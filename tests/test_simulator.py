@@ -4,6 +4,7 @@ on this machine is a benchmark: `binserve bench sim-agreement`)."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -12,7 +13,7 @@ from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from cluster.router import BinRouter
 from pipeline.config import SchedulerConfig
-from pipeline.request import Request, SamplingParams
+from pipeline.request import NewRequest, Request, SamplingParams
 
 UNIT_STEP = StepCostModel(base_s=1.0, prefill_token_s=0.0, decode_token_s=0.0, kv_token_s=0.0)
 
@@ -74,8 +75,15 @@ def test_least_predicted_work_sends_a_long_request_past_a_busy_replica() -> None
         replica.scheduler.add(
             Request(str(i), [0], SamplingParams(max_tokens=n), 0.0, predicted_output_tokens=n)
         )
-    assert sim._choose_replica(sim.pools[0], work_tokens=1000) is second
-    assert sim._choose_replica(sim.pools[0], work_tokens=10) is first
+    assert sim._choose_replica(sim.pools[0], _new(work_tokens=1000)) is second
+    assert sim._choose_replica(sim.pools[0], _new(work_tokens=10)) is first
+
+
+def _new(work_tokens: int) -> NewRequest:
+    """A one-token prompt of ``work_tokens`` predicted work in all."""
+    return NewRequest(
+        "new", (1,), SamplingParams(max_tokens=work_tokens), predicted_output_tokens=work_tokens - 1
+    )
 
 
 def test_the_agreement_benchmark_reports_every_repeat(tiny_llama: str) -> None:
@@ -106,3 +114,106 @@ def test_a_burst_forms_one_static_batch() -> None:
     sim = ClusterSimulator(SimConfig(scheduler=scheduler), UNIT_STEP)
     metrics = sim.run([SimRequest(0.0, 1, 5) for _ in range(4)])
     assert {m.admitted_s for m in metrics} == {0.0}
+
+
+BLOCK_SIZE = 16
+
+
+def _engine_turns(
+    prompt: tuple[int, ...], num_answer: int, user: tuple[int, ...]
+) -> tuple[tuple[int, ...], int]:
+    """Two turns of one conversation through the real engine (a fake model) with prefix caching: turn 1's
+    answer, and how many of turn 2's prompt tokens (turn 1's prompt and answer, then ``user``) it found cached."""
+    from pipeline.engine import Engine
+    from pipeline.scheduler import Scheduler
+    from tests.fake_runner import FakeRunner
+
+    scheduler = Scheduler(
+        SchedulerConfig(), 64, BLOCK_SIZE, 4096, eos_token_ids=(), enable_prefix_caching=True
+    )
+    engine = Engine(FakeRunner(64, BLOCK_SIZE, vocab_size=10_000), scheduler)
+
+    def serve(request_id: str, prompt: tuple[int, ...], max_tokens: int):
+        engine.add_request(
+            NewRequest(request_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        )
+        tokens = []
+        while True:
+            for out in engine.advance() or ():
+                tokens += out.new_token_ids
+                if out.metrics is not None:
+                    return tuple(tokens), out.metrics
+
+    answer, _ = serve("t1", prompt, num_answer)
+    _, metrics = serve("t2", prompt + answer + user, 1)
+    return answer, metrics.num_cached_tokens
+
+
+@dataclass
+class _RecordingCost:
+    """The unit step, recording each plan's prefill tokens per request."""
+
+    prefill_tokens: dict[str, int] = field(default_factory=dict)
+
+    def step_time_s(self, plan) -> float:
+        for chunk in plan.chunks:
+            if not chunk.is_decode:
+                self.prefill_tokens[chunk.request_id] = (
+                    self.prefill_tokens.get(chunk.request_id, 0) + chunk.num_tokens
+                )
+        return UNIT_STEP.step_time_s(plan)
+
+
+@pytest.mark.parametrize("num_answer", [13, 24])
+def test_a_follow_up_turn_hits_what_the_engine_would_and_computes_only_the_rest(num_answer: int) -> None:
+    # 40 + 13 = 53 tokens: 3 full blocks. 40 + 24 = 64 = 4 blocks, but the last answer token is never fed back,
+    # so its KV (and the 4th block's name) is never computed: 3 blocks again.
+    prompt, user = tuple(range(1000, 1040)), tuple(range(2000, 2007))
+    answer, engine_hit = _engine_turns(prompt, num_answer, user)
+    follow_up = prompt + answer + user
+    requests = [
+        SimRequest(0.0, len(prompt), num_answer, prompt_token_ids=prompt, output_token_ids=answer),
+        SimRequest(1.0, len(follow_up), 1, prompt_token_ids=follow_up, output_token_ids=(7,), follows=0),
+    ]
+    cost = _RecordingCost()
+    config = SimConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True)
+    first, second = ClusterSimulator(config, cost).run(requests)
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == engine_hit == (len(prompt) + num_answer - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert second.arrival_s == first.finished_s + 1.0  # sent a think time after the answer
+    # The cost model is charged the uncached prompt only; with caching off, all of it.
+    assert cost.prefill_tokens["1"] == len(follow_up) - engine_hit
+    off = _RecordingCost()
+    ClusterSimulator(SimConfig(block_size=BLOCK_SIZE), off).run(requests)
+    assert off.prefill_tokens["1"] == len(follow_up)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_least_cost_sends_a_follow_up_to_the_replica_holding_its_history(seed: int) -> None:
+    # Two conversations start together on two replicas (one each: the book counts the first where it went);
+    # both finish, so loads are equal when the follow-ups come, and each goes where its history is cached.
+    def conversation(first_id: int, index: int) -> list[SimRequest]:
+        prompt = tuple(range(first_id, first_id + 64))
+        answer = tuple(range(first_id + 100, first_id + 120))
+        follow_up = prompt + answer + (5, 6, 7)
+        return [
+            SimRequest(0.0, 64, 20, prompt_token_ids=prompt, output_token_ids=answer),
+            SimRequest(
+                2.0,
+                len(follow_up),
+                4,
+                prompt_token_ids=follow_up,
+                output_token_ids=(1, 2, 3, 4),
+                follows=index,
+            ),
+        ]
+
+    a1, a2 = conversation(1000, 0)
+    b1, b2 = conversation(5000, 1)
+    config = SimConfig(num_replicas=2, enable_prefix_caching=True, replica_routing="least_cost", seed=seed)
+    sim = ClusterSimulator(config, UNIT_STEP)
+    metrics = sim.run([a1, b1, a2, b2])
+    where = sim.replica_of_request
+    assert where[0] != where[1]
+    assert (where[2], where[3]) == (where[0], where[1])
+    assert [m.num_cached_tokens for m in metrics[2:]] == [80, 80]

@@ -36,6 +36,7 @@ from bench.experiments import (
     hf,
     multibin,
     pipeline_bubbles,
+    prefix_routing,
     queue_orders,
     replica_routing,
     sarathi,
@@ -68,6 +69,7 @@ EXPERIMENTS: dict[str, ModuleType] = {
 # the rest, not run by the report.
 MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "replica_routing": replica_routing,
+    "prefix_routing": prefix_routing,  # python -m bench.experiments.prefix_routing (simulated conversations)
     "trace": trace_replay,
     "path": path,  # binserve bench path
     "conversations": conversations,  # binserve bench conversations

@@ -1,0 +1,353 @@
+"""Conversations across 16 replicas (simulated): routing by cached prefix and predicted work.
+
+    python -m bench.experiments.prefix_routing \
+        --json docs/results/llama3-8b-h100-estimate/prefix_routing.json
+    python -m bench.experiments.prefix_routing --quick --json /tmp/prefix_routing.json   # a minute
+
+Multi-turn ShareGPT conversations (``bench.conversations.build_conversations``: the same conversations,
+turn counts, answer lengths, Poisson arrivals and think times as the engine and cluster replays) replayed
+in the simulator on one pool of 16 replicas under the GPU-shaped step-cost profile, prefix caching on, once
+per replica routing rule: Serve's power-of-two, Ray Serve LLM's prefix affinity, least predicted work and
+least cost (``cluster.router.RULES``, the served functions, reports every ``routing_stats_period_s``). Then
+the best rule with caching off. Every row serves the same turns.
+
+Token ids are synthetic: each conversation draws its tokens from its own seeded generator (ids from
+``min_token_id``, clear of special tokens); turn k's prompt is turn k-1's prompt, then turn k-1's answer
+exactly as the replica "sampled" it, then the new user message (its length under the tokenizer, plus
+``template_tokens`` of chat markup). So every resent answer re-tokenizes exactly, which a real chat
+template may not (``binserve bench conversations`` measures how often it does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import multiprocessing
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.conversations import Conversation, build_conversations
+from bench.experiments import harness
+from bench.experiments.replica_routing import noisy_lengths
+from bench.request_stats import summarize
+from bench.sim.cost_model import StepCostModel
+from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
+from bench.workload import poisson_arrivals
+from cluster.config import PoolConfig
+from pipeline.config import SchedulerConfig
+from pipeline.engine import RequestMetrics
+from workers.checkpoint import load_tokenizer
+
+
+@dataclass(frozen=True)
+class Params(harness.SimulatedWorkload):
+    num_conversations: int = 1000
+    max_turns: int = 8
+    max_message_chars: int = 4000
+    """User messages are cut to this (as ``binserve bench conversations --max-message-chars``)."""
+    max_model_len: int = 8192
+    """Llama-3-8B's context: a turn whose prompt and answer would not fit ends its conversation."""
+    think_s: float = 1.0
+    """Mean seconds between an answer and the next turn (exponential; ``binserve bench conversations``'
+    default)."""
+    template_tokens: int = 9
+    """Chat markup around each user message (Llama 3's headers and end-of-turn tokens)."""
+    min_token_id: int = 1000
+    max_token_id: int = 120_000
+    """Synthetic ids are drawn from [min_token_id, max_token_id): clear of Llama 3's special ids."""
+    chunk_size: int = 512
+    num_blocks: int = 25_000
+    """Per replica, 16 tokens each: 400k tokens of KV, what an H100 holds beside Llama-3-8B's weights."""
+    block_size: int = 16
+    queue_order: str = "fcfs"
+    spearman: float | None = 0.54
+    """Predicted answer lengths of this Spearman correlation with the true ones (``noisy_lengths``, as
+    the trained predictor reaches); None: the true lengths."""
+    routing_stats_period_s: float = PoolConfig.routing_stats_period_s
+    rates: tuple[float, ...] = (20.0, 40.0, 60.0, 80.0)
+    """New conversations per second; the highest near saturation."""
+    rules: tuple[str, ...] = ("power_of_two", "prefix_affinity", "least_predicted_work", "least_cost")
+
+
+QUICK = dict(num_conversations=120, max_turns=4, rates=(10.0, 20.0))
+"""``--quick``: a minute-sized run on the same code path."""
+
+
+def conversation_requests(
+    conversations: Sequence[Conversation], user_tokens: Sequence[Sequence[int]], params: Params
+) -> list[SimRequest]:
+    """Every turn of every conversation as a ``SimRequest``, a follow-up after the turn it follows. Turn k's
+    prompt resends turn k-1's prompt and answer; a turn that would not fit ``max_model_len`` ends it."""
+    requests: list[SimRequest] = []
+    for c, (conv, users) in enumerate(zip(conversations, user_tokens, strict=True)):
+        rng = random.Random(params.seed * 1_000_003 + c)
+
+        def draw(n: int, rng: random.Random = rng) -> tuple[int, ...]:
+            return tuple(rng.randrange(params.min_token_id, params.max_token_id) for _ in range(n))
+
+        history: tuple[int, ...] = ()
+        for k, (num_user, num_answer) in enumerate(zip(users, conv.answer_tokens, strict=True)):
+            prompt = history + draw(num_user + params.template_tokens)
+            if len(prompt) + num_answer > params.max_model_len:
+                break
+            answer = draw(num_answer)
+            requests.append(
+                SimRequest(
+                    arrival_s=conv.arrival_s if k == 0 else conv.think_s[k - 1],
+                    prompt_tokens=len(prompt),
+                    output_tokens=num_answer,
+                    prompt_token_ids=prompt,
+                    output_token_ids=answer,
+                    follows=None if k == 0 else len(requests) - 1,
+                )
+            )
+            history = prompt + answer
+    return requests
+
+
+def load_conversations(params: Params) -> tuple[list[Conversation], list[list[int]]]:
+    """The conversations (arrivals at 1/s; ``at_rate`` moves them) and each user message's token count."""
+    tokenizer = load_tokenizer(params.tokenizer_dir)
+    args = argparse.Namespace(
+        num_conversations=params.num_conversations,
+        rate=1.0,
+        seed=params.seed,
+        max_message_chars=params.max_message_chars,
+        max_turns=params.max_turns,
+        max_output_tokens=params.max_output_tokens,
+        think_s=params.think_s,
+    )
+    conversations = build_conversations(tokenizer, args)
+    user_tokens = [
+        [len(ids) for ids in tokenizer(list(conv.user_messages), add_special_tokens=False).input_ids]
+        for conv in conversations
+    ]
+    return conversations, user_tokens
+
+
+def at_rate(requests: Sequence[SimRequest], rate_per_s: float, seed: int) -> list[SimRequest]:
+    """The same turns with new conversations arriving at ``rate_per_s`` (Poisson, as at any rate)."""
+    first_turns = [i for i, r in enumerate(requests) if r.follows is None]
+    arrivals = dict(zip(first_turns, poisson_arrivals(len(first_turns), rate_per_s, seed), strict=True))
+    return [dataclasses.replace(r, arrival_s=arrivals.get(i, r.arrival_s)) for i, r in enumerate(requests)]
+
+
+def with_predictions(requests: Sequence[SimRequest], spearman: float | None, seed: int) -> list[SimRequest]:
+    if spearman is None:
+        return list(requests)
+    predicted = noisy_lengths([r.output_tokens for r in requests], spearman, seed)
+    return [
+        dataclasses.replace(r, predicted_output_tokens=p) for r, p in zip(requests, predicted, strict=True)
+    ]
+
+
+def turn_summary(requests: Sequence[SimRequest], metrics: Sequence[RequestMetrics]) -> dict:
+    """What a row reports: latency and throughput over every turn, the follow-ups' TTFT, the hit rate."""
+    summary = summarize(metrics)
+    follow_ups = [m for r, m in zip(requests, metrics, strict=True) if r.follows is not None]
+    num_prompt = sum(m.num_prompt_tokens for m in metrics)
+    num_cached = sum(m.num_cached_tokens for m in metrics)
+    return {
+        "num_turns": len(metrics),
+        "mean_ttft_s": summary.mean_ttft_s,
+        "p99_ttft_s": summary.p99_ttft_s,
+        "mean_follow_up_ttft_s": sum(m.ttft_s for m in follow_ups) / len(follow_ups) if follow_ups else None,
+        "mean_jct_s": summary.mean_jct_s,
+        "p99_tbt_s": summary.p99_tbt_s,
+        "output_tokens_per_s": summary.output_tokens_per_s,
+        "hit_rate_tokens": num_cached / num_prompt if num_prompt else 0.0,
+        "num_preemptions": sum(m.num_preemptions for m in metrics),
+    }
+
+
+def simulate(
+    params: Params, cost_model: StepCostModel, rule: str, caching: bool, requests: Sequence[SimRequest]
+) -> dict:
+    scheduler = SchedulerConfig(
+        policy="sarathi",
+        max_num_seqs=params.max_num_seqs,
+        chunk_size=params.chunk_size,
+        queue_order=params.queue_order,
+    )
+    config = SimConfig(
+        scheduler=scheduler,
+        num_replicas=params.num_replicas,
+        num_blocks=params.num_blocks,
+        block_size=params.block_size,
+        max_model_len=params.max_model_len,
+        enable_prefix_caching=caching,
+        replica_routing=rule,
+        routing_stats_period_s=params.routing_stats_period_s,
+        seed=params.seed,
+    )
+    metrics = ClusterSimulator(config, cost_model).run(requests)
+    if len(metrics) != len(requests):
+        raise RuntimeError(f"{rule}: {len(requests) - len(metrics)} turns did not finish")
+    return turn_summary(requests, metrics)
+
+
+def best_rule(rows: Sequence[dict], rate_per_s: float) -> str:
+    """The rule of the least mean TTFT at ``rate_per_s`` (caching on)."""
+    at = [r for r in rows if r["caching"] and r["rate_per_s"] == rate_per_s]
+    return min(at, key=lambda r: r["mean_ttft_s"])["rule"]
+
+
+_turns: list[SimRequest] = []
+"""A worker process's copy of the turns (``_init_worker``), so each job does not pickle them again."""
+
+
+def _init_worker(turns: list[SimRequest]) -> None:
+    global _turns
+    _turns = turns
+
+
+def _simulate_job(params: Params, cost_model: StepCostModel, job: tuple[str, bool, float]) -> dict:
+    rule, caching, rate = job
+    started = time.time()
+    row = {"rule": rule, "caching": caching, "rate_per_s": rate}
+    row.update(simulate(params, cost_model, rule, caching, at_rate(_turns, rate, params.seed)))
+    print(
+        f"{rule}, caching {'on' if caching else 'off'}, {rate:g} conv/s: mean TTFT {row['mean_ttft_s']:.3f} s, "
+        f"p99 TTFT {row['p99_ttft_s']:.3f} s, mean JCT {row['mean_jct_s']:.3f} s, hit rate "
+        f"{row['hit_rate_tokens']:.1%}, {row['output_tokens_per_s']:.0f} tokens/s ({time.time() - started:.0f} s)",
+        flush=True,
+    )
+    return row
+
+
+def run(params: Params, processes: int = 1) -> dict:
+    """Every rule with caching on at every rate, then the best rule with caching off; ``processes`` runs
+    the simulations in parallel (each is deterministic, so the rows do not depend on it)."""
+    cost_model = StepCostModel.load(params.profile)
+    conversations, user_tokens = load_conversations(params)
+    turns = with_predictions(
+        conversation_requests(conversations, user_tokens, params), params.spearman, params.seed
+    )
+    with multiprocessing.get_context("fork").Pool(processes, _init_worker, (turns,)) as pool:
+        simulate_jobs = functools.partial(_simulate_job, params, cost_model)
+        rows = pool.map(
+            simulate_jobs, [(rule, True, rate) for rule in params.rules for rate in params.rates], 1
+        )
+        best = best_rule(rows, max(params.rates))
+        rows += pool.map(simulate_jobs, [(best, False, rate) for rate in params.rates], 1)
+    return {
+        "params": asdict(params),
+        "profile_source": cost_model.source,
+        "num_conversations": len(conversations),
+        "num_turns": len(turns),
+        "num_follow_up_turns": sum(1 for t in turns if t.follows is not None),
+        "mean_prompt_tokens": sum(t.prompt_tokens for t in turns) / len(turns),
+        "mean_output_tokens": sum(t.output_tokens for t in turns) / len(turns),
+        "best_rule": best,
+        "rows": rows,
+    }
+
+
+# ---- the report's section (``binserve bench report`` renders docs/results/<model>/prefix_routing.json) ----
+
+TITLE = "Conversations across 16 replicas (simulated): routing by cached prefix and predicted work"
+TARGET_RULE = "least_cost"
+
+
+def targets(result: dict) -> list[dict]:
+    """Least cost's mean TTFT at the highest rate against the best other rule's there (>= 1.0x: no worse)."""
+    top = max(result["params"]["rates"])
+    at = {r["rule"]: r for r in result["rows"] if r["caching"] and r["rate_per_s"] == top}
+    if TARGET_RULE not in at or len(at) < 2:
+        return []
+    others = min(r["mean_ttft_s"] for rule, r in at.items() if rule != TARGET_RULE)
+    goal = (
+        f"simulated prefix hits, {result['params']['num_replicas']} replicas, {top:g} conversations/s: the best "
+        "other rule's mean TTFT over least cost's >= 1.0 (least cost no worse)"
+    )
+    return [harness.target(goal, others / at[TARGET_RULE]["mean_ttft_s"], 1.0)]
+
+
+def render(result: dict) -> str:
+    p = result["params"]
+    headers = [
+        "rule",
+        "prefix caching",
+        "conversations/s",
+        "mean TTFT (s)",
+        "p99 TTFT (s)",
+        "follow-up mean TTFT (s)",
+        "mean JCT (s)",
+        "hit rate (prompt tokens)",
+        "output tokens/s",
+    ]
+    table = [
+        [
+            r["rule"],
+            "on" if r["caching"] else "off",
+            f"{r['rate_per_s']:g}",
+            f"{r['mean_ttft_s']:.3f}",
+            f"{r['p99_ttft_s']:.3f}",
+            "–" if r["mean_follow_up_ttft_s"] is None else f"{r['mean_follow_up_ttft_s']:.3f}",
+            f"{r['mean_jct_s']:.2f}",
+            f"{r['hit_rate_tokens']:.1%}",
+            f"{r['output_tokens_per_s']:.0f}",
+        ]
+        for r in result["rows"]
+    ]
+    predictions = "true" if p["spearman"] is None else f"synthetic (Spearman {p['spearman']:g})"
+    text = (
+        f"{p['num_replicas']} replicas in one pool, simulated under the step-cost profile `{Path(p['profile']).name}` "
+        f"({result['profile_source']}). {result['num_conversations']} ShareGPT conversations of up to "
+        f"{p['max_turns']} turns ({result['num_turns']} turns, {result['num_follow_up_turns']} follow-ups; prompts "
+        f"{result['mean_prompt_tokens']:.0f} tokens on average with their history, answers "
+        f"{result['mean_output_tokens']:.0f}, at most {p['max_output_tokens']}), Poisson arrivals of new "
+        f"conversations, think time {p['think_s']:g} s on average, SARATHI (chunk {p['chunk_size']}, "
+        f"{p['max_num_seqs']} sequences, {p['queue_order']}), {p['num_blocks']} KV blocks of {p['block_size']} "
+        f"tokens per replica, predicted answer lengths {predictions}, reports every {p['routing_stats_period_s']:g} s. "
+        "Token ids are synthetic and every resent answer is exactly the generated tokens (a real chat template "
+        f"may re-tokenize it differently). Caching off: the best rule at the highest rate ({result['best_rule']}). "
+        "What it says: docs/ROUTING.md."
+    )
+    parts = [text, harness.markdown_table(headers, table)]
+    if "meta" in result:
+        parts.append(harness.provenance(result))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=Params.profile)
+    parser.add_argument("--num-conversations", type=int, default=Params.num_conversations)
+    parser.add_argument("--rates", default=",".join(f"{r:g}" for r in Params.rates), help="conversations/s")
+    parser.add_argument("--think-s", type=float, default=Params.think_s)
+    parser.add_argument("--tokenizer", default=Params.tokenizer_dir, help="model directory measuring lengths")
+    parser.add_argument(
+        "--quick", action="store_true", help="a minute-sized run (120 conversations, 2 rates)"
+    )
+    parser.add_argument("--processes", type=int, default=1, help="simulations run in parallel")
+    parser.add_argument("--json", required=True, help="docs/results/MODEL/prefix_routing.json for the report")
+    args = parser.parse_args()
+    start_s, load_at_start = time.perf_counter(), harness.load_average()
+    params = Params(
+        profile=args.profile,
+        num_conversations=args.num_conversations,
+        rates=tuple(float(r) for r in args.rates.split(",")),
+        think_s=args.think_s,
+        tokenizer_dir=args.tokenizer,
+    )
+    if args.quick:
+        params = dataclasses.replace(params, **QUICK)
+    result = run(params, args.processes)
+    result["meta"] = harness.run_meta(
+        "python -m bench.experiments.prefix_routing " + " ".join(sys.argv[1:]),
+        time.perf_counter() - start_s,
+        load_at_start,
+    )
+    result["targets"] = targets(result)
+    harness.write_json(Path(args.json), result)
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
