@@ -30,6 +30,7 @@ from cluster.config import ReplicaRouting
 from cluster.router import BinRouter, PredictedWorkBook
 from pipeline.config import SchedulerConfig, check_range, to_enum
 from pipeline.engine import RequestMetrics
+from pipeline.length_distribution import OutputLengthDistribution
 from pipeline.plan import StepOutput, StepPlan
 from pipeline.request import Request, SamplingParams
 from pipeline.scheduler import Scheduler
@@ -44,6 +45,8 @@ class SimRequest:
     output_tokens: int
     predicted_output_tokens: int | None = None
     """What the router and SSJF see; ``None`` means the oracle (the true output length)."""
+    output_length_distribution: OutputLengthDistribution | None = None
+    """The predicted length's spread around ``predicted`` (the ``expected_remaining`` order reads it)."""
 
     @property
     def predicted(self) -> int:
@@ -162,6 +165,7 @@ class ClusterSimulator:
             arrival_s=sim_request.arrival_s,
             predicted_output_tokens=sim_request.predicted,
             bin_id=route.bin_id,
+            output_length_distribution=sim_request.output_length_distribution,
         )
         replica.scheduler.add(request)
         if self.config.replica_routing is ReplicaRouting.LEAST_PREDICTED_WORK:
