@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from bench import conversation_routing, conversations, demo_pairs, path, served, trace_replay
 from bench.experiments import (
+    expected_remaining,
     hf,
     multibin,
     pipeline_bubbles,
@@ -60,6 +61,7 @@ EXPERIMENTS: dict[str, ModuleType] = {
 # the rest, not run by the report.
 MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "replica_routing": replica_routing,
+    "expected_remaining": expected_remaining,  # python -m bench.experiments.expected_remaining
     "trace": trace_replay,
     "path": path,  # binserve bench path
     "conversations": conversations,  # binserve bench conversations
@@ -264,7 +266,10 @@ def render_report(
     rounds = Path(results_dir) / ROUNDS_FILE
     if rounds.is_file():  # the notes of each measurement round, written when it was measured
         # One heading level down: the notes' title becomes a section of the report.
-        lines += ["", *("#" + line if line.startswith("#") else line for line in rounds.read_text().splitlines())]
+        lines += [
+            "",
+            *("#" + line if line.startswith("#") else line for line in rounds.read_text().splitlines()),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -90,6 +90,12 @@ class DistributionTable:
             raise ValueError(f"predictor: no {TABLE_FILE} in {directory}")
         return cls(**json.loads(path.read_text()))
 
+    @classmethod
+    def of_predictor(cls, directory: str | Path | None) -> DistributionTable | None:
+        """The table shipped with the predictor in ``directory`` (None: the default), or None if it has none."""
+        directory = DEFAULT_DIR if directory is None else Path(directory)
+        return cls.load(directory) if (directory / TABLE_FILE).is_file() else None
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / TABLE_FILE
         path.write_text(json.dumps(asdict(self), indent=1) + "\n")
