@@ -84,8 +84,8 @@ def test_shipped_table_loads_with_monotone_rows(tmp_path) -> None:
     table = DistributionTable.load()
     assert DistributionTable.of_predictor(None) == table
     assert DistributionTable.of_predictor(tmp_path) is None  # a predictor without a table sends none
-    for edge in (0, *table.band_edges, 512):
-        knots = table.for_prediction(edge).quantiles(max(1, edge))
+    for edge in (0, *table.band_centres, 512):
+        knots = table.for_prediction(round(edge)).quantiles(max(1, edge))
         assert list(knots) == sorted(knots)
 
 

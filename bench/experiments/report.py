@@ -61,13 +61,13 @@ EXPERIMENTS: dict[str, ModuleType] = {
 # the rest, not run by the report.
 MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "replica_routing": replica_routing,
-    "expected_remaining": expected_remaining,  # python -m bench.experiments.expected_remaining
     "trace": trace_replay,
     "path": path,  # binserve bench path
     "conversations": conversations,  # binserve bench conversations
     "conversation_routing": conversation_routing,  # binserve bench conversations --serve-config
     "served": served,  # binserve bench served
     "demo": demo_pairs,  # binserve bench demo
+    "expected_remaining": expected_remaining,  # python -m bench.experiments.expected_remaining
 }
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
 USES_PREDICTOR = ("ssjf", "multibin", "scale", "queue_orders")

@@ -34,8 +34,10 @@ LEVELS = tuple(i / 20 for i in range(21))
 class DistributionTable:
     """Quantiles of true / predicted output length at ``levels``, one row per band of predictions."""
 
-    band_edges: list[int]
-    """Inclusive upper edges (predicted tokens) of all bands but the last (``lengths.bin_of``)."""
+    band_centres: list[float]
+    """The median prediction (tokens) of each band, ascending: a request's ratios are interpolated between the
+    rows of the two bands whose centres surround its prediction (the first or last row beyond them), so its
+    distribution, and its expected length, move smoothly with the prediction rather than jump at a band edge."""
     levels: list[float]
     ratios: list[list[float]]
     """Per band, the quantiles of true / predicted length at ``levels``."""
@@ -45,8 +47,10 @@ class DistributionTable:
     """How the table was made: the command, the labels, the prompts it was fitted on."""
 
     def __post_init__(self) -> None:
-        if len(self.ratios) != len(self.band_edges) + 1:
-            raise ValueError("ratios: need one row per band (len(band_edges) + 1)")
+        if len(self.ratios) != len(self.band_centres) or not self.ratios:
+            raise ValueError("ratios: need one row per band (per entry of band_centres)")
+        if self.band_centres != sorted(self.band_centres):
+            raise ValueError(f"band_centres: must ascend, got {self.band_centres}")
         for row in self.ratios:  # checks levels and ratios once, at load
             OutputLengthDistribution(tuple(self.levels), tuple(row), self.max_output_tokens)
 
@@ -66,21 +70,33 @@ class DistributionTable:
         by_prediction = sorted(predicted_tokens)
         edges = [int(quantile(by_prediction, b / num_bands)) for b in range(1, num_bands)]
         members: list[list[float]] = [[] for _ in range(num_bands)]
+        band_predictions: list[list[int]] = [[] for _ in range(num_bands)]
         for predicted, true in zip(predicted_tokens, true_tokens, strict=True):
-            members[bisect.bisect_left(edges, predicted)].append(true / max(1, predicted))
+            band = bisect.bisect_left(edges, predicted)
+            members[band].append(true / max(1, predicted))
+            band_predictions[band].append(predicted)
         if any(not m for m in members):
             raise ValueError(f"band_edges: a band is empty (edges {edges}); use fewer bands")
         ratios = [[quantile(sorted(m), level) for level in levels] for m in members]
-        return cls(edges, list(levels), ratios, max_output_tokens, made_by)
+        centres = [quantile(sorted(p), 0.5) for p in band_predictions]
+        return cls(centres, list(levels), ratios, max_output_tokens, made_by)
 
     def for_prediction(
         self, predicted_tokens: int, max_tokens: int | None = None
     ) -> OutputLengthDistribution:
         """The spread of a request predicted ``predicted_tokens`` long, capped at its ``max_tokens``."""
-        band = bisect.bisect_left(self.band_edges, predicted_tokens)
-        spread = OutputLengthDistribution(
-            tuple(self.levels), tuple(self.ratios[band]), self.max_output_tokens
-        )
+        centres = self.band_centres
+        upper = bisect.bisect_left(centres, predicted_tokens)
+        if upper == 0 or upper == len(centres):
+            row = self.ratios[min(upper, len(centres) - 1)]
+        else:  # between two centres: a convex combination of non-decreasing rows is non-decreasing
+            low, high = centres[upper - 1], centres[upper]
+            weight = (predicted_tokens - low) / (high - low)
+            row = [
+                (1 - weight) * a + weight * b
+                for a, b in zip(self.ratios[upper - 1], self.ratios[upper], strict=True)
+            ]
+        spread = OutputLengthDistribution(tuple(self.levels), tuple(row), self.max_output_tokens)
         return spread if max_tokens is None else spread.capped(max_tokens)
 
     @classmethod

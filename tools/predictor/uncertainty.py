@@ -121,7 +121,7 @@ def run(labels_path: str, tokenizer_dir: str, num_bands: int) -> tuple[dict, Dis
         "num_folds": NUM_FOLDS,
         "calibration": calibration(rows, max_output_tokens, num_bands),
         "calibration_one_band": calibration(rows, max_output_tokens, 1),
-        "table": {"band_edges": table.band_edges, "levels": table.levels, "ratios": table.ratios},
+        "table": {"band_centres": table.band_centres, "levels": table.levels, "ratios": table.ratios},
         "rows": rows,
     }
     return result, table
