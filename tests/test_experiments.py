@@ -476,5 +476,7 @@ def test_expected_remaining_compares_orders_on_the_same_requests(tmp_path) -> No
     assert "mean_jct_s_vs_point_ssjf_bounded" not in baseline
     (target,) = expected_remaining.targets(result)
     assert target["value"] == pytest.approx(-ours["mean_jct_s_vs_point_ssjf_bounded"]["mean"])
+    assert len(expected_remaining.oracle_shares(result)) == 1
+    assert all(r["num_preemptions"] == 0 for r in result["rows"])  # 100,000 blocks: KV never runs short
     text = expected_remaining.render(result)
     assert "| p50 | 0.50 | 0.50 |" in text and "| 4 | expected_remaining | distribution |" in text

@@ -61,6 +61,9 @@ class Params:
     """``SchedulerConfig.service_s_per_token`` (the wait bound of ``ssjf_bounded`` and ``expected_remaining``)."""
     max_wait_floor_s: float = 10.0
     max_wait_service_multiple: float = 4.0
+    num_blocks: int = 100_000
+    """KV blocks of 16 tokens per replica: the default never runs out; a few hundred make running requests
+    preempt each other, so preempted ones wait with tokens generated (where E[L - g | L > g] differs most)."""
 
 
 def requests_for(
@@ -102,10 +105,19 @@ def simulate(params: Params, cost_model: StepCostModel, order: str, requests: li
         max_wait_service_multiple=params.max_wait_service_multiple,
     )
     config = SimConfig(
-        scheduler=scheduler, num_replicas=params.num_replicas, replica_routing="least_predicted_work"
+        scheduler=scheduler,
+        num_replicas=params.num_replicas,
+        num_blocks=params.num_blocks,
+        replica_routing="least_predicted_work",
     )
-    s = summarize(ClusterSimulator(config, cost_model).run(requests))
-    return {"mean_jct_s": s.mean_jct_s, "p99_jct_s": s.p99_jct_s, "p99_ttft_s": s.p99_ttft_s}
+    metrics = ClusterSimulator(config, cost_model).run(requests)
+    s = summarize(metrics)
+    return {
+        "mean_jct_s": s.mean_jct_s,
+        "p99_jct_s": s.p99_jct_s,
+        "p99_ttft_s": s.p99_ttft_s,
+        "num_preemptions": sum(m.num_preemptions for m in metrics),
+    }
 
 
 def run(params: Params) -> dict:
@@ -272,7 +284,7 @@ def render(result: dict) -> str:
         f"Ordering: {p['num_requests']} requests drawn with replacement from those prompts (SmolLM2's own lengths), "
         f"Poisson arrivals, {p['num_replicas']} replicas under `{Path(p['profile']).name}` "
         f"({result['profile_source']}), SARATHI (chunk {p['chunk_size']}, {p['max_num_seqs']} sequences), "
-        f"least-predicted-work routing; wait bound max({p['max_wait_floor_s']:g} s, "
+        f"least-predicted-work routing, {p.get('num_blocks', 100_000)} KV blocks of 16 tokens per replica; wait bound max({p['max_wait_floor_s']:g} s, "
         f"{p['max_wait_service_multiple']:g} x predicted work x {p['service_s_per_token']:g} s). Figures are means "
         f"over {len(p['seeds'])} seeds; changes are paired by seed: mean (smallest to largest), and the number of "
         f"seeds where the row was better. Where it stands: docs/ROUTING.md."
@@ -294,6 +306,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", default=",".join(str(s) for s in Params.seeds))
     parser.add_argument("--service-s-per-token", type=float, default=Params.service_s_per_token)
+    parser.add_argument("--num-blocks", type=int, default=Params.num_blocks, help="KV blocks per replica")
     parser.add_argument(
         "--json", required=True, help="docs/results/MODEL/expected_remaining.json for the report"
     )
@@ -307,6 +320,7 @@ def main() -> None:
         rates=tuple(float(r) for r in args.rates.split(",")),
         seeds=tuple(int(s) for s in args.seeds.split(",")),
         service_s_per_token=args.service_s_per_token,
+        num_blocks=args.num_blocks,
     )
     result = run(params)
     result["meta"] = harness.run_meta(

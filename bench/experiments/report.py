@@ -68,6 +68,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "served": served,  # binserve bench served
     "demo": demo_pairs,  # binserve bench demo
     "expected_remaining": expected_remaining,  # python -m bench.experiments.expected_remaining
+    "expected_remaining_preempting": expected_remaining,  # the same with --num-blocks: KV runs short
 }
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
 USES_PREDICTOR = ("ssjf", "multibin", "scale", "queue_orders")
