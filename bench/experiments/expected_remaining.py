@@ -290,6 +290,13 @@ def render(result: dict) -> str:
         f"seeds where the row was better. Where it stands: docs/ROUTING.md."
     )
     parts = [text, calibration_table, ordering, harness.markdown_table(headers, table)]
+    if p.get("num_blocks", Params.num_blocks) < Params.num_blocks:
+        preemptions = statistics.fmean(r["num_preemptions"] for r in result["rows"])
+        lead = (
+            f"**KV short ({p['num_blocks']} blocks per replica): preempted requests wait with tokens generated**, "
+            f"{preemptions:.0f} recompute preemptions per run of {p['num_requests']} requests on average."
+        )
+        parts.insert(0, lead)
     if "meta" in result:
         parts.append(harness.provenance(result))
     return "\n\n".join(parts)
