@@ -26,6 +26,7 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from cluster.intake import GenerationInput, Intake
+from cluster.predictor.distribution import DistributionTable
 from cluster.predictor_client import PredictorClient
 from cluster.prometheus import IngressMetrics
 from cluster.router import BinRouter, PrefixPools
@@ -93,12 +94,15 @@ class GenerationService:
         max_admitted_requests: int | None = None,
         caller: Any | None = None,
         block_size: int | None = None,
+        length_distribution: DistributionTable | None = None,
     ) -> None:
         """``max_admitted_requests``: requests held at once; more are refused (``QueueFullError``).
         ``caller``: the actor handle of the replica this service runs in, sent with every engine call so
         that the engine aborts the calls of a caller that dies (``cluster/caller_watch.py``).
         ``block_size``: the engines' KV block size, to name each prompt's blocks once for the replica
-        router (``NewRequest.prompt_block_names``); None when prefix caching is off."""
+        router (``NewRequest.prompt_block_names``); None when prefix caching is off.
+        ``length_distribution``: the predictor's error table, to send each request its predicted length
+        distribution (``NewRequest.output_length_distribution``, for ``queue_order: expected_remaining``)."""
         if len(pools) != router.num_pools:
             raise ValueError(f"pools: {len(pools)} engine pools given, the router needs {router.num_pools}")
         self.intake = intake
@@ -110,6 +114,7 @@ class GenerationService:
         self.num_admitted = 0
         self.caller = caller
         self.block_size = block_size
+        self.length_distribution = length_distribution
         self.prefix_pools = PrefixPools()  # where this ingress sent each prompt block (several pools)
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[GenerationChunk]:
@@ -167,6 +172,11 @@ class GenerationService:
                 predicted_output_tokens,
                 route.bin_id,
                 block_names,
+                None
+                if self.length_distribution is None
+                else self.length_distribution.for_prediction(
+                    predicted_output_tokens, prepared.params.max_tokens
+                ),
             ),
             self.caller,
         )

@@ -28,6 +28,7 @@ class QueueOrder(str, enum.Enum):
     SSJF = "ssjf"
     SSJF_BOUNDED = "ssjf_bounded"
     HRRN = "hrrn"
+    EXPECTED_REMAINING = "expected_remaining"
 
 
 class StagePlacement(str, enum.Enum):
@@ -130,7 +131,9 @@ class SchedulerConfig:
     queue_order: QueueOrder = QueueOrder.FCFS
     """``fcfs`` by arrival; ``ssjf`` least predicted work first (``Request.predicted_work_tokens``) with a
     fixed aging threshold; ``ssjf_bounded`` the same with the wait bound instead; ``hrrn`` highest response
-    ratio next, (wait + predicted service) / predicted service, with the wait bound."""
+    ratio next, (wait + predicted service) / predicted service, with the wait bound; ``expected_remaining``
+    least expected work first (``Request.expected_work_tokens``: the mean remaining output under the
+    predicted length distribution, given the tokens generated so far) with the wait bound."""
     aging_threshold_s: float = 30.0
     """SSJF aging guard: requests that have waited this long are served first, oldest first."""
     service_s_per_token: float = 0.02

@@ -10,7 +10,8 @@ Two kinds, chosen once from ``SchedulerConfig`` by ``batching_policy`` and ``wai
   request; dynamic: it also starts once its oldest request has waited ``batch_wait_timeout_s``).
 - **Waiting queues** order the requests that hold no KV blocks: ``FCFSQueue`` by arrival; ``SSJFQueue``
   least predicted work first with a fixed aging guard; ``BoundedSSJFQueue`` the same with aging tied to
-  the job's size (``WaitBound``); ``HRRNQueue`` highest response ratio next under the same bound.
+  the job's size (``WaitBound``); ``HRRNQueue`` highest response ratio next under the same bound;
+  ``ExpectedRemainingQueue`` least expected remaining work under the predicted length distribution.
 
 Adding a policy is adding a class here and a member to the config's enum; the scheduler does not change.
 """
@@ -63,7 +64,8 @@ class FCFSQueue(WaitingQueue):
 class AgingQueue(WaitingQueue):
     """Requests that have waited past their aging limit first, earliest limit first; the rest by
     ``priority`` (smallest first; ties keep arrival order). Every order but FCFS is one of these: they
-    differ only in the limit and the priority, and all rank by ``Request.predicted_work_tokens``."""
+    differ only in the limit and the priority, and rank by ``Request.predicted_work_tokens`` (or its mean
+    under the predicted length distribution, ``Request.expected_work_tokens``)."""
 
     @abstractmethod
     def aging_limit_s(self, request: Request) -> float:
@@ -147,12 +149,24 @@ class HRRNQueue(BoundedSSJFQueue):
         return -(now_s - request.arrival_s + service_s) / service_s
 
 
+class ExpectedRemainingQueue(BoundedSSJFQueue):
+    """Least expected work first: uncached prompt plus the mean output still to come under the request's
+    predicted length distribution, given what it has generated (``Request.expected_work_tokens``), rather
+    than the point prediction's remaining output. Only a preempted request has generated tokens while it
+    waits; for a new one this is its mean length, which a heavy tail puts above the point. Same
+    ``WaitBound`` aging as ``ssjf_bounded`` (on the point's predicted service)."""
+
+    def priority(self, request: Request, now_s: float) -> float:
+        return request.expected_work_tokens
+
+
 def waiting_queue(config: SchedulerConfig) -> WaitingQueue:
     makers = {
         QueueOrder.FCFS: FCFSQueue,
         QueueOrder.SSJF: lambda: SSJFQueue(config.aging_threshold_s),
         QueueOrder.SSJF_BOUNDED: lambda: BoundedSSJFQueue(WaitBound.of(config)),
         QueueOrder.HRRN: lambda: HRRNQueue(WaitBound.of(config)),
+        QueueOrder.EXPECTED_REMAINING: lambda: ExpectedRemainingQueue(WaitBound.of(config)),
     }
     return makers[config.queue_order]()
 

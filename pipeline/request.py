@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pipeline.length_distribution import OutputLengthDistribution
 from pipeline.sampling import FIELD_NAMES, FIELDS, check_sampling
 
 
@@ -70,6 +71,9 @@ class NewRequest:
     """The names of the prompt's cacheable blocks (``pipeline.block_manager.prompt_block_names``), hashed
     once by the ingress so the replica router can find where the prompt's prefix is cached; empty when
     prefix caching is off. The engine names its blocks itself."""
+    output_length_distribution: OutputLengthDistribution | None = None
+    """How far the true length tends to fall from ``predicted_output_tokens`` (the predictor's quantiles of
+    true / predicted); the ``expected_remaining`` order ranks by it. None: the point prediction alone."""
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -115,6 +119,8 @@ class Request:
     """The length predictor's guess (or an oracle's); SSJF orders by it."""
     bin_id: int = 0
     """The router's bin; static and dynamic batches can be drawn from one bin."""
+    output_length_distribution: OutputLengthDistribution | None = None
+    """The predicted length's spread (``NewRequest.output_length_distribution``)."""
 
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
@@ -147,6 +153,7 @@ class Request:
             arrival_s=arrival_s,
             predicted_output_tokens=new.predicted_output_tokens,
             bin_id=new.bin_id,
+            output_length_distribution=new.output_length_distribution,
         )
 
     @property
@@ -194,9 +201,33 @@ class Request:
         return max(1, self.predicted_total_output_tokens - self.num_output_tokens)
 
     @property
+    def num_uncached_prompt_tokens(self) -> int:
+        """Prompt tokens neither prefilled nor found in the prefix cache (after a preemption, those beyond the
+        first admission's cache hit)."""
+        num_prefilled = max(self.num_computed_tokens, self.num_cached_tokens)
+        return max(0, self.num_prompt_tokens - num_prefilled)
+
+    @property
     def predicted_work_tokens(self) -> int:
         """A request's predicted service, the one definition every queue order, the replica router, the
-        autoscaler and the simulator use: prompt tokens neither prefilled nor found in the prefix cache (after a
-        preemption, those beyond the first admission's cache hit) plus predicted remaining output."""
-        num_prefilled = max(self.num_computed_tokens, self.num_cached_tokens)
-        return max(0, self.num_prompt_tokens - num_prefilled) + self.predicted_remaining_tokens
+        autoscaler and the simulator use: uncached prompt tokens plus predicted remaining output."""
+        return self.num_uncached_prompt_tokens + self.predicted_remaining_tokens
+
+    @property
+    def expected_remaining_tokens(self) -> float:
+        """The mean output still to come given the tokens generated so far, E[L - g | L > g], under the
+        request's length distribution located at ``predicted_total_output_tokens`` (so the length probe's
+        refinement shifts it); at least 1 while unfinished. Without a distribution: the point's remaining."""
+        spread = self.output_length_distribution
+        if spread is None:
+            return self.predicted_remaining_tokens
+        expected = spread.expected_remaining_tokens(
+            self.predicted_total_output_tokens, self.num_output_tokens
+        )
+        return max(1.0, expected)
+
+    @property
+    def expected_work_tokens(self) -> float:
+        """``predicted_work_tokens`` with the expected remaining output in place of the point's: uncached
+        prompt tokens plus ``expected_remaining_tokens``."""
+        return self.num_uncached_prompt_tokens + self.expected_remaining_tokens

@@ -487,3 +487,64 @@ def test_prefix_routing_renders_and_judges_least_cost_against_the_best_other_rul
     (target,) = prefix_routing.targets(result)
     assert target["value"] == pytest.approx(2.0) and target["met"] is True
     assert "| least_cost | off | 20 | 0.300 |" in prefix_routing.render(result)
+
+
+def test_expected_remaining_compares_orders_on_the_same_requests(tmp_path) -> None:
+    """A few simulated requests from a hand-made calibration file: every order runs on every (rate, seed),
+    the comparisons pair seeds, and the section renders."""
+    from bench.experiments import expected_remaining
+
+    rows = [
+        {
+            "id": str(i),
+            "prompt_tokens": 20 + i,
+            "output_tokens": 10 + 7 * i % 50,
+            "predicted_tokens": 10 + 3 * i % 40,
+        }
+        | {"group": i, "fold": i % 2}
+        for i in range(30)
+    ]
+    levels = [{"level": q, "share_below": q, "share_at_or_below": q} for q in (0.1, 0.5, 0.9)]
+    calibration = {
+        "max_output_tokens": 64,
+        "num_folds": 2,
+        "calibration": {
+            "num_prompts": 30,
+            "num_groups": 30,
+            "num_bands": 2,
+            "levels": levels,
+            "point_prediction": {"share_below": 0.4, "share_at_or_below": 0.45},
+            "share_at_cap": 0.0,
+        },
+        "rows": rows,
+        "meta": {"command": "made by hand"},
+    }
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(calibration))
+    params = expected_remaining.Params(
+        calibration=str(path),
+        profile=str(expected_remaining.harness.REPO_DIR / "profiles" / "cpu-tiny-llama.json"),
+        num_replicas=2,
+        num_requests=24,
+        rates=(4.0,),
+        seeds=(0, 1),
+        max_num_seqs=4,
+    )
+    result = expected_remaining.run(params)
+    assert len(result["rows"]) == len(expected_remaining.ORDERS) * 2
+    ours = next(c for c in result["comparisons"] if c["order"] == "expected_remaining")
+    assert set(ours) >= {
+        "mean_jct_s_vs_fcfs",
+        "mean_jct_s_vs_point_ssjf_bounded",
+        "p99_jct_s_vs_point_ssjf_bounded",
+    }
+    baseline = next(
+        c for c in result["comparisons"] if c["ranks_by"] == "point" and c["order"] == "ssjf_bounded"
+    )
+    assert "mean_jct_s_vs_point_ssjf_bounded" not in baseline
+    (target,) = expected_remaining.targets(result)
+    assert target["value"] == pytest.approx(-ours["mean_jct_s_vs_point_ssjf_bounded"]["mean"])
+    assert len(expected_remaining.oracle_shares(result)) == 1
+    assert all(r["num_preemptions"] == 0 for r in result["rows"])  # 100,000 blocks: KV never runs short
+    text = expected_remaining.render(result)
+    assert "| p50 | 0.50 | 0.50 |" in text and "| 4 | expected_remaining | distribution |" in text

@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 
 from pipeline.config import QueueOrder, SchedulerConfig, SchedulerPolicy
 from pipeline.engine import Engine
+from pipeline.length_distribution import OutputLengthDistribution
 from pipeline.plan import StepPlan
 from pipeline.request import FinishReason, NewRequest, SamplingParams
 from pipeline.scheduler import Scheduler
 from tests.fake_runner import Clock, FakeRunner, next_token
 
 EOS = 999
-
 
 
 class CheckingRunner(FakeRunner):
@@ -59,6 +59,10 @@ def check_blocks(scheduler: Scheduler) -> None:
     for block_id in range(blocks.num_blocks):
         assert blocks.ref_count(block_id) == holders[block_id], f"block {block_id}: reference count"
     assert blocks.free_block_ids == {b for b in range(blocks.num_blocks) if not holders[b]}
+
+
+SPREAD = OutputLengthDistribution(levels=(0.0, 0.5, 0.9, 1.0), ratios=(0.2, 1.0, 3.0, 3.0), max_tokens=64)
+"""A heavy-tailed length distribution, carried by every other request."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,14 @@ def run(
     for i, prompt in enumerate(workload.prompts):
         params = SamplingParams(max_tokens=workload.max_tokens[i])
         engine.add_request(
-            NewRequest(f"r{i}", tuple(prompt), params, workload.predicted[i], workload.bins[i]),
+            NewRequest(
+                f"r{i}",
+                tuple(prompt),
+                params,
+                workload.predicted[i],
+                workload.bins[i],
+                output_length_distribution=SPREAD if i % 2 else None,  # both paths of expected_remaining
+            ),
             arrival_s=0.001 * i,
         )
     budget = scheduler.policy.budget_tokens(config, max_model_len)

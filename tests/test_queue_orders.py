@@ -9,11 +9,14 @@ import pytest
 
 from pipeline.config import QueueOrder, SchedulerConfig
 from pipeline.engine import Engine
+from pipeline.length_distribution import OutputLengthDistribution
 from pipeline.policies import BoundedSSJFQueue, HRRNQueue, SSJFQueue, WaitBound, waiting_queue
 from pipeline.request import NewRequest, Request, SamplingParams
 from pipeline.scheduler import Scheduler
 from tests.fake_runner import FakeRunner
 
+SPREAD = OutputLengthDistribution(levels=(0.0, 0.5, 0.9, 1.0), ratios=(0.5, 1.0, 2.0, 2.0), max_tokens=1000)
+"""A right-skewed predicted length distribution (``expected_remaining`` ranks by its mean)."""
 STEP_S = 0.01
 """The fake clock's step; the scheduler's ``service_s_per_token`` is set to it (one step per token)."""
 
@@ -32,6 +35,7 @@ def test_every_order_has_a_queue() -> None:
         QueueOrder.SSJF: "SSJFQueue",
         QueueOrder.SSJF_BOUNDED: "BoundedSSJFQueue",
         QueueOrder.HRRN: "HRRNQueue",
+        QueueOrder.EXPECTED_REMAINING: "ExpectedRemainingQueue",
     }
 
 
@@ -102,7 +106,11 @@ def first_wait_of_long_request(order: QueueOrder, seed: int = 0) -> tuple[float,
         arrivals.append(t)
     short = SamplingParams(max_tokens=short_tokens, ignore_eos=True)
     long = NewRequest(
-        "long", (1, 2, 3, 4), SamplingParams(max_tokens=long_tokens, ignore_eos=True), long_tokens
+        "long",
+        (1, 2, 3, 4),
+        SamplingParams(max_tokens=long_tokens, ignore_eos=True),
+        long_tokens,
+        output_length_distribution=SPREAD,  # its mean is above its point: it ranks even later
     )
     engine.add_request(long, arrival_s=0.5)
     waiting_long = scheduler.requests["long"]
@@ -110,7 +118,9 @@ def first_wait_of_long_request(order: QueueOrder, seed: int = 0) -> tuple[float,
     next_arrival = 0
     while clock[0] < 60.0:
         while next_arrival < len(arrivals) and arrivals[next_arrival] <= clock[0]:
-            new = NewRequest(f"s{next_arrival}", (1, 2, 3, 4), short, short_tokens)
+            new = NewRequest(
+                f"s{next_arrival}", (1, 2, 3, 4), short, short_tokens, output_length_distribution=SPREAD
+            )
             engine.add_request(new, arrival_s=arrivals[next_arrival])
             next_arrival += 1
         if waiting_long.admitted_s is not None:
@@ -128,7 +138,9 @@ def test_unbounded_ssjf_starves_the_long_request_past_the_bound() -> None:
     assert wait_s > bound_s
 
 
-@pytest.mark.parametrize("order", [QueueOrder.SSJF_BOUNDED, QueueOrder.HRRN], ids=lambda o: o.value)
+@pytest.mark.parametrize(
+    "order", [QueueOrder.SSJF_BOUNDED, QueueOrder.HRRN, QueueOrder.EXPECTED_REMAINING], ids=lambda o: o.value
+)
 def test_long_request_behind_a_stream_of_short_ones_starts_within_the_bound(order: QueueOrder) -> None:
     wait_s, bound_s = first_wait_of_long_request(order)
     assert wait_s <= bound_s

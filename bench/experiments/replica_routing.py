@@ -185,7 +185,12 @@ TAIL_TARGET_RATIOS = (1.2, 1.0)
 """Issue 25: with one queue order, capacity >= 1.2x length-blind under the mean-JCT SLO AND >= 1.0x under
 the p99-TTFT SLO."""
 
-ORDER_NAMES = {"ssjf": "SSJF", "ssjf_bounded": "SSJF, size-tied aging", "hrrn": "HRRN"}
+ORDER_NAMES = {
+    "ssjf": "SSJF",
+    "ssjf_bounded": "SSJF, size-tied aging",
+    "hrrn": "HRRN",
+    "expected_remaining": "least expected remaining work",
+}
 
 
 def length_aware_system(queue_order: str) -> tuple[str, str, str]:

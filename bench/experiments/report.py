@@ -33,6 +33,7 @@ from bench import (
     trace_replay,
 )
 from bench.experiments import (
+    expected_remaining,
     hf,
     multibin,
     pipeline_bubbles,
@@ -77,6 +78,8 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "conversation_probe": conversation_probe,  # binserve bench conversation-probe
     "served": served,  # binserve bench served
     "demo": demo_pairs,  # binserve bench demo
+    "expected_remaining": expected_remaining,  # python -m bench.experiments.expected_remaining
+    "expected_remaining_preempting": expected_remaining,  # the same with --num-blocks: KV runs short
 }
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
 USES_PREDICTOR = ("ssjf", "multibin", "scale", "queue_orders")

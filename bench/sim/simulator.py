@@ -39,6 +39,7 @@ from cluster.router import MAX_REPORTED_BLOCKS, RULES, BinRouter, PredictedWorkB
 from pipeline.block_manager import prompt_block_names
 from pipeline.config import SchedulerConfig, check_range, to_enum
 from pipeline.engine import RequestMetrics
+from pipeline.length_distribution import OutputLengthDistribution
 from pipeline.plan import ScheduledChunk, StepOutput, StepPlan
 from pipeline.request import NewRequest, Request, SamplingParams
 from pipeline.scheduler import Scheduler
@@ -63,6 +64,8 @@ class SimRequest:
     follows: int | None = None
     """The index of the request (earlier in the list) this turn follows: it is sent only when that one
     finished."""
+    output_length_distribution: OutputLengthDistribution | None = None
+    """The predicted length's spread around ``predicted`` (the ``expected_remaining`` order reads it)."""
 
     def __post_init__(self) -> None:
         if self.prompt_token_ids and len(self.prompt_token_ids) != self.prompt_tokens:
@@ -209,6 +212,7 @@ class ClusterSimulator:
             prompt_block_names=prompt_block_names(prompt, self.config.block_size)
             if self.config.enable_prefix_caching
             else (),
+            output_length_distribution=sim_request.output_length_distribution,
         )
         replica = self._choose_replica(self.pools[route.pool_id], new)
         request = Request.of(new, self.now_s)
