@@ -89,7 +89,9 @@ def requests_for(
         prompt, true, guess = r["prompt_tokens"], r["output_tokens"], r["predicted_tokens"]
         spread = tables[r["fold"]].for_prediction(guess)
         by_kind["point"].append(SimRequest(arrival_s, prompt, true, guess))
-        by_kind["distribution"].append(SimRequest(arrival_s, prompt, true, guess, spread))
+        by_kind["distribution"].append(
+            SimRequest(arrival_s, prompt, true, guess, output_length_distribution=spread)
+        )
         by_kind["oracle"].append(SimRequest(arrival_s, prompt, true, None))
     return by_kind
 
