@@ -6,7 +6,7 @@
             nodes.remove(nodes.node_of(node_id))        # a node lost: raylet and every worker, SIGKILL
 
 Each node is its own raylet (``ray.cluster_utils.Cluster``). The head node stands for a real cluster's
-CPU head (Serve's controller and proxy, an ingress replica); each worker node declares one GPU: Ray's
+CPU head (Serve's controller and proxy, maybe an ingress replica); each worker node declares one GPU: Ray's
 GPU resource with no device behind it, standing for the GPU node type. Models run on the CPU
 (``model.device: cpu``), so a replica that asks for a GPU (``pools.num_gpus``) lands on a GPU node, as
 on a real cluster, and runs there on the CPU.
@@ -36,6 +36,7 @@ HEAD_CPUS = 1
 SERVE_GPU = Path(__file__).resolve().parents[1] / "deploy" / "serve-gpu.yaml"
 APP_NAME = "binserve"
 MAX_QUEUED_REQUESTS = 16
+PREFER_LOCAL_NODE_ROUTING = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 
 
 @dataclass
@@ -226,11 +227,16 @@ class Served:
 
 def small_gpu_config(model_dir: str, grpc_port: int, http_port: int) -> dict:
     """deploy/serve-gpu.yaml for the tiny model here. The front door stays as the file has it (2 ingress
-    replicas, the proxy's gate, the limits); the model runs on the CPU with small KV pools and batches,
-    pools have a fixed size, and the proxy runs on the head only (every raylet here shares one IP
-    address, so proxies on every node would all want the same ports)."""
+    replicas, one per node; the proxy's gate, the limits); the model runs on the CPU with small KV pools
+    and batches, pools have a fixed size, and the proxy runs on the head only (every raylet here shares
+    one IP address, so proxies on every node would all want the same ports). That proxy spreads its
+    calls over both ingress replicas, as a production HeadOnly config should (docs/DEPLOY.md): Serve's
+    proxy prefers replicas on its own node unless ``RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING`` is 0 in
+    its process (read when Serve's constants are imported), and the proxies inherit the controller's
+    ``runtime_env``."""
     raw = yaml.safe_load(SERVE_GPU.read_text())
     raw["proxy_location"] = "HeadOnly"
+    raw["controller_options"]["runtime_env"]["env_vars"][PREFER_LOCAL_NODE_ROUTING] = "0"
     raw["http_options"] = {"host": "127.0.0.1", "port": http_port}
     raw["grpc_options"]["port"] = grpc_port
     args = raw["applications"][0]["args"]
