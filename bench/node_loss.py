@@ -89,6 +89,9 @@ class LossReport:
     seconds_until_engines_idle: float | None
     """From the loss until no surviving engine replica holds a request: for a lost ingress replica, the
     time its engine requests take to be aborted (its death detected, ``cluster/caller_watch.py``)."""
+    seconds_until_orphans_aborted: float | None
+    """From the loss until the surviving engine replicas have aborted the requests of a lost ingress
+    replica (None: it had none on them, or they were not all aborted)."""
     num_orphaned_requests: int
     """Engine requests the surviving replicas aborted because their caller died."""
     num_kv_blocks_held: int | None
@@ -183,20 +186,36 @@ def victims(loss: Loss, head_node_id: str) -> list[ActorInfo]:
     return (ingress.get(head_node_id) or [a for replicas in ingress.values() for a in replicas])[:1]
 
 
-def streams_on(lost: list[ActorInfo], loss: Loss) -> tuple[int, int]:
-    """Streams on what ``lost`` is, now: on an engine replica of a lost node, and through a lost ingress
-    replica on another engine replica (the engine replicas count their calls by caller)."""
+@dataclass(frozen=True)
+class OnLost:
+    """The streams on what is about to be lost (the engine replicas count their calls by caller)."""
+
+    num_on_lost_engines: int
+    """On an engine replica of a lost node."""
+    num_of_lost_ingress_elsewhere: int
+    """Through a lost ingress replica, on a surviving engine replica."""
+    survivors: tuple[ActorInfo, ...]
+    """The surviving engine replicas."""
+    num_orphaned_by_survivors: int
+    """Requests they had aborted for a dead caller so far."""
+
+
+def streams_on(lost: list[ActorInfo], loss: Loss) -> OnLost:
     lost_ids = {a.actor_id for a in lost}
     lost_node_ids = {a.node_id for a in lost} if loss is Loss.NODE else set()
-    on_lost_engines = of_lost_ingress_elsewhere = 0
-    for stats in engine_stats():
+    on_lost_engines = of_lost_ingress_elsewhere = num_orphaned = 0
+    survivors = []
+    for replica in [r for rs in replicas_by_node(pool_name(0)).values() for r in rs]:
+        stats = replica_stats(replica)
         if lost_node_ids & set(stats.node_ids):
             on_lost_engines += sum(stats.num_requests_by_caller.values())
-        else:
-            of_lost_ingress_elsewhere += sum(
-                n for caller, n in stats.num_requests_by_caller.items() if caller in lost_ids
-            )
-    return on_lost_engines, of_lost_ingress_elsewhere
+            continue
+        survivors.append(replica)
+        num_orphaned += stats.num_orphaned_requests
+        of_lost_ingress_elsewhere += sum(
+            n for caller, n in stats.num_requests_by_caller.items() if caller in lost_ids
+        )
+    return OnLost(on_lost_engines, of_lost_ingress_elsewhere, tuple(survivors), num_orphaned)
 
 
 async def lose_under_load(
@@ -225,29 +244,32 @@ async def lose_under_load(
         tasks = [asyncio.create_task(stream(i)) for i in range(num_streams)]
         await asyncio.wait_for(asyncio.gather(*(s.flowing.wait() for s in streams)), recovery_timeout_s)
         lost = await asyncio.to_thread(victims, loss, nodes.head_node_id)
-        on_lost_engines, of_lost_ingress_elsewhere = await asyncio.to_thread(streams_on, lost, loss)
+        on_lost = await asyncio.to_thread(streams_on, lost, loss)
         lost_at_s = time.monotonic()
         if loss is Loss.NODE:
             await asyncio.to_thread(nodes.remove, nodes.node_of(lost[0].node_id))
         else:
             os.kill(lost[0].pid, signal.SIGKILL)
         served_again = asyncio.create_task(_until_served(client, lost_at_s, recovery_timeout_s))
+        replaced = asyncio.create_task(_until_replaced(lost, replica_counts, lost_at_s, recovery_timeout_s))
+        aborted = asyncio.create_task(_until_orphans_aborted(on_lost, lost_at_s, recovery_timeout_s))
         await asyncio.gather(*tasks)
         served_again_s, probe_codes = await served_again
     idle_s = await until_engines_idle(lost_at_s, recovery_timeout_s)
     stats = await asyncio.to_thread(engine_stats)
-    replaced_s = await _until_replaced(lost, replica_counts, lost_at_s, recovery_timeout_s)
+    replaced_s, aborted_s = await replaced, await aborted
     lost_ids = [a.actor_id for a in lost]
     return LossReport(
         loss=loss.value,
         lost_actors=tuple(a.class_name for a in lost),
         streams=tuple(s.end(lost_at_s, lost_ids) for s in sorted(streams, key=lambda s: s.ended_s)),
         max_tokens=max_tokens,
-        num_streams_on_lost_engines=on_lost_engines,
-        num_streams_of_lost_ingress_elsewhere=of_lost_ingress_elsewhere,
+        num_streams_on_lost_engines=on_lost.num_on_lost_engines,
+        num_streams_of_lost_ingress_elsewhere=on_lost.num_of_lost_ingress_elsewhere,
         seconds_until_served_again=served_again_s,
         seconds_until_replicas_replaced=replaced_s,
         seconds_until_engines_idle=idle_s,
+        seconds_until_orphans_aborted=aborted_s,
         num_orphaned_requests=sum(s.num_orphaned_requests for s in stats) - orphaned_before,
         num_kv_blocks_held=None if idle_s is None else kv_blocks_held(stats),
         probe_codes=probe_codes,
@@ -277,6 +299,23 @@ def engine_stats() -> list:
 
 def kv_blocks_held(stats: list) -> int:
     return sum(s.num_kv_blocks - s.num_free_kv_blocks for s in stats)
+
+
+async def _until_orphans_aborted(on_lost: OnLost, since_s: float, timeout_s: float) -> float | None:
+    """Seconds until the surviving engine replicas have aborted the requests of the lost ingress replica
+    (``cluster/caller_watch.py``), or None if they had none or some were never aborted."""
+    target = on_lost.num_orphaned_by_survivors + on_lost.num_of_lost_ingress_elsewhere
+    while on_lost.num_of_lost_ingress_elsewhere and time.monotonic() - since_s < timeout_s:
+        try:
+            stats = await asyncio.to_thread(lambda: [replica_stats(r) for r in on_lost.survivors])
+        except RayActorError:  # a survivor lost since: the count cannot be reached
+            return None
+        if sum(s.num_orphaned_requests for s in stats) >= target:
+            return time.monotonic() - since_s
+        if not any(s.num_unfinished_requests for s in stats):  # some ended by themselves first
+            return None
+        await asyncio.sleep(0.2)
+    return None
 
 
 async def until_engines_idle(since_s: float, timeout_s: float) -> float | None:
@@ -351,12 +390,15 @@ def render(report: dict) -> str:
             if "num_streams_on_lost" in r
             else "not counted"
         )
+        aborted = str(r.get("num_orphaned_requests", "not measured"))
+        if r.get("seconds_until_orphans_aborted") is not None:
+            aborted += f", after {r['seconds_until_orphans_aborted']:.1f} s"
         probes = ", ".join(f"{n} {code}" for code, n in sorted(r["probe_codes"].items())) or "none refused"
         lines.append(
             f"| {what_was_lost(r)} | {on_lost} | {ok} ({intact}) / {unavailable} / {sum(codes.values())} "
             f"| {seconds(r['seconds_until_failed_calls_ended'])} | {probes} "
             f"| {seconds(r['seconds_until_served_again'])} | {seconds(r['seconds_until_replicas_replaced'])} "
-            f"| {seconds(r['seconds_until_engines_idle'])} | {r.get('num_orphaned_requests', 'not measured')} "
+            f"| {seconds(r['seconds_until_engines_idle'])} | {aborted} "
             f"| {r.get('num_kv_blocks_held', 'not measured')} |"
         )
     lines.append(
