@@ -66,8 +66,9 @@ def test_replicas_spread_over_the_nodes_and_the_proxy_runs_on_the_head(
     assert set(serve.status().proxies) == {nodes.head_node_id}  # proxy_location: HeadOnly
 
 
-def assert_only_the_calls_on_the_lost_fail(report: LossReport) -> None:
-    """Every stream that ran on what was lost ends with UNAVAILABLE naming it; every other one is intact."""
+def assert_only_the_calls_on_the_lost_fail(report: LossReport, is_caller_death_known_at_once: bool) -> None:
+    """Every stream that ran on what was lost ends with UNAVAILABLE naming it; every other one is intact;
+    the surviving engine replicas hold nothing of a lost ingress replica's requests afterwards."""
     assert report.num_streams_on_lost > 0 and report.failed, report
     assert {s.code for s in report.failed} == {"UNAVAILABLE"}, report  # never INTERNAL
     assert len(report.failed) == report.num_streams_on_lost, report
@@ -76,11 +77,16 @@ def assert_only_the_calls_on_the_lost_fail(report: LossReport) -> None:
     assert report.seconds_until_failed_calls_ended < HANG_GUARD_S
     assert report.seconds_until_served_again is not None, report
     assert report.seconds_until_replicas_replaced is not None, report
-    # The engine replicas abort every request of a dead ingress replica (not one runs to its end for
-    # nobody) and free every block, within the bound docs/RELIABILITY.md states.
-    assert report.num_orphaned_requests == report.num_streams_of_lost_ingress_elsewhere, report
+    # The engine replicas abort the requests of a dead ingress replica and free every block. A killed
+    # process is known dead at once, so all are aborted (within the bound docs/RELIABILITY.md states);
+    # a lost node's actors only once the GCS declares the node dead (its health checks: 12-20 s here), and
+    # a 400-token stream may have ended by itself before that.
+    if is_caller_death_known_at_once:
+        assert report.num_orphaned_requests == report.num_streams_of_lost_ingress_elsewhere, report
+        assert report.seconds_until_engines_idle < ORPHAN_ABORT_BOUND_S, report
+    assert report.num_orphaned_requests <= report.num_streams_of_lost_ingress_elsewhere, report
+    assert report.seconds_until_engines_idle is not None, report
     assert report.num_kv_blocks_held == 0, report
-    assert report.seconds_until_engines_idle < ORPHAN_ABORT_BOUND_S, report
 
 
 def test_a_lost_gpu_node_fails_only_the_calls_on_its_engine_and_ingress_replicas_and_serve_replaces_them(
@@ -89,7 +95,7 @@ def test_a_lost_gpu_node_fails_only_the_calls_on_its_engine_and_ingress_replicas
     report = asyncio.run(lose_under_load(served.address, nodes, Loss.NODE, max_tokens=MAX_TOKENS))
     assert report.lost_actors.count(f"ServeReplica:{APP_NAME}:{INGRESS_NAME}") == 1, report
     assert report.num_streams_on_lost < len(report.streams), report  # the proxy spread the calls
-    assert_only_the_calls_on_the_lost_fail(report)
+    assert_only_the_calls_on_the_lost_fail(report, is_caller_death_known_at_once=False)
     [survivor] = nodes.gpu_nodes
     assert {n: len(r) for n, r in replicas_by_node(pool_name(0)).items()} == {survivor.node_id: 2}
     assert len(set(ingress_nodes())) == 2  # the replacement on another remaining node
@@ -101,7 +107,7 @@ def test_a_lost_ingress_replica_fails_its_calls_with_unavailable_and_another_ser
     report = asyncio.run(lose_under_load(served.address, nodes, Loss.INGRESS, max_tokens=MAX_TOKENS))
     assert report.num_streams_on_lost_engines == 0, report
     assert report.num_streams_on_lost < len(report.streams), report  # the proxy spread the calls
-    assert_only_the_calls_on_the_lost_fail(report)
+    assert_only_the_calls_on_the_lost_fail(report, is_caller_death_known_at_once=True)
 
 
 def test_a_scale_in_lets_short_streams_finish_and_cuts_long_ones_with_unavailable(served: Served) -> None:
