@@ -87,8 +87,8 @@ class LossReport:
     seconds_until_served_again: float | None
     seconds_until_replicas_replaced: float | None
     seconds_until_engines_idle: float | None
-    """From the loss until no surviving engine replica holds a request: for a lost ingress replica, the
-    time its engine requests take to be aborted (its death detected, ``cluster/caller_watch.py``)."""
+    """From the loss until no surviving engine replica holds a request: the surviving streams have ended,
+    and a lost ingress replica's engine requests have been aborted or have ended by themselves."""
     seconds_until_orphans_aborted: float | None
     """From the loss until the surviving engine replicas have aborted the requests of a lost ingress
     replica (None: it had none on them, or they were not all aborted)."""
@@ -201,6 +201,7 @@ class OnLost:
 
 
 def streams_on(lost: list[ActorInfo], loss: Loss) -> OnLost:
+    """The streams on what ``lost`` is, before ``loss`` kills it."""
     lost_ids = {a.actor_id for a in lost}
     lost_node_ids = {a.node_id for a in lost} if loss is Loss.NODE else set()
     on_lost_engines = of_lost_ingress_elsewhere = num_orphaned = 0
