@@ -60,17 +60,22 @@ class MultiNodeCluster:
         [node] = [n for n in self.gpu_nodes if n.node_id == node_id]
         return node
 
-    def remove(self, node: Any) -> None:
+    def remove(self, node: Any) -> float:
         """Kill the node at once, as a crashed machine: every worker process and the raylet, SIGKILL.
+        Returns when the processes were killed (``time.monotonic()``): the moment of the loss, after the
+        look-up of the node's actors in the GCS (under load it takes a while).
 
         ``Cluster.remove_node(allow_graceful=False)`` alone kills the raylet and its object store, but the
         worker processes live on until they notice (seconds): meanwhile their actors keep serving calls
         over their own connections, which a lost machine would not."""
-        for pid in actor_pids_on(node.node_id):
+        pids = actor_pids_on(node.node_id)
+        killed_at_s = time.monotonic()
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.gpu_nodes.remove(node)
         self.cluster.remove_node(node, allow_graceful=False)
+        return killed_at_s
 
 
 @contextlib.contextmanager

@@ -246,10 +246,10 @@ async def lose_under_load(
         await asyncio.wait_for(asyncio.gather(*(s.flowing.wait() for s in streams)), recovery_timeout_s)
         lost = await asyncio.to_thread(victims, loss, nodes.head_node_id)
         on_lost = await asyncio.to_thread(streams_on, lost, loss)
-        lost_at_s = time.monotonic()
         if loss is Loss.NODE:
-            await asyncio.to_thread(nodes.remove, nodes.node_of(lost[0].node_id))
+            lost_at_s = await asyncio.to_thread(nodes.remove, nodes.node_of(lost[0].node_id))
         else:
+            lost_at_s = time.monotonic()
             os.kill(lost[0].pid, signal.SIGKILL)
         served_again = asyncio.create_task(_until_served(client, lost_at_s, recovery_timeout_s))
         replaced = asyncio.create_task(_until_replaced(lost, replica_counts, lost_at_s, recovery_timeout_s))
