@@ -405,13 +405,15 @@ def render(report: dict) -> str:
     lines.append(
         f"\n{report['num_streams']} streams of {report['node']['max_tokens']} forced tokens, "
         f"{report['date']}; load average {report['load_average_at_start']:.1f} at the start, "
-        f"{report['load_average_at_end']:.1f} at the end."
+        f"{report['load_average_at_end']:.1f} at the end"
+        + "".join(f"; {name}={value}" for name, value in report.get("ray_env", {}).items())
+        + "."
     )
     return "\n".join(lines)
 
 
 def cmd_bench_node_loss(args: argparse.Namespace) -> int:
-    from bench.local_cluster import deployed, multinode_cluster
+    from bench.local_cluster import RAY_ENV, deployed, multinode_cluster
 
     if args.render_only:
         with open(args.json) as f:
@@ -422,6 +424,7 @@ def cmd_bench_node_loss(args: argparse.Namespace) -> int:
 
     def measure(report: dict, model_dir: str) -> None:
         report["num_streams"] = args.num_streams
+        report["ray_env"] = RAY_ENV
         with multinode_cluster(num_gpu_nodes=2, cpus_per_gpu_node=2) as nodes, deployed(model_dir) as served:
             for loss in (Loss.NODE, Loss.INGRESS):  # the order of tests/multinode/test_node_loss.py
                 result = asyncio.run(lose_under_load(served.address, nodes, loss, args.num_streams))
