@@ -40,8 +40,8 @@ PREFER_LOCAL_NODE_ROUTING = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 RAY_ENV = {"RAY_timeout_ms_task_wait_for_death_info": "0"}
 """Ray's settings for every process of the cluster (read from the environment, which the raylets pass to
 their workers), as KubeRay sets them for a RayService: a call to an actor whose connection broke fails at
-once instead of waiting up to 1 s for the GCS to report the actor dead. The wait is one per hop (proxy ->
-ingress -> engine): a lost node's calls ended after about 2 s with it, 0.4 s without (docs/RELIABILITY.md)."""
+once instead of waiting up to 1 s (Ray's default) for the GCS to report the actor dead. A lost node's calls
+ended after about 2 s with the wait, 0.4 s without (docs/RELIABILITY.md)."""
 
 
 @dataclass
