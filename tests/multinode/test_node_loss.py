@@ -79,7 +79,7 @@ def assert_only_the_calls_on_the_lost_fail(report: LossReport, is_caller_death_k
     assert report.seconds_until_replicas_replaced is not None, report
     # The engine replicas abort the requests of a dead ingress replica and free every block. A killed
     # process is known dead at once, so all are aborted (within the bound docs/RELIABILITY.md states);
-    # a lost node's actors only once the GCS declares the node dead (its health checks: 12-20 s here), and
+    # a lost node's actors only once the GCS declares the node dead (its health checks: 6-20 s here), and
     # a 400-token stream may have ended by itself before that.
     if is_caller_death_known_at_once:
         assert report.num_orphaned_requests == report.num_streams_of_lost_ingress_elsewhere, report
