@@ -6,7 +6,7 @@
             nodes.remove(nodes.node_of(node_id))        # a node lost: raylet and every worker, SIGKILL
 
 Each node is its own raylet (``ray.cluster_utils.Cluster``). The head node stands for a real cluster's
-CPU head (Serve's controller and proxy, an ingress replica); each worker node declares one GPU: Ray's
+CPU head (Serve's controller and proxy, maybe an ingress replica); each worker node declares one GPU: Ray's
 GPU resource with no device behind it, standing for the GPU node type. Models run on the CPU
 (``model.device: cpu``), so a replica that asks for a GPU (``pools.num_gpus``) lands on a GPU node, as
 on a real cluster, and runs there on the CPU.
@@ -36,6 +36,12 @@ HEAD_CPUS = 1
 SERVE_GPU = Path(__file__).resolve().parents[1] / "deploy" / "serve-gpu.yaml"
 APP_NAME = "binserve"
 MAX_QUEUED_REQUESTS = 16
+PREFER_LOCAL_NODE_ROUTING = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
+RAY_ENV = {"RAY_timeout_ms_task_wait_for_death_info": "0"}
+"""Ray's settings for every process of the cluster (read from the environment, which the raylets pass to
+their workers), as KubeRay sets them for a RayService: a call to an actor whose connection broke fails at
+once instead of waiting up to 1 s (Ray's default) for the GCS to report the actor dead. A lost node's calls
+ended after about 2 s with the wait, 0.4 s without (docs/RELIABILITY.md)."""
 
 
 @dataclass
@@ -59,17 +65,22 @@ class MultiNodeCluster:
         [node] = [n for n in self.gpu_nodes if n.node_id == node_id]
         return node
 
-    def remove(self, node: Any) -> None:
+    def remove(self, node: Any) -> float:
         """Kill the node at once, as a crashed machine: every worker process and the raylet, SIGKILL.
+        Returns when the processes were killed (``time.monotonic()``): the moment of the loss, after the
+        look-up of the node's actors in the GCS (under load it takes a while).
 
         ``Cluster.remove_node(allow_graceful=False)`` alone kills the raylet and its object store, but the
         worker processes live on until they notice (seconds): meanwhile their actors keep serving calls
         over their own connections, which a lost machine would not."""
-        for pid in actor_pids_on(node.node_id):
+        pids = actor_pids_on(node.node_id)
+        killed_at_s = time.monotonic()
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.gpu_nodes.remove(node)
         self.cluster.remove_node(node, allow_graceful=False)
+        return killed_at_s
 
 
 @contextlib.contextmanager
@@ -80,18 +91,34 @@ def multinode_cluster(num_gpu_nodes: int = 2, cpus_per_gpu_node: int = 2) -> Ite
     from ray.cluster_utils import Cluster
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    cluster = Cluster()
-    gcs_address = _start_head(cluster, lambda address: {})
-    nodes = MultiNodeCluster(cluster)
+    with _environment(RAY_ENV):
+        cluster = Cluster()
+        gcs_address = _start_head(cluster, lambda address: {})
+        nodes = MultiNodeCluster(cluster)
+        try:
+            for _ in range(num_gpu_nodes):
+                nodes.add_gpu_node(cpus_per_gpu_node)
+            ray.init(address=cluster.address, namespace=SERVE_NAMESPACE, log_to_driver=False)
+            yield nodes
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            _kill_processes_of(gcs_address)  # a worker raylet from a try that timed out, if any
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """This process's environment with ``env`` set (the processes it starts inherit it), restored after."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
-        for _ in range(num_gpu_nodes):
-            nodes.add_gpu_node(cpus_per_gpu_node)
-        ray.init(address=cluster.address, namespace=SERVE_NAMESPACE, log_to_driver=False)
-        yield nodes
+        yield
     finally:
-        ray.shutdown()
-        cluster.shutdown()
-        _kill_processes_of(gcs_address)  # a worker raylet from a try that timed out, if any
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _start_head(cluster: Any, head_args: Callable[[str], dict], attempts: int = 3) -> str:
@@ -226,11 +253,16 @@ class Served:
 
 def small_gpu_config(model_dir: str, grpc_port: int, http_port: int) -> dict:
     """deploy/serve-gpu.yaml for the tiny model here. The front door stays as the file has it (2 ingress
-    replicas, the proxy's gate, the limits); the model runs on the CPU with small KV pools and batches,
-    pools have a fixed size, and the proxy runs on the head only (every raylet here shares one IP
-    address, so proxies on every node would all want the same ports)."""
+    replicas, one per node; the proxy's gate, the limits); the model runs on the CPU with small KV pools
+    and batches, pools have a fixed size, and the proxy runs on the head only (every raylet here shares
+    one IP address, so proxies on every node would all want the same ports). That proxy spreads its
+    calls over both ingress replicas, as a production HeadOnly config should (docs/DEPLOY.md): Serve's
+    proxy prefers replicas on its own node unless ``RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING`` is 0 in
+    its process (read when Serve's constants are imported), and the proxies inherit the controller's
+    ``runtime_env``."""
     raw = yaml.safe_load(SERVE_GPU.read_text())
     raw["proxy_location"] = "HeadOnly"
+    raw["controller_options"]["runtime_env"]["env_vars"][PREFER_LOCAL_NODE_ROUTING] = "0"
     raw["http_options"] = {"host": "127.0.0.1", "port": http_port}
     raw["grpc_options"]["port"] = grpc_port
     args = raw["applications"][0]["args"]
@@ -368,25 +400,18 @@ def autoscaling_cluster(
         return {"autoscaling_config": str(config_path)}
 
     # The autoscaler (Ray's monitor process, started with the head) reads these from its environment.
-    env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    cluster = Cluster()
-    gcs_address = ""
-    try:
-        gcs_address = _start_head(cluster, with_autoscaler)
-        ray.init(address=cluster.address, namespace=SERVE_NAMESPACE, log_to_driver=False)
-        yield MultiNodeCluster(cluster)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        if gcs_address:
-            _kill_processes_of(gcs_address)  # the fake provider's raylets
+    with _environment({**RAY_ENV, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}):
+        cluster = Cluster()
+        gcs_address = ""
+        try:
+            gcs_address = _start_head(cluster, with_autoscaler)
+            ray.init(address=cluster.address, namespace=SERVE_NAMESPACE, log_to_driver=False)
+            yield MultiNodeCluster(cluster)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            if gcs_address:
+                _kill_processes_of(gcs_address)  # the fake provider's raylets
 
 
 def num_gpu_nodes_alive() -> int:

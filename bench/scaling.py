@@ -63,6 +63,9 @@ def autoscaled_pool(raw: dict) -> None:
     )
     # A replica removed drains its streams: up to the longest one here (``scale_up_and_down``'s timeout).
     with_engine_options(graceful_shutdown_timeout_s=240.0)(raw)
+    # Both ingress replicas on the head (the only node at first): one on a GPU node would keep that
+    # node busy, and the autoscaler could never remove it (docs/DEPLOY.md, "The front door").
+    raw["applications"][0]["args"]["ingress"]["max_replicas_per_node"] = None
 
 
 @dataclass(frozen=True)

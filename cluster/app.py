@@ -131,6 +131,7 @@ def build_application(
     return GenerationIngress.options(
         name=INGRESS_NAME,
         num_replicas=config.ingress.num_replicas,
+        max_replicas_per_node=config.ingress.max_replicas_per_node,
         ray_actor_options={"num_cpus": config.ingress.num_cpus, "runtime_env": replica_runtime_env()},
         # Load is shed at three places, cheapest first: the gRPC proxy's gate (cluster/grpc_proxy.py),
         # the ingress beyond its admission bound (it takes INGRESS_HEADROOM calls more to refuse them

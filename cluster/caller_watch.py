@@ -60,6 +60,10 @@ class CallerWatch:
                 if not tasks:
                     del self._tasks_by_caller[key], self._callers[key]
 
+    def num_calls_by_caller(self) -> dict[str, int]:
+        """Calls running now, by their caller's actor id (hex)."""
+        return {key.hex(): len(tasks) for key, tasks in self._tasks_by_caller.items()}
+
     async def _watch(self) -> None:
         """Check each caller with calls running, every ``interval_s``, until none is left."""
         while self._tasks_by_caller:

@@ -218,6 +218,10 @@ class IngressConfig:
     """Callers must send ``authorization: Bearer <api_key>`` (gRPC metadata, HTTP header). ``None``: the
     ``BINSERVE_API_KEY`` environment variable of the ingress replica, if set; else no key is needed."""
     num_replicas: int = 1
+    max_replicas_per_node: int | None = None
+    """Most ingress replicas Serve places on one node (Serve's option of that name, 1-100); 1 puts each
+    replica on its own node, so that one node's loss leaves the others serving (needs ``num_replicas``
+    nodes with room). ``None``: no bound (Serve spreads them where it can, best effort)."""
     num_cpus: float = 0.5
     max_ongoing_requests: int | None = None
     """Concurrent calls one ingress replica accepts; more wait in the proxy. ``None``: the admission
@@ -246,6 +250,8 @@ class IngressConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key: must be a non-blank string, or null for none")
         check_range("num_replicas", self.num_replicas, 1)
+        if self.max_replicas_per_node is not None:
+            check_range("max_replicas_per_node", self.max_replicas_per_node, 1, 100)
         check_range("num_cpus", self.num_cpus, 0.0)
         if self.max_ongoing_requests is not None:
             check_range("max_ongoing_requests", self.max_ongoing_requests, 1)

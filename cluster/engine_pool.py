@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -66,6 +66,8 @@ class EngineStats:
     """The Ray nodes of those processes, in the same order."""
     num_orphaned_requests: int = 0
     """Of the cancelled calls, those cancelled because their caller died (``cluster/caller_watch.py``)."""
+    num_requests_by_caller: dict[str, int] = field(default_factory=dict)
+    """Calls running now, by their caller's actor id (hex): which ingress replica each came through."""
 
 
 def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) -> dict[str, Any]:
@@ -183,6 +185,7 @@ class EnginePool:
                 *getattr(self.driver.engine.runner, "stage_node_ids", ()),
             ),
             num_orphaned_requests=self.callers.num_aborted_calls,
+            num_requests_by_caller=self.callers.num_calls_by_caller(),
         )
 
     def _report_metrics(self, interval_s: float) -> None:

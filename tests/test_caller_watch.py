@@ -29,7 +29,7 @@ class _Caller:
     """An actor handle's surface the watch uses: an id and ``__ray_ready__.remote()``."""
 
     def __init__(self, actor_id: str) -> None:
-        self._actor_id = actor_id
+        self._actor_id = actor_id.encode()  # like Ray's ActorID: hashable, with ``hex()``
         self.error: BaseException | None = None
         self.__ray_ready__ = _Ping(self)
 
@@ -51,6 +51,7 @@ async def _run_calls(errors: dict[str, BaseException | None]) -> tuple[dict[str,
     tasks = {name: asyncio.create_task(_call(watch, callers[name], started[name])) for name in errors}
     tasks["driver"] = asyncio.create_task(_call(watch, None, started["driver"]))  # not watched
     await asyncio.gather(*(event.wait() for event in started.values()))
+    assert watch.num_calls_by_caller() == {name.encode().hex(): 1 for name in errors}  # not the driver's
     for name, error in errors.items():
         callers[name].error = error
     await asyncio.sleep(0.2)  # many checks

@@ -55,7 +55,8 @@ def test_gpu_config_autoscales_four_bins_of_two_stage_replicas() -> None:
     config = AppConfig.from_args(serve_config_of("serve-gpu.yaml")["applications"][0]["args"])
     assert config.engine.model.device == "cuda" and config.engine.parallel.pp_size == 2
     assert config.engine.parallel.stage_placement == "pack"  # tests/multinode runs pack and spread
-    assert config.ingress.num_replicas == 2  # tests/multinode loses one under load
+    # tests/multinode loses one under load, with the node it runs on
+    assert (config.ingress.num_replicas, config.ingress.max_replicas_per_node) == (2, 1)
     assert config.router.num_bins == 4
     assert config.pools.is_autoscaling and config.pools.min_replicas < config.pools.max_replicas
 
@@ -124,6 +125,10 @@ ARGS = {"model": {"model_dir": "/m"}}
         ),
         ({**ARGS, "predictor": {"max_batch_size": 0}}, r"predictor.max_batch_size: must be in \[1, 4096\]"),
         ({**ARGS, "ingress": {"max_output_tokens": 0}}, r"ingress.max_output_tokens: must be in \[1, inf\]"),
+        (
+            {**ARGS, "ingress": {"max_replicas_per_node": 0}},
+            r"ingress.max_replicas_per_node: must be in \[1, 100\]",
+        ),
         ({**ARGS, "model": {"model_dir": "/m", "dtype": "int3"}}, r"model.dtype: must be one of auto"),
         ({**ARGS, "pools": []}, r"pools: must be a mapping, got list"),
         (
