@@ -331,15 +331,7 @@ def main() -> None:
         service_s_per_token=args.service_s_per_token,
         num_blocks=args.num_blocks,
     )
-    result = run(params)
-    result["meta"] = harness.run_meta(
-        "python -m bench.experiments.expected_remaining " + " ".join(sys.argv[1:]),
-        time.perf_counter() - start_s,
-        load_at_start,
-    )
-    result["targets"] = targets(result)
-    harness.write_json(Path(args.json), result)
-    print(render(result))
+    harness.finish_module_run(sys.modules[__name__], run(params), start_s, load_at_start, args.json)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,20 @@ def load_average() -> float | None:
         return None
 
 
+def finish_module_run(
+    module: Any, result: dict[str, Any], started_s: float, load_at_start: float | None, json_path: str
+) -> None:
+    """The end of a ``python -m bench.experiments.NAME`` run: its provenance (this command line, duration,
+    load), the module's ``targets``, the JSON for the report, and the module's table on stdout."""
+    import time
+
+    command = f"python -m {module.__name__} " + " ".join(sys.argv[1:])
+    result["meta"] = run_meta(command, time.perf_counter() - started_s, load_at_start)
+    result["targets"] = module.targets(result)
+    write_json(Path(json_path), result)
+    print(module.render(result))
+
+
 def run_meta(command: str, duration_s: float, load_at_start: float | None = None) -> dict[str, Any]:
     """Where, when and how a result was produced, and the machine's load at its start and end; every
     table in the report prints it."""

@@ -338,15 +338,9 @@ def main() -> None:
     )
     if args.quick:
         params = dataclasses.replace(params, **QUICK)
-    result = run(params, args.processes)
-    result["meta"] = harness.run_meta(
-        "python -m bench.experiments.prefix_routing " + " ".join(sys.argv[1:]),
-        time.perf_counter() - start_s,
-        load_at_start,
+    harness.finish_module_run(
+        sys.modules[__name__], run(params, args.processes), start_s, load_at_start, args.json
     )
-    result["targets"] = targets(result)
-    harness.write_json(Path(args.json), result)
-    print(render(result))
 
 
 if __name__ == "__main__":

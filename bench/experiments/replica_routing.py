@@ -373,12 +373,8 @@ def main() -> None:
             max_wait_service_multiple=args.max_wait_service_multiple,
             **({"systems": systems_of(args.queue_orders)} if args.queue_orders else {}),
         )
-        result = run(params)
-        result["meta"] = harness.run_meta(
-            "python -m bench.experiments.replica_routing " + " ".join(sys.argv[1:]),
-            time.perf_counter() - start_s,
-            load_at_start,
-        )
+        harness.finish_module_run(sys.modules[__name__], run(params), start_s, load_at_start, args.json)
+        return
     result["targets"] = targets(result)
     harness.write_json(Path(args.json), result)
     print(render(result))
