@@ -53,8 +53,8 @@ class Routing:
 
     request_id: str
     predicted_output_tokens: int
-    """The length predictor's estimate of the output, at most the request's ``max_tokens``; it chose the
-    bin."""
+    """The length predictor's estimate of the output, which chose the bin (the engine counts it capped at
+    ``max_tokens``)."""
     bin_id: int
     """The bin that estimate fell in; the router sent the request to a pool serving it."""
 
@@ -148,9 +148,7 @@ class GenerationService:
         predict_start_s = time.perf_counter()
         if prediction is None:
             prediction = self.predictor.predict(prepared.predictor_text)
-        # An answer cannot outrun its max_tokens: a longer prediction would send a short request to a long
-        # bin and count work (routing, SSJF, autoscaling) that cannot happen.
-        predicted_output_tokens = min(await prediction, prepared.params.max_tokens)
+        predicted_output_tokens = await prediction
         predict_s = time.perf_counter() - predict_start_s
         if self.metrics is not None:
             self.metrics.observe_prediction(predict_s)
@@ -169,7 +167,11 @@ class GenerationService:
                 routing.request_id,
                 prepared.prompt_token_ids,
                 prepared.params,
-                predicted_output_tokens,
+                # The engine's work estimates (SSJF, the replica router, the autoscaler): an answer cannot
+                # outrun its max_tokens. The bin keeps the predictor's own estimate: bins are equal-mass
+                # over uncapped lengths, and capped estimates would crowd every request with a max_tokens
+                # under the first boundary into the first pool (`make demo`: all 16, pool 1 idle).
+                min(predicted_output_tokens, prepared.params.max_tokens),
                 route.bin_id,
                 block_names,
                 None
