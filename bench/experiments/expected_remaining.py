@@ -30,7 +30,6 @@ from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from bench.workload import poisson_arrivals
 from cluster.predictor.distribution import DistributionTable
-from pipeline.config import SchedulerConfig
 
 TITLE = "Ordering by the predicted length distribution vs the point prediction (simulated)"
 CALIBRATION = harness.REPO_DIR / "docs" / "results" / "smollm2-135m-instruct" / "length_distribution.json"
@@ -97,15 +96,7 @@ def requests_for(
 
 
 def simulate(params: Params, cost_model: StepCostModel, order: str, requests: list[SimRequest]) -> dict:
-    scheduler = SchedulerConfig(
-        policy="sarathi",
-        max_num_seqs=params.max_num_seqs,
-        chunk_size=params.chunk_size,
-        queue_order=order,
-        service_s_per_token=params.service_s_per_token,
-        max_wait_floor_s=params.max_wait_floor_s,
-        max_wait_service_multiple=params.max_wait_service_multiple,
-    )
+    scheduler = harness.simulated_sarathi(params, order)
     config = SimConfig(
         scheduler=scheduler,
         num_replicas=params.num_replicas,

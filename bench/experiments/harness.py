@@ -64,6 +64,21 @@ def load_average() -> float | None:
         return None
 
 
+def simulated_sarathi(params: Any, queue_order: str) -> SchedulerConfig:
+    """The SARATHI scheduler of a simulated replica from an experiment's ``Params`` (its ``max_num_seqs``,
+    ``chunk_size`` and the wait bound's ``service_s_per_token``, ``max_wait_floor_s`` and
+    ``max_wait_service_multiple``), ordering its queue by ``queue_order``."""
+    return SchedulerConfig(
+        policy="sarathi",
+        max_num_seqs=params.max_num_seqs,
+        chunk_size=params.chunk_size,
+        queue_order=queue_order,
+        service_s_per_token=params.service_s_per_token,
+        max_wait_floor_s=params.max_wait_floor_s,
+        max_wait_service_multiple=params.max_wait_service_multiple,
+    )
+
+
 def finish_module_run(
     module: Any, result: dict[str, Any], started_s: float, load_at_start: float | None, json_path: str
 ) -> None:

@@ -104,15 +104,7 @@ def simulate(
     predicted: Sequence[int],
     rate_per_s: float,
 ) -> MetricsSummary:
-    scheduler = SchedulerConfig(
-        policy="sarathi",
-        max_num_seqs=params.max_num_seqs,
-        chunk_size=params.chunk_size,
-        queue_order=queue_order,
-        service_s_per_token=params.service_s_per_token,
-        max_wait_floor_s=params.max_wait_floor_s,
-        max_wait_service_multiple=params.max_wait_service_multiple,
-    )
+    scheduler = harness.simulated_sarathi(params, queue_order)
     config = SimConfig(
         scheduler=scheduler,
         num_replicas=params.num_replicas,
