@@ -256,3 +256,27 @@ def test_presence_and_frequency_penalties_follow_openai() -> None:
         SamplingParams(presence_penalty=3.0)
     with pytest.raises(ValueError, match=r"repetition_penalty: must be in \(0, 2\]"):
         SamplingParams(repetition_penalty=0.0)
+
+
+@pytest.mark.parametrize(
+    "start_pos, q_len, max_scores", [(0, 37, 2**24), (45, 19, 2**24), (45, 19, 9 * 64 * 5)]
+)
+def test_cpu_matmul_attention_equals_sdpa(monkeypatch, start_pos: int, q_len: int, max_scores: int) -> None:
+    """Prefill chunks on CPU are attended with matmuls (in slices of query rows when the scores are big):
+    the same result as SDPA with grouped KV heads and a causal mask over the cached prefix."""
+    import torch.nn.functional as F
+
+    import workers.attention as attention
+
+    monkeypatch.setattr(attention, "_MAX_MATMUL_SCORES", max_scores)
+    heads, kv_heads, dim, kv_len = 9, 3, 16, start_pos + q_len
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(heads, q_len, dim, generator=gen)
+    keys, values = torch.randn(2, kv_heads, kv_len, dim, generator=gen)
+    mask = torch.arange(kv_len)[None, :] <= torch.arange(start_pos, kv_len)[:, None]
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    expected = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, scale=0.25, enable_gqa=True
+    )
+    got = attention._matmul_attention(query, keys, values, bias, 0.25)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

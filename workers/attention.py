@@ -5,9 +5,14 @@ chunks. Keys and values of the step's tokens are written into the paged cache fi
 
 - all decodes attend together: one SDPA call over their block tables gathered to ``(N, Hkv, L, D)``
   with a padding mask, so a decode-heavy SARATHI batch costs one kernel, not one per request;
-- each prefill chunk attends to its request's cached prefix plus itself, causally (one SDPA call per
-  chunk; decode-maximal batches have at most a few). A chunk that starts at position 0 needs no
-  gather: it attends to its own fresh keys with ``is_causal``.
+- each prefill chunk attends to its request's cached prefix plus itself, causally (one call per chunk;
+  decode-maximal batches have at most a few). A chunk that starts at position 0 needs no gather: it
+  attends to its own fresh keys. On CPU a chunk is attended with two batched matmuls and an additive
+  mask made once per step (in slices of query rows, so its scores stay under 64 MB): SDPA's CPU kernel
+  runs a 128-token chunk over a 1,456-token prefix in about 21 ms a layer here, the matmuls in about
+  10 ms, and 422 tokens over 1,750 in 73 ms against 40 (SmolLM2's 9 query heads over 3 KV heads, head
+  size 64; one thread). SDPA keeps chunks whose mask alone would pass 64 MB, and every chunk on an
+  accelerator.
 
 Cache layout per layer: ``(2, Hkv, num_blocks, block_size, D)``, keys then values. Heads outermost
 means a gathered block table is ``(Hkv, N, L, D)`` with each head's ``(L, D)`` matrix contiguous,
@@ -31,6 +36,7 @@ class PrefillChunk:
     start_pos: int  # its first token's position in the request
     block_table: torch.Tensor  # (num_blocks,) long: covers positions [0, start_pos + q_len)
     mask: torch.Tensor | None  # (q_len, kv_len) bool; None means plain causal over fresh keys
+    bias: torch.Tensor | None = None  # (q_len, kv_len) float32, 0 or -inf: set where matmuls attend it
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,10 @@ class DecodeGroup:
 # to the longest one's length: for evenly spread lengths, 4 groups cut the gathered KV by about 37%.
 _MAX_DECODE_GROUPS = 4
 _MIN_DECODES_PER_GROUP = 8
+
+# On CPU a prefill chunk with at most this many query x key positions is attended with matmuls, in
+# slices of query rows whose scores (every head's) hold at most as many floats; SDPA takes the rest.
+_MAX_MATMUL_SCORES = 2**24
 
 
 def _decode_groups(
@@ -109,16 +119,20 @@ class AttentionMetadata:
         offset = len(decodes)
         for c in plan.chunks[len(decodes) :]:
             q_len, kv_len = c.num_tokens, c.end_pos
-            mask = None
-            if c.start_pos > 0 or (sliding_window is not None and kv_len > sliding_window):
+            mask = bias = None
+            use_matmul = device.type == "cpu" and q_len * kv_len <= _MAX_MATMUL_SCORES
+            needs_mask = c.start_pos > 0 or (sliding_window is not None and kv_len > sliding_window)
+            if needs_mask or use_matmul:
                 q_pos = torch.arange(c.start_pos, kv_len)[:, None]
                 k_pos = torch.arange(kv_len)[None, :]
                 mask = k_pos <= q_pos
                 if sliding_window is not None:
                     mask &= k_pos > q_pos - sliding_window
-                mask = mask.to(device)
+                if use_matmul:
+                    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+                mask = mask.to(device) if needs_mask else None
             table = torch.tensor(c.block_ids[: -(-kv_len // block_size)], dtype=torch.long, device=device)
-            prefills.append(PrefillChunk(offset, offset + q_len, c.start_pos, table, mask))
+            prefills.append(PrefillChunk(offset, offset + q_len, c.start_pos, table, mask, bias))
             offset += q_len
         return cls(
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -178,18 +192,44 @@ def paged_attention(
             out.index_copy_(0, group.rows, attn.reshape(n, -1, head_dim))
     for chunk in meta.prefills:
         query = q[chunk.token_start : chunk.token_end].transpose(0, 1)  # (H, q, D)
-        if chunk.mask is None:
+        if chunk.start_pos == 0:  # its own fresh keys are all it attends to
             keys = k[chunk.token_start : chunk.token_end].transpose(0, 1)  # (Hkv, q, D)
             values = v[chunk.token_start : chunk.token_end].transpose(0, 1)
+        else:
+            kv_len = chunk.token_end - chunk.token_start + chunk.start_pos
+            keys, values = _gather(cache, chunk.block_table)  # (Hkv, nb*S, D) each
+            keys, values = keys[:, :kv_len], values[:, :kv_len]
+        if chunk.bias is not None and q.dtype == torch.float32:
+            attn = _matmul_attention(query, keys, values, chunk.bias, scale)
+        elif chunk.mask is None:
             attn = F.scaled_dot_product_attention(
                 query, keys, values, is_causal=True, scale=scale, enable_gqa=True
             )
         else:
-            kv_len = chunk.mask.shape[1]
-            keys, values = _gather(cache, chunk.block_table)  # (Hkv, nb*S, D) each
-            keys, values = keys[:, :kv_len], values[:, :kv_len]
             attn = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=chunk.mask, scale=scale, enable_gqa=True
             )
         out[chunk.token_start : chunk.token_end] = attn.transpose(0, 1)
     return out
+
+
+def _matmul_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of one chunk as two batched matmuls: query (H, q, D), keys and values (Hkv, kv, D),
+    ``bias`` (q, kv) added to every head's scores -> (H, q, D). The G query heads sharing a KV head are
+    stacked as G*q rows of one matmul, so keys and values are never repeated."""
+    heads, q_len, dim = query.shape
+    kv_heads, kv_len = keys.shape[0], keys.shape[1]
+    rows = max(1, _MAX_MATMUL_SCORES // (heads * kv_len))
+    if q_len > rows:  # query rows attend independently: slices bound the scores' memory
+        out = torch.empty_like(query)
+        for start in range(0, q_len, rows):
+            end = start + rows
+            out[:, start:end] = _matmul_attention(query[:, start:end], keys, values, bias[start:end], scale)
+        return out
+    group = heads // kv_heads
+    scores = torch.matmul(query.reshape(kv_heads, group * q_len, dim), keys.transpose(1, 2))
+    scores = scores.view(kv_heads, group, q_len, kv_len).mul_(scale).add_(bias)
+    torch.softmax(scores, dim=-1, out=scores)
+    return torch.matmul(scores.view(kv_heads, group * q_len, kv_len), values).view(heads, q_len, dim)
