@@ -163,3 +163,29 @@ def test_the_conversation_bench_replays_every_turn_with_identical_answers(tiny_l
     assert 0.0 <= report["rerender"]["matching_fraction_tokens"] <= 1.0
     assert [t["value"] for t in report["targets"]] == [report["follow_up_ttft_p50_speedup"]]
     assert "| caching off |" in render(report) and "| caching on |" in render(report)
+
+
+def test_the_zero_hit_bench_pairs_runs_and_renders_its_target(tiny_llama: str, tmp_path) -> None:
+    """``binserve bench prefix-overhead`` on the tiny model: alternating pairs, no hits, a judged target."""
+    import argparse
+    import json
+
+    from bench.prefix_overhead import register, render
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "prefix_overhead.json"
+    args = parser.parse_args(
+        ["prefix-overhead", "--model", tiny_llama, "--num-requests", "3", "--pairs", "2", "--json", str(out)]
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert [(r["pair"], r["caching"]) for r in report["runs"]] == [
+        (0, False),
+        (0, True),
+        (1, True),
+        (1, False),
+    ]
+    assert all(r["hit_tokens"] == 0 for r in report["runs"])
+    assert report["targets"][0]["threshold"] == 1.02
+    assert "On / off: CPU per token" in render(report)

@@ -29,6 +29,7 @@ from bench import (
     conversations,
     demo_pairs,
     path,
+    prefix_overhead,
     served,
     trace_replay,
 )
@@ -76,6 +77,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "conversations": conversations,  # binserve bench conversations
     "conversation_routing": conversation_routing,  # binserve bench conversations --serve-config
     "conversation_probe": conversation_probe,  # binserve bench conversation-probe
+    "prefix_overhead": prefix_overhead,  # binserve bench prefix-overhead
     "served": served,  # binserve bench served
     "demo": demo_pairs,  # binserve bench demo
     "expected_remaining": expected_remaining,  # python -m bench.experiments.expected_remaining
