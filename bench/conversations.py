@@ -354,11 +354,16 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="checkpoint directory with a chat template")
     p.add_argument("--num-conversations", type=int, default=6)
-    p.add_argument("--max-turns", type=int, default=4, help="most turns replayed per conversation")
+    p.add_argument("--max-turns", type=int, default=6, help="most turns replayed per conversation")
     p.add_argument("--rate", type=float, default=0.5, help="new conversations per second (Poisson)")
     p.add_argument("--think-s", type=float, default=1.0, help="mean think time between turns (exponential)")
     p.add_argument("--max-message-chars", type=int, default=800, help="user messages are cut to this")
-    p.add_argument("--max-output-tokens", type=int, default=48, help="cap on each answer (greedy, to EOS)")
+    p.add_argument(
+        "--max-output-tokens",
+        type=int,
+        default=256,
+        help="cap on each answer (greedy to EOS, at most ChatGPT's answer length)",
+    )
     p.add_argument("--max-model-len", type=int, default=2048, help="a turn that would not fit ends it")
     p.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20)
     p.add_argument("--chunk-size", type=int, default=512)

@@ -105,3 +105,21 @@ def test_the_demo_pairs_read_the_demos_summary_line_and_render_every_run() -> No
     )
     assert "| before | d14c46d |" in text and "| after | 5aca7bd |" in text
     assert "Medians: before 90, after 110." in text
+
+
+def test_the_neighbour_ratios_are_per_pair_against_that_pair_s_idle_run() -> None:
+    """``binserve bench neighbour``: each busy run over its own pair's idle run; the median per neighbour."""
+    from bench.neighbour import NEIGHBOURS, ratios
+
+    busy, churn = NEIGHBOURS
+    runs = [
+        {"num_streams": 8, "pair": 0, "neighbour": None, "tokens_per_s": 100.0},
+        {"num_streams": 8, "pair": 0, "neighbour": busy, "tokens_per_s": 90.0},
+        {"num_streams": 8, "pair": 0, "neighbour": churn, "tokens_per_s": 80.0},
+        {"num_streams": 8, "pair": 1, "neighbour": busy, "tokens_per_s": 50.0},
+        {"num_streams": 8, "pair": 1, "neighbour": churn, "tokens_per_s": 50.0},
+        {"num_streams": 8, "pair": 1, "neighbour": None, "tokens_per_s": 50.0},
+    ]
+    rows = {r["neighbour"]: r for r in ratios(runs)}
+    assert rows[busy]["ratios"] == [0.9, 1.0] and rows[busy]["median_ratio"] == pytest.approx(0.95)
+    assert rows[churn]["ratios"] == [0.8, 1.0] and rows[churn]["idle_tokens_per_s"] == 75.0

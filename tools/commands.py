@@ -151,6 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         conversations,
         demo_pairs,
         gpu_check,
+        neighbour,
         node_loss,
         prefix_overhead,
         prometheus_cost,
@@ -181,6 +182,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     agreement.register(bench_sub)
     path_bench.register(bench_sub)
     served_bench.register(bench_sub)
+    neighbour.register(bench_sub)
     demo_pairs.register(bench_sub)
 
     p = subparsers.add_parser("demo", help="the README's main job")

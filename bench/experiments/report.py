@@ -28,6 +28,7 @@ from bench import (
     conversation_routing,
     conversations,
     demo_pairs,
+    neighbour,
     path,
     prefix_overhead,
     served,
@@ -79,6 +80,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "conversation_probe": conversation_probe,  # binserve bench conversation-probe
     "prefix_overhead": prefix_overhead,  # binserve bench prefix-overhead
     "served": served,  # binserve bench served
+    "neighbour": neighbour,  # binserve bench neighbour: the served target's context
     "demo": demo_pairs,  # binserve bench demo
     "expected_remaining": expected_remaining,  # python -m bench.experiments.expected_remaining
     "expected_remaining_preempting": expected_remaining,  # the same with --num-blocks: KV runs short
