@@ -86,7 +86,8 @@ def finish_module_run(
     load), the module's ``targets``, the JSON for the report, and the module's table on stdout."""
     import time
 
-    command = f"python -m {module.__name__} " + " ".join(sys.argv[1:])
+    spec = getattr(module, "__spec__", None)  # run with -m, the module is __main__ and its spec names it
+    command = f"python -m {spec.name if spec is not None else module.__name__} " + " ".join(sys.argv[1:])
     result["meta"] = run_meta(command, time.perf_counter() - started_s, load_at_start)
     result["targets"] = module.targets(result)
     write_json(Path(json_path), result)
