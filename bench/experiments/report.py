@@ -73,6 +73,7 @@ EXPERIMENTS: dict[str, ModuleType] = {
 MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "replica_routing": replica_routing,
     "prefix_routing": prefix_routing,  # python -m bench.experiments.prefix_routing (simulated conversations)
+    "prefix_routing_2replicas": prefix_routing,  # the same, --num-replicas 2 (SmolLM2's profile)
     "trace": trace_replay,
     "path": path,  # binserve bench path
     "conversations": conversations,  # binserve bench conversations
