@@ -78,6 +78,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "path": path,  # binserve bench path
     "conversations": conversations,  # binserve bench conversations
     "conversation_routing": conversation_routing,  # binserve bench conversations --serve-config
+    "conversation_routing_long": conversation_routing,  # the same, 8 conversations of up to 6 turns
     "conversation_probe": conversation_probe,  # binserve bench conversation-probe
     "prefix_overhead": prefix_overhead,  # binserve bench prefix-overhead
     "served": served,  # binserve bench served
