@@ -36,9 +36,23 @@ TARGET_RESEND_OVER_LAST = 0.2
 """An unchanged resend of the last turn at most this share of the last turn's TTFT, caching on."""
 
 
-def pick_conversation(tokenizer, num_turns: int, min_tokens: int, max_tokens: int) -> tuple[str, list]:
+BLOCK_SIZE = 16
+"""The served config's KV block (``cache.block_size``): a turn's cached prefix is the previous turn's prompt
+cut to whole blocks (its few generated tokens differ from the dataset's answer that follows)."""
+
+
+def new_tokens_by_turn(prompt_lengths: list[int], block_size: int = BLOCK_SIZE) -> list[int]:
+    """Each turn's uncached prompt tokens when the previous turn's prompt is cached in whole blocks."""
+    cached = [0] + [n // block_size * block_size for n in prompt_lengths[:-1]]
+    return [n - c for n, c in zip(prompt_lengths, cached, strict=True)]
+
+
+def pick_conversation(
+    tokenizer, num_turns: int, min_tokens: int, max_tokens: int, new_token_ratio: float | None = None
+) -> tuple[str, list]:
     """The first conversation with ``num_turns`` human turns whose last one renders to ``min_tokens`` ..
-    ``max_tokens`` tokens: its id and its turns' message lists."""
+    ``max_tokens`` tokens (and, given ``new_token_ratio``, whose last turn adds between 1 / ratio and
+    ratio times turn 2's new tokens): its id and its turns' message lists."""
     from bench.workload import eligible_conversations
 
     for record_id, turns in eligible_conversations(num_turns).items():
@@ -53,21 +67,36 @@ def pick_conversation(tokenizer, num_turns: int, min_tokens: int, max_tokens: in
             m["role"] != r for m, r in zip(history, ["user", "assistant"] * len(history), strict=False)
         ):
             continue  # turns that do not alternate
-        n = len(
-            tokenizer.apply_chat_template(per_turn[-1], add_generation_prompt=True, return_dict=True)[
-                "input_ids"
-            ]
-        )
-        if min_tokens <= n <= max_tokens:
+        lengths = [
+            len(tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"])
+            for m in per_turn
+        ]
+        if not min_tokens <= lengths[-1] <= max_tokens:
+            continue
+        new = new_tokens_by_turn(lengths)
+        if new_token_ratio is None or 1 / new_token_ratio <= new[-1] / new[1] <= new_token_ratio:
             return record_id, per_turn
     raise ValueError(f"no conversation with {num_turns} turns renders to {min_tokens}..{max_tokens} tokens")
 
 
+def prefill_flops(hf_config, new_tokens: int, cached_tokens: int) -> float:
+    """FLOPs of a prefill of ``new_tokens`` after ``cached_tokens``: 2 per decoder-layer parameter and token,
+    plus attention scores and values (4 x context x heads x head dim per token and layer, causal)."""
+    from workers.model import head_dim_of
+    from workers.partition import layer_parameters
+
+    width = hf_config.num_attention_heads * head_dim_of(hf_config)
+    mean_context = cached_tokens + (new_tokens + 1) / 2
+    per_token = 2 * layer_parameters(hf_config) + 4 * mean_context * width
+    return float(hf_config.num_hidden_layers * per_token * new_tokens)
+
+
 def _config_with(path: str, enable_prefix_caching: bool, scratch: Path) -> Path:
-    raw = yaml.safe_load(Path(path).read_text())
-    for app in raw["applications"]:
-        cache = app["args"].setdefault("cache", {})
-        cache["enable_prefix_caching"] = enable_prefix_caching
+    from bench.conversation_routing import config_with
+
+    raw = config_with(
+        yaml.safe_load(Path(path).read_text()), "cache", enable_prefix_caching=enable_prefix_caching
+    )
     out = scratch / f"serve-caching-{enable_prefix_caching}.yaml"
     out.write_text(yaml.safe_dump(raw))
     return out
@@ -123,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started_s, load_at_start = time.perf_counter(), os.getloadavg()
     record_id, turns = pick_conversation(
-        load_tokenizer(args.model), args.turns, args.min_tokens, args.max_tokens
+        load_tokenizer(args.model), args.turns, args.min_tokens, args.max_tokens, args.new_token_ratio
     )
     runs, repeats = {}, []
     with tempfile.TemporaryDirectory() as scratch:
@@ -144,8 +173,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "caching_on_repeats": repeats,
         "meta": run_meta(this_command(), time.perf_counter() - started_s, round(load_at_start[0], 2)),
     }
+    report["prefill_flops"] = _flops_by_turn(args.model, runs["caching on"]["turns"])
     report["targets"] = targets(report)
     return report
+
+
+def _flops_by_turn(model_dir: str, rows: list[dict[str, Any]]) -> list[float]:
+    """Each caching-on turn's prefill FLOPs, from the prompt and cached tokens its usage reported."""
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    return [
+        prefill_flops(hf_config, r["prompt_tokens"] - r["cached_tokens"], r["cached_tokens"]) for r in rows
+    ]
 
 
 def cmd_bench_conversation_probe(args: argparse.Namespace) -> int:
@@ -214,7 +254,7 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"ShareGPT conversation `{result['conversation_id']}` (the first among the 10,000 ids with {n} turns "
-            f"whose last renders to {p['min_tokens']}-{p['max_tokens']} tokens), each turn sending the history "
+            f"whose last renders to {p['min_tokens']}-{p['max_tokens']} tokens{_shape_text(p)}), each turn sending the history "
             f"with the dataset's own answers, greedy, {p['output_tokens']} output tokens, through the official "
             f"`openai` client on `{p['config']}` served locally, after a warm-up call; caching on, then off "
             "(a fresh cluster each). TTFT at the client.",
@@ -224,11 +264,31 @@ def render(result: dict[str, Any]) -> str:
             f"Turn {n} over turn 2: on {ratios['caching on'][0]:.2f}x, off {ratios['caching off'][0]:.2f}x. "
             f"Resent turn {n} over turn {n}: on {ratios['caching on'][1]:.2f}x, off {ratios['caching off'][1]:.2f}x. "
             + _repeats_text(result, n)
+            + _flops_text(result, n)
             + f"Load average before / after: on {on['load_average'][0][0]:.2f} / {on['load_average'][1][0]:.2f}, "
             f"off {off['load_average'][0][0]:.2f} / {off['load_average'][1][0]:.2f}.",
             "",
             provenance(result),
         ]
+    )
+
+
+def _shape_text(params: dict[str, Any]) -> str:
+    ratio = params.get("new_token_ratio")
+    if ratio is None:
+        return ""
+    return f" and whose last turn adds within {ratio:g}x of turn 2's new tokens"
+
+
+def _flops_text(result: dict[str, Any], n: int) -> str:
+    flops = result.get("prefill_flops")
+    if not flops:
+        return ""
+    return (
+        f"The model's prefill FLOPs (2 per layer parameter and token plus causal attention, from each turn's "
+        f"prompt and cached tokens): turn {n} {flops[-1] / 1e9:.0f} G against turn 2's {flops[1] / 1e9:.0f} G, "
+        f"{flops[-1] / flops[1]:.2f}x: a turn-{n} TTFT within {TARGET_LAST_OVER_SECOND}x of turn 2's needs "
+        "the engine to spend less per FLOP on the longer turn. "
     )
 
 
@@ -257,6 +317,12 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=1800, help="the last turn's most rendered tokens")
     p.add_argument("--output-tokens", type=int, default=4, help="tokens generated a turn (greedy)")
     p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray cluster")
+    p.add_argument(
+        "--new-token-ratio",
+        type=float,
+        help="pick a conversation whose last turn adds within this factor of turn 2's new tokens "
+        "(the issue's conversation adds about as many at each)",
+    )
     p.add_argument(
         "--repeats", type=int, default=3, help="times caching on is served (the targets take the median)"
     )

@@ -67,11 +67,11 @@ async def replay_served(address: str, conversations: list[Conversation]) -> list
     return sorted(turns, key=lambda t: (t.conversation, t.index))
 
 
-def config_with_routing(raw: dict[str, Any], routing: str) -> dict[str, Any]:
+def config_with(raw: dict[str, Any], section: str, **values: Any) -> dict[str, Any]:
+    """A copy of a Serve config with ``values`` set in every application's ``args[section]``."""
     raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy
     for app in raw.get("applications") or []:
-        pools = app.setdefault("args", {}).setdefault("pools", {})
-        pools["replica_routing"] = routing
+        app.setdefault("args", {}).setdefault(section, {}).update(values)
     return raw
 
 
@@ -85,7 +85,7 @@ def run_routing(args: argparse.Namespace, conversations: list[Conversation]) -> 
     for routing in args.routing.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "serve.yaml"
-            path.write_text(yaml.safe_dump(config_with_routing(raw, routing)))
+            path.write_text(yaml.safe_dump(config_with(raw, "pools", replica_routing=routing)))
             with serving_locally_at(path, args.model) as addresses:
                 load_before, run_start_s = load_average(), time.perf_counter()
                 turns = asyncio.run(replay_served(addresses.grpc, conversations))

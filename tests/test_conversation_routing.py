@@ -21,7 +21,7 @@ def test_each_run_serves_the_committed_config_with_only_its_routing_rule_changed
     shipped = AppConfig.from_args(raw["applications"][0]["args"])
     assert shipped.router.num_bins == 1 and shipped.pools.min_replicas == shipped.pools.max_replicas == 2
     for rule in RULES:
-        args = conversation_routing.config_with_routing(raw, rule)["applications"][0]["args"]
+        args = conversation_routing.config_with(raw, "pools", replica_routing=rule)["applications"][0]["args"]
         config = AppConfig.from_args(args)
         assert config.pools.replica_routing is ReplicaRouting(rule)
         assert dataclasses.replace(config, pools=shipped.pools) == shipped
