@@ -348,14 +348,10 @@ def render(result: dict) -> str:
     )
 
 
-def register(bench_subparsers: argparse._SubParsersAction) -> None:
-    p = bench_subparsers.add_parser(
-        "conversations", help="multi-turn ShareGPT conversations, prefix caching on vs off (real engine)"
-    )
-    p.add_argument("--model", required=True, help="checkpoint directory with a chat template")
-    p.add_argument("--num-conversations", type=int, default=6)
+def add_workload_arguments(p: argparse.ArgumentParser, num_conversations: int) -> None:
+    """The conversations' flags (``build_conversations``), shared with the served capacity sweep."""
+    p.add_argument("--num-conversations", type=int, default=num_conversations)
     p.add_argument("--max-turns", type=int, default=6, help="most turns replayed per conversation")
-    p.add_argument("--rate", type=float, default=0.5, help="new conversations per second (Poisson)")
     p.add_argument("--think-s", type=float, default=1.0, help="mean think time between turns (exponential)")
     p.add_argument("--max-message-chars", type=int, default=800, help="user messages are cut to this")
     p.add_argument(
@@ -364,12 +360,21 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         default=256,
         help="cap on each answer (greedy to EOS, at most ChatGPT's answer length)",
     )
+    p.add_argument("--seed", type=int, default=0)
+
+
+def register(bench_subparsers: argparse._SubParsersAction) -> None:
+    p = bench_subparsers.add_parser(
+        "conversations", help="multi-turn ShareGPT conversations, prefix caching on vs off (real engine)"
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory with a chat template")
+    add_workload_arguments(p, num_conversations=6)
+    p.add_argument("--rate", type=float, default=0.5, help="new conversations per second (Poisson)")
     p.add_argument("--max-model-len", type=int, default=2048, help="a turn that would not fit ends it")
     p.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20)
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--caching-first", action="store_true", help="run caching on before off (default after)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--serve-config",

@@ -147,6 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_offline)
     from bench import (
         admission,
+        conversation_capacity,
         conversation_probe,
         conversations,
         demo_pairs,
@@ -176,6 +177,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trace_replay.register(bench_sub)
     conversations.register(bench_sub)
     conversation_probe.register(bench_sub)
+    conversation_capacity.register(bench_sub)
     prefix_overhead.register(bench_sub)
     from bench.sim import agreement
 

@@ -24,6 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench import (
+    conversation_capacity,
     conversation_probe,
     conversation_routing,
     conversations,
@@ -80,6 +81,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "conversation_routing": conversation_routing,  # binserve bench conversations --serve-config
     "conversation_routing_long": conversation_routing,  # the same, 8 conversations of up to 6 turns
     "conversation_probe": conversation_probe,  # binserve bench conversation-probe
+    "conversation_capacity": conversation_capacity,  # binserve bench conversation-capacity
     "conversation_probe_even": conversation_probe,  # the same, --new-token-ratio 1.1 (the shape)
     "prefix_overhead": prefix_overhead,  # binserve bench prefix-overhead
     "served": served,  # binserve bench served
