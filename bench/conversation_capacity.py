@@ -17,9 +17,7 @@ the simulation; a setting's capacity is its highest rate whose run, and every lo
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,10 +44,8 @@ def parse_runs(text: str) -> list[tuple[bool, float, int | None]]:
 
 
 def run_one(args: argparse.Namespace, caching: bool, rate: float, count: int | None) -> dict[str, Any]:
-    from bench.conversation_routing import config_with, replay_served
+    from bench.conversation_routing import replay_on_fresh_cluster
     from bench.conversations import build_conversations, summarize_turns
-    from bench.experiments.harness import load_average
-    from cluster.local import serving_locally_at
     from workers.checkpoint import load_tokenizer
 
     workload = argparse.Namespace(
@@ -57,20 +53,11 @@ def run_one(args: argparse.Namespace, caching: bool, rate: float, count: int | N
     )
     conversations = build_conversations(load_tokenizer(args.model), workload)
     raw = yaml.safe_load(Path(args.serve_config).read_text()) or {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "serve.yaml"
-        path.write_text(yaml.safe_dump(config_with(raw, "cache", enable_prefix_caching=caching)))
-        with serving_locally_at(path, args.model) as addresses:
-            load_before, started_s = load_average(), time.perf_counter()
-            turns = asyncio.run(replay_served(addresses.grpc, conversations))
-    row = summarize_turns(turns)
-    row.update(
-        caching=caching,
-        rate_per_s=rate,
-        num_conversations=len(conversations),
-        replay_s=time.perf_counter() - started_s,
-        load_average={"start": load_before, "end": load_average()},
+    turns, replay = replay_on_fresh_cluster(
+        raw, args.model, conversations, "cache", enable_prefix_caching=caching
     )
+    row = summarize_turns(turns)
+    row.update(caching=caching, rate_per_s=rate, num_conversations=len(conversations), **replay)
     return row
 
 

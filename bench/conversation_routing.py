@@ -75,25 +75,38 @@ def config_with(raw: dict[str, Any], section: str, **values: Any) -> dict[str, A
     return raw
 
 
+def replay_on_fresh_cluster(
+    raw: dict[str, Any], model_dir: str, conversations: list[Conversation], section: str, **values: Any
+) -> tuple[list[Turn], dict[str, Any]]:
+    """Serve ``raw`` with ``values`` set in every application's ``args[section]`` on a fresh local cluster
+    and replay ``conversations`` through gRPC: the turns, and the replay's seconds and load average."""
+    from bench.experiments.harness import load_average
+    from cluster.local import serving_locally_at
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "serve.yaml"
+        path.write_text(yaml.safe_dump(config_with(raw, section, **values)))
+        with serving_locally_at(path, model_dir) as addresses:
+            load_before, started_s = load_average(), time.perf_counter()
+            turns = asyncio.run(replay_served(addresses.grpc, conversations))
+    replay = {"start": load_before, "end": load_average()}
+    return turns, {"replay_s": time.perf_counter() - started_s, "load_average": replay}
+
+
 def run_routing(args: argparse.Namespace, conversations: list[Conversation]) -> dict[str, Any]:
     from bench.experiments.harness import load_average, run_meta, this_command
-    from cluster.local import serving_locally_at
 
     raw = yaml.safe_load(Path(args.serve_config).read_text()) or {}
     started_s, load_at_start = time.perf_counter(), load_average()
     rows, answers = {}, {}
     for routing in args.routing.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "serve.yaml"
-            path.write_text(yaml.safe_dump(config_with(raw, "pools", replica_routing=routing)))
-            with serving_locally_at(path, args.model) as addresses:
-                load_before, run_start_s = load_average(), time.perf_counter()
-                turns = asyncio.run(replay_served(addresses.grpc, conversations))
+        turns, replay = replay_on_fresh_cluster(
+            raw, args.model, conversations, "pools", replica_routing=routing
+        )
         row = summarize_turns(turns)
         row["mean_ttft_follow_up_s"] = _mean([t.metrics.ttft_s for t in turns if t.index > 0])
         row["mean_jct_follow_up_s"] = _mean([t.metrics.completion_s for t in turns if t.index > 0])
-        row["replay_s"] = time.perf_counter() - run_start_s
-        row["load_average"] = {"start": load_before, "end": load_average()}
+        row.update(replay)
         rows[routing] = row
         answers[routing] = [(t.conversation, t.index, t.output_token_ids) for t in turns]
         print(routing, {k: v for k, v in row.items() if "tokens" not in k or "hit" in k}, flush=True)
