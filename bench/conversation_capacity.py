@@ -62,6 +62,8 @@ def run_one(args: argparse.Namespace, caching: bool, rate: float, count: int | N
 
 
 def capacities(rows: list[dict[str, Any]], slo_multiple: float) -> dict[str, Any]:
+    from bench.experiments.harness import capacity_under_slo
+
     """The SLO (``slo_multiple`` x caching off's mean TTFT at its lowest rate) and, per setting, the highest
     rate holding it below the first rate that misses it, and that first miss."""
     off = sorted((r for r in rows if not r["caching"]), key=lambda r: r["rate_per_s"])
@@ -70,13 +72,9 @@ def capacities(rows: list[dict[str, Any]], slo_multiple: float) -> dict[str, Any
     slo_s = slo_multiple * off[0]["ttft_mean_s"]
     result: dict[str, Any] = {"slo_ttft_s": slo_s, "baseline_rate_per_s": off[0]["rate_per_s"]}
     for name, caching in (("on", True), ("off", False)):
-        capacity, first_miss = 0.0, None
-        for r in sorted((r for r in rows if r["caching"] is caching), key=lambda r: r["rate_per_s"]):
-            if r["ttft_mean_s"] > slo_s:
-                first_miss = r["rate_per_s"]
-                break
-            capacity = r["rate_per_s"]
-        result[name] = {"capacity_per_s": capacity, "first_miss_per_s": first_miss}
+        ttft_s = {r["rate_per_s"]: r["ttft_mean_s"] for r in rows if r["caching"] is caching}
+        capacity, first_miss = capacity_under_slo(ttft_s, slo_s)
+        result[name] = {"capacity_per_s": capacity or 0.0, "first_miss_per_s": first_miss}
     return result
 
 

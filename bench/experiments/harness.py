@@ -293,6 +293,17 @@ def share_of_gain(gain: float | None, oracle_gain: float | None) -> float | None
     return gain / oracle_gain
 
 
+def capacity_under_slo(ttft_s_by_rate: dict[float, float], slo_s: float) -> tuple[float | None, float | None]:
+    """(capacity, first miss): the highest rate whose mean TTFT, and every lower rate's, is within ``slo_s``
+    (None if the lowest misses), and the lowest rate that misses it (None if none does)."""
+    held = None
+    for rate in sorted(ttft_s_by_rate):
+        if ttft_s_by_rate[rate] > slo_s:
+            return held, rate
+        held = rate
+    return held, None
+
+
 def target(description: str, value: float | None, threshold: float, higher_is_better: bool = True) -> dict:
     """One acceptance target and whether this run reached it (None: not measured in this run)."""
     if value is None or math.isnan(value):

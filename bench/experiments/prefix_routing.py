@@ -281,12 +281,8 @@ def capacities(result: dict) -> dict | None:
     slo_s = p.get("slo_ttft_multiple", 2.0) * rows[(False, rates[0])]["mean_ttft_s"]
 
     def capacity(caching: bool) -> float | None:
-        held = None
-        for rate in rates:
-            if rows[(caching, rate)]["mean_ttft_s"] > slo_s:
-                break
-            held = rate
-        return held
+        ttft_s = {rate: rows[(caching, rate)]["mean_ttft_s"] for rate in rates}
+        return harness.capacity_under_slo(ttft_s, slo_s)[0]
 
     on, off = capacity(True), capacity(False)
     return {

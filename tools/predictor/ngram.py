@@ -63,6 +63,10 @@ class NgramModel:
         return self.ridge.predict(self.features(prompts, log_prompt_tokens))
 
 
+def search_label(alpha: float, aux_weight: float) -> str:
+    return f"alpha {alpha}, aux weight {aux_weight}"
+
+
 def run(args: argparse.Namespace) -> dict:
     from bench.workload import read_sharegpt
 
@@ -100,22 +104,19 @@ def run(args: argparse.Namespace) -> dict:
         return NgramModel(alpha).fit(prompts, log_prompt, log_output, weights)
 
     folds = np.asarray(grouped_folds([corpus.group_of_id[r.record_id] for r in train], 5))
-    search = {}
+    search: dict[tuple[float, float], float] = {}
     for alpha, aux_weight in itertools.product(ALPHAS, AUX_WEIGHTS):
         estimates = np.empty(len(train))
         for fold in sorted(set(folds.tolist())):
             test = np.flatnonzero(folds == fold)
             model = fit(np.flatnonzero(folds != fold), alpha, aux_weight)
             estimates[test] = model.predict(subset(list(test), train_prompts), train_log_prompt[test])
-        search[f"alpha {alpha}, aux weight {aux_weight}"] = spearman(
-            estimates.tolist(), train_log_output.tolist()
-        )
+        search[alpha, aux_weight] = spearman(estimates.tolist(), train_log_output.tolist())
         print(
-            f"alpha {alpha}, aux weight {aux_weight}: grouped 5-fold Spearman {search[f'alpha {alpha}, aux weight {aux_weight}']:.3f}",
+            f"{search_label(alpha, aux_weight)}: grouped 5-fold Spearman {search[alpha, aux_weight]:.3f}",
             flush=True,
         )
-    best = max(search, key=search.get)
-    alpha, aux_weight = (float(x.split()[-1]) for x in best.split(", "))
+    alpha, aux_weight = max(search, key=search.get)
     model = fit(np.arange(len(train)), alpha, aux_weight)
 
     prompts = [r.prompt for r in held_out]
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
         "validation_fraction": fraction,
         "num_training_labels": len(train),
         "num_aux_records": len(aux),
-        "grouped_cv_spearman": search,
+        "grouped_cv_spearman": {search_label(*key): value for key, value in search.items()},
         "chosen": {"alpha": alpha, "aux_weight": aux_weight},
         "ngram_latency_ms": {
             "p50": percentile(timings, 50),
