@@ -5,9 +5,10 @@ turn by turn").
     python -m bench.attention_cost
 
 Random weights of SmolLM2-135M's shapes (hidden 576, MLP 1,536, 9 query heads over 3 KV heads of 64); the
-attention is the engine's own CPU prefill path (``workers.attention._matmul_attention``), for 128-token
-chunks after the cached prefixes of turn 2 (64 tokens) and turn 6 (1,168 and 1,296) of ``Cli4yXC_0``.
-Medians of 30 calls each. Prints milliseconds and GFLOP/s; writes nothing.
+attention is the engine's own prefill path (``workers.attention.paged_attention``: the chunk's KV written to
+a paged cache, the prefix gathered, one SDPA call), for 128-token chunks after the cached prefixes of turn 2
+(64 tokens) and turn 6 (1,168 and 1,296) of ``Cli4yXC_0``. Medians of 30 calls each. Prints milliseconds and
+GFLOP/s; writes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import torch
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64
+BLOCK = 16
 CHUNKS = (("turn 2", 128, 64), ("turn 6, first chunk", 128, 1168), ("turn 6, second chunk", 128, 1296))
 
 
@@ -31,7 +33,8 @@ def median_s(fn, calls: int = 30) -> float:  # noqa: ANN001 (a zero-argument cal
 
 
 def main() -> int:
-    from workers.attention import _matmul_attention
+    from pipeline.plan import ScheduledChunk, StepPlan
+    from workers.attention import AttentionMetadata, paged_attention
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -48,12 +51,16 @@ def main() -> int:
     for name, new, cached in CHUNKS:
         kv_len = cached + new
         x = torch.randn(new, HIDDEN, generator=gen)
-        query = torch.randn(HEADS, new, HEAD_DIM, generator=gen)
-        keys, values = torch.randn(2, KV_HEADS, kv_len, HEAD_DIM, generator=gen)
-        visible = torch.arange(kv_len)[None, :] <= torch.arange(cached, kv_len)[:, None]
-        bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+        query = torch.randn(new, HEADS, HEAD_DIM, generator=gen)
+        keys, values = torch.randn(2, new, KV_HEADS, HEAD_DIM, generator=gen)
+        blocks = tuple(range(-(-kv_len // BLOCK)))
+        cache = torch.randn(2, KV_HEADS, len(blocks), BLOCK, HEAD_DIM, generator=gen)  # the prefix's KV
+        chunk = ScheduledChunk("r", (0,) * new, cached, blocks, None, 0)
+        meta = AttentionMetadata.build(StepPlan(0, (chunk,)), BLOCK, None, cache.device)
         linear_s = median_s(lambda x=x: linears(x))
-        attention_s = median_s(lambda q=query, k=keys, v=values, b=bias: _matmul_attention(q, k, v, b, 0.125))
+        attention_s = median_s(
+            lambda q=query, k=keys, v=values, c=cache, m=meta: paged_attention(q, k, v, c, m, 0.125)
+        )
         linear_flops = 2 * new * layer_params
         attention_flops = 4 * new * (cached + (new + 1) / 2) * HEADS * HEAD_DIM
         print(

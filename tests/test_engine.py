@@ -258,25 +258,38 @@ def test_presence_and_frequency_penalties_follow_openai() -> None:
         SamplingParams(repetition_penalty=0.0)
 
 
-@pytest.mark.parametrize(
-    "start_pos, q_len, max_scores", [(0, 37, 2**24), (45, 19, 2**24), (45, 19, 9 * 64 * 5)]
-)
-def test_cpu_matmul_attention_equals_sdpa(monkeypatch, start_pos: int, q_len: int, max_scores: int) -> None:
-    """Prefill chunks on CPU are attended with matmuls (in slices of query rows when the scores are big):
-    the same result as SDPA with grouped KV heads and a causal mask over the cached prefix."""
-    import torch.nn.functional as F
-
+@pytest.mark.parametrize("start_pos, q_len, max_float_mask", [(0, 37, 2**24), (45, 19, 2**24), (45, 19, 0)])
+def test_cpu_prefill_attention_equals_reference(
+    monkeypatch, start_pos: int, q_len: int, max_float_mask: int
+) -> None:
+    """A prefill chunk over a paged cached prefix (float mask, or boolean past the float mask's size) gives
+    what plain attention over its unpaged keys and values gives: every query head reads its grouped KV head,
+    positions up to its own."""
     import workers.attention as attention
+    from pipeline.plan import ScheduledChunk, StepPlan
 
-    monkeypatch.setattr(attention, "_MAX_MATMUL_SCORES", max_scores)
-    heads, kv_heads, dim, kv_len = 9, 3, 16, start_pos + q_len
+    monkeypatch.setattr(attention, "_MAX_FLOAT_MASK", max_float_mask)
+    heads, kv_heads, dim, block, kv_len = 9, 3, 16, 8, start_pos + q_len
     gen = torch.Generator().manual_seed(0)
-    query = torch.randn(heads, q_len, dim, generator=gen)
-    keys, values = torch.randn(2, kv_heads, kv_len, dim, generator=gen)
-    mask = torch.arange(kv_len)[None, :] <= torch.arange(start_pos, kv_len)[:, None]
-    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
-    expected = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask, scale=0.25, enable_gqa=True
-    )
-    got = attention._matmul_attention(query, keys, values, bias, 0.25)
+    query = torch.randn(q_len, heads, dim, generator=gen)
+    keys, values = torch.randn(2, kv_len, kv_heads, dim, generator=gen)
+    blocks = tuple(reversed(range(1, -(-kv_len // block) + 1)))  # out of order: the table is what counts
+    cache = torch.zeros(2, kv_heads, len(blocks) + 1, block, dim)
+    if start_pos:  # the cached prefix, written by earlier steps
+        prefix = attention.AttentionMetadata.build(
+            StepPlan(0, (ScheduledChunk("r", (0,) * start_pos, 0, blocks, None, 0),)),
+            block,
+            None,
+            cache.device,
+        )
+        attention.write_kv(cache, keys[:start_pos], values[:start_pos], prefix.slot_mapping)
+    chunk = ScheduledChunk("r", (0,) * q_len, start_pos, blocks, None, 0)
+    meta = attention.AttentionMetadata.build(StepPlan(1, (chunk,)), block, None, cache.device)
+    got = attention.paged_attention(query, keys[start_pos:], values[start_pos:], cache, meta, 0.25)
+
+    group = heads // kv_heads
+    scores = torch.einsum("qhd,khd->hqk", query, keys.repeat_interleave(group, 1)) * 0.25
+    visible = torch.arange(kv_len)[None, :] <= torch.arange(start_pos, kv_len)[:, None]
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    expected = torch.einsum("hqk,khd->qhd", weights, values.repeat_interleave(group, 1))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

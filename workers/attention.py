@@ -5,14 +5,13 @@ chunks. Keys and values of the step's tokens are written into the paged cache fi
 
 - all decodes attend together: one SDPA call over their block tables gathered to ``(N, Hkv, L, D)``
   with a padding mask, so a decode-heavy SARATHI batch costs one kernel, not one per request;
-- each prefill chunk attends to its request's cached prefix plus itself, causally (one call per chunk;
-  decode-maximal batches have at most a few). A chunk that starts at position 0 needs no gather: it
-  attends to its own fresh keys. On CPU a chunk is attended with two batched matmuls and an additive
-  mask made once per step (in slices of query rows, so its scores stay under 64 MB): SDPA's CPU kernel
-  runs a 128-token chunk over a 1,456-token prefix in about 21 ms a layer here, the matmuls in about
-  10 ms, and 422 tokens over 1,750 in 73 ms against 40 (SmolLM2's 9 query heads over 3 KV heads, head
-  size 64; one thread). SDPA keeps chunks whose mask alone would pass 64 MB, and every chunk on an
-  accelerator.
+- each prefill chunk attends to its request's cached prefix plus itself, causally (one SDPA call per
+  chunk; decode-maximal batches have at most a few). A chunk that starts at position 0 needs no gather
+  and no mask: it attends to its own fresh keys, causally. Every call is 4-D: SDPA's CPU kernel takes
+  3-D inputs down its unfused path, 3x slower here (a 128-token chunk over a 1,296-token prefix: 20.4 ms
+  a layer against 6.4, SmolLM2's 9 query heads over 3 KV heads, head size 64, one thread). On CPU the
+  mask is the additive float one SDPA would derive from a boolean one in every layer, made once per step
+  while it stays under 64 MB.
 
 Cache layout per layer: ``(2, Hkv, num_blocks, block_size, D)``, keys then values. Heads outermost
 means a gathered block table is ``(Hkv, N, L, D)`` with each head's ``(L, D)`` matrix contiguous,
@@ -35,8 +34,7 @@ class PrefillChunk:
     token_end: int
     start_pos: int  # its first token's position in the request
     block_table: torch.Tensor  # (num_blocks,) long: covers positions [0, start_pos + q_len)
-    mask: torch.Tensor | None  # (q_len, kv_len) bool; None means plain causal over fresh keys
-    bias: torch.Tensor | None = None  # (q_len, kv_len) float32, 0 or -inf: set where matmuls attend it
+    mask: torch.Tensor | None  # (q_len, kv_len): bool, or float 0 / -inf; None means causal over fresh keys
 
 
 @dataclass(frozen=True)
@@ -54,9 +52,9 @@ class DecodeGroup:
 _MAX_DECODE_GROUPS = 4
 _MIN_DECODES_PER_GROUP = 8
 
-# On CPU a prefill chunk with at most this many query x key positions is attended with matmuls, in
-# slices of query rows whose scores (every head's) hold at most as many floats; SDPA takes the rest.
-_MAX_MATMUL_SCORES = 2**24
+# On CPU a prefill chunk's mask is made additive (float) once per step while it has at most this many
+# query x key positions (64 MB); bigger ones stay boolean, a quarter the memory.
+_MAX_FLOAT_MASK = 2**24
 
 
 def _decode_groups(
@@ -119,20 +117,18 @@ class AttentionMetadata:
         offset = len(decodes)
         for c in plan.chunks[len(decodes) :]:
             q_len, kv_len = c.num_tokens, c.end_pos
-            mask = bias = None
-            use_matmul = device.type == "cpu" and q_len * kv_len <= _MAX_MATMUL_SCORES
-            needs_mask = c.start_pos > 0 or (sliding_window is not None and kv_len > sliding_window)
-            if needs_mask or use_matmul:
+            mask = None
+            if c.start_pos > 0 or (sliding_window is not None and kv_len > sliding_window):
                 q_pos = torch.arange(c.start_pos, kv_len)[:, None]
                 k_pos = torch.arange(kv_len)[None, :]
                 mask = k_pos <= q_pos
                 if sliding_window is not None:
                     mask &= k_pos > q_pos - sliding_window
-                if use_matmul:
-                    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
-                mask = mask.to(device) if needs_mask else None
+                if device.type == "cpu" and q_len * kv_len <= _MAX_FLOAT_MASK:
+                    mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+                mask = mask.to(device)
             table = torch.tensor(c.block_ids[: -(-kv_len // block_size)], dtype=torch.long, device=device)
-            prefills.append(PrefillChunk(offset, offset + q_len, c.start_pos, table, mask, bias))
+            prefills.append(PrefillChunk(offset, offset + q_len, c.start_pos, table, mask))
             offset += q_len
         return cls(
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -191,7 +187,7 @@ def paged_attention(
         else:
             out.index_copy_(0, group.rows, attn.reshape(n, -1, head_dim))
     for chunk in meta.prefills:
-        query = q[chunk.token_start : chunk.token_end].transpose(0, 1)  # (H, q, D)
+        query = q[chunk.token_start : chunk.token_end].transpose(0, 1)[None]  # (1, H, q, D)
         if chunk.start_pos == 0:  # its own fresh keys are all it attends to
             keys = k[chunk.token_start : chunk.token_end].transpose(0, 1)  # (Hkv, q, D)
             values = v[chunk.token_start : chunk.token_end].transpose(0, 1)
@@ -199,37 +195,17 @@ def paged_attention(
             kv_len = chunk.token_end - chunk.token_start + chunk.start_pos
             keys, values = _gather(cache, chunk.block_table)  # (Hkv, nb*S, D) each
             keys, values = keys[:, :kv_len], values[:, :kv_len]
-        if chunk.bias is not None and q.dtype == torch.float32:
-            attn = _matmul_attention(query, keys, values, chunk.bias, scale)
-        elif chunk.mask is None:
-            attn = F.scaled_dot_product_attention(
-                query, keys, values, is_causal=True, scale=scale, enable_gqa=True
-            )
-        else:
-            attn = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=chunk.mask, scale=scale, enable_gqa=True
-            )
-        out[chunk.token_start : chunk.token_end] = attn.transpose(0, 1)
+        mask = chunk.mask
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # SDPA takes a float mask only in the query's dtype
+        attn = F.scaled_dot_product_attention(
+            query,
+            keys[None],
+            values[None],
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[chunk.token_start : chunk.token_end] = attn[0].transpose(0, 1)
     return out
-
-
-def _matmul_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Attention of one chunk as two batched matmuls: query (H, q, D), keys and values (Hkv, kv, D),
-    ``bias`` (q, kv) added to every head's scores -> (H, q, D). The G query heads sharing a KV head are
-    stacked as G*q rows of one matmul, so keys and values are never repeated."""
-    heads, q_len, dim = query.shape
-    kv_heads, kv_len = keys.shape[0], keys.shape[1]
-    rows = max(1, _MAX_MATMUL_SCORES // (heads * kv_len))
-    if q_len > rows:  # query rows attend independently: slices bound the scores' memory
-        out = torch.empty_like(query)
-        for start in range(0, q_len, rows):
-            end = start + rows
-            out[:, start:end] = _matmul_attention(query[:, start:end], keys, values, bias[start:end], scale)
-        return out
-    group = heads // kv_heads
-    scores = torch.matmul(query.reshape(kv_heads, group * q_len, dim), keys.transpose(1, 2))
-    scores = scores.view(kv_heads, group, q_len, kv_len).mul_(scale).add_(bias)
-    torch.softmax(scores, dim=-1, out=scores)
-    return torch.matmul(scores.view(kv_heads, group * q_len, kv_len), values).view(heads, q_len, dim)
