@@ -5,7 +5,8 @@ with prefix caching on and off (issue 22's "as a new user would" trial, made a c
         --json docs/results/smollm2-135m-instruct/conversation_probe.json
 
 The conversation is the first ShareGPT conversation (among the 10,000 ids, in their order) with at least
-``--turns`` human turns whose last turn renders to ``--min-tokens`` .. ``--max-tokens`` tokens. Each turn
+``--turns`` human turns whose last turn renders to ``--min-tokens`` .. ``--max-tokens`` tokens (with
+``--like 1:57,2:341,4:980,6:1526``, the one of them nearest the issue's own conversation instead). Each turn
 sends the whole history with the dataset's own assistant answers (not the model's, so every turn adds a
 few hundred tokens no earlier request computed), greedy, ``--output-tokens`` tokens; then the last turn is
 sent again unchanged. The config (``deploy/serve-local.yaml`` by default) is served on a local Ray cluster,
@@ -18,6 +19,7 @@ over turn-2 ratio moved from 1.43x to 1.91x between two quiet runs here.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -47,14 +49,46 @@ def new_tokens_by_turn(prompt_lengths: list[int], block_size: int = BLOCK_SIZE) 
     return [n - c for n, c in zip(prompt_lengths, cached, strict=True)]
 
 
+ISSUE_PROMPT_TOKENS = {1: 57, 2: 341, 4: 980, 6: 1526}
+"""The issue's own conversation: its prompt tokens at turns 1, 2, 4 and 6 (not among the 10,000 ids)."""
+
+
+def parse_shape(text: str) -> dict[int, int]:
+    """``"1:57,2:341"`` -> ``{1: 57, 2: 341}``: prompt tokens by turn (turns from 1)."""
+    try:
+        shape = {int(turn): int(tokens) for turn, tokens in (pair.split(":") for pair in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--like: expected TURN:TOKENS,... (e.g. 1:57,2:341), got {text!r}"
+        ) from None
+    if not shape or min(shape) < 1 or min(shape.values()) < 1:
+        raise argparse.ArgumentTypeError(f"--like: turns and tokens must be >= 1, got {text!r}")
+    return shape
+
+
+def shape_distance(lengths: list[int], shape: dict[int, int]) -> float:
+    """How far a conversation's prompt tokens by turn are from ``shape``'s: the root of the summed squared
+    log ratios, so 10% too long weighs the same at turn 1 as at turn 6."""
+    return math.sqrt(sum(math.log(lengths[turn - 1] / tokens) ** 2 for turn, tokens in shape.items()))
+
+
 def pick_conversation(
-    tokenizer, num_turns: int, min_tokens: int, max_tokens: int, new_token_ratio: float | None = None
+    tokenizer,
+    num_turns: int,
+    min_tokens: int,
+    max_tokens: int,
+    new_token_ratio: float | None = None,
+    like: dict[int, int] | None = None,
 ) -> tuple[str, list]:
     """The first conversation with ``num_turns`` human turns whose last one renders to ``min_tokens`` ..
     ``max_tokens`` tokens (and, given ``new_token_ratio``, whose last turn adds between 1 / ratio and
-    ratio times turn 2's new tokens): its id and its turns' message lists."""
+    ratio times turn 2's new tokens): its id and its turns' message lists. Given ``like`` (prompt tokens
+    by turn), the one of those nearest to it instead of the first."""
     from bench.workload import eligible_conversations
 
+    if like is not None and max(like) > num_turns:
+        raise ValueError(f"like: turns must be in [1, {num_turns}], got {max(like)}")
+    best: tuple[float, str, list] | None = None
     for record_id, turns in eligible_conversations(num_turns).items():
         history, per_turn = [], []
         for t in turns:
@@ -74,8 +108,15 @@ def pick_conversation(
         if not min_tokens <= lengths[-1] <= max_tokens:
             continue
         new = new_tokens_by_turn(lengths)
-        if new_token_ratio is None or 1 / new_token_ratio <= new[-1] / new[1] <= new_token_ratio:
+        if new_token_ratio is not None and not 1 / new_token_ratio <= new[-1] / new[1] <= new_token_ratio:
+            continue
+        if like is None:
             return record_id, per_turn
+        distance = shape_distance(lengths, like)
+        if best is None or distance < best[0]:
+            best = (distance, record_id, per_turn)
+    if best is not None:
+        return best[1], best[2]
     raise ValueError(f"no conversation with {num_turns} turns renders to {min_tokens}..{max_tokens} tokens")
 
 
@@ -152,7 +193,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started_s, load_at_start = time.perf_counter(), os.getloadavg()
     record_id, turns = pick_conversation(
-        load_tokenizer(args.model), args.turns, args.min_tokens, args.max_tokens, args.new_token_ratio
+        load_tokenizer(args.model),
+        args.turns,
+        args.min_tokens,
+        args.max_tokens,
+        args.new_token_ratio,
+        args.like,
     )
     runs, repeats = {}, []
     with tempfile.TemporaryDirectory() as scratch:
@@ -253,7 +299,8 @@ def render(result: dict[str, Any]) -> str:
     n = len(on["turns"])
     return "\n".join(
         [
-            f"ShareGPT conversation `{result['conversation_id']}` (the first among the 10,000 ids with {n} turns "
+            f"ShareGPT conversation `{result['conversation_id']}` ({'one' if p.get('like') else 'the first'} among "
+            f"the 10,000 ids with {n} turns "
             f"whose last renders to {p['min_tokens']}-{p['max_tokens']} tokens{_shape_text(p)}), each turn sending the history "
             f"with the dataset's own answers, greedy, {p['output_tokens']} output tokens, through the official "
             f"`openai` client on `{p['config']}` served locally, after a warm-up call; caching on, then off "
@@ -274,10 +321,12 @@ def render(result: dict[str, Any]) -> str:
 
 
 def _shape_text(params: dict[str, Any]) -> str:
-    ratio = params.get("new_token_ratio")
-    if ratio is None:
-        return ""
-    return f" and whose last turn adds within {ratio:g}x of turn 2's new tokens"
+    ratio, like = params.get("new_token_ratio"), params.get("like")
+    text = "" if ratio is None else f" and whose last turn adds within {ratio:g}x of turn 2's new tokens"
+    if like:
+        tokens = ", ".join(f"{n:,} at turn {t}" for t, n in like.items())
+        text += f"; of those, the one whose prompt tokens are nearest {tokens}"
+    return text
 
 
 def _flops_text(result: dict[str, Any], n: int) -> str:
@@ -322,6 +371,14 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="pick a conversation whose last turn adds within this factor of turn 2's new tokens "
         "(the issue's conversation adds about as many at each)",
+    )
+    p.add_argument(
+        "--like",
+        type=parse_shape,
+        help="TURN:TOKENS,...: of the conversations that qualify, the one whose prompt tokens by turn are nearest "
+        "these (the issue's conversation: "
+        + ",".join(f"{t}:{n}" for t, n in ISSUE_PROMPT_TOKENS.items())
+        + ")",
     )
     p.add_argument(
         "--repeats", type=int, default=3, help="times caching on is served (the targets take the median)"

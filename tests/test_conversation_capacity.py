@@ -4,13 +4,14 @@ choice of conversation and its FLOPs model."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 from transformers import AutoConfig
 
 from bench import conversation_capacity
-from bench.conversation_probe import new_tokens_by_turn, prefill_flops
+from bench.conversation_probe import new_tokens_by_turn, parse_shape, prefill_flops, shape_distance
 from workers.partition import layer_parameters
 
 
@@ -88,6 +89,17 @@ def test_runs_are_appended_and_judged_together(tmp_path) -> None:
 
 def test_a_turn_s_new_tokens_follow_the_previous_prompt_cached_in_whole_blocks() -> None:
     assert new_tokens_by_turn([41, 375, 743], block_size=16) == [41, 375 - 32, 743 - 368]
+
+
+def test_the_shape_to_match_is_prompt_tokens_by_turn_weighed_in_log_ratios() -> None:
+    shape = parse_shape("1:50,3:400")
+    assert shape == {1: 50, 3: 400}
+    assert shape_distance([50, 999, 400], shape) == 0.0  # turns the shape leaves out do not count
+    # 10% long at turn 1 weighs what 10% long at turn 3 does.
+    assert shape_distance([55, 1, 400], shape) == pytest.approx(shape_distance([50, 1, 440], shape))
+    for bad in ("1:50,3", "0:50", "2:0", "x:1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--like"):
+            parse_shape(bad)
 
 
 def test_prefill_flops_count_two_per_layer_parameter_and_causal_attention(tiny_llama: str) -> None:

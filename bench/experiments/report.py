@@ -82,7 +82,8 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "conversation_routing_long": conversation_routing,  # the same, 8 conversations of up to 6 turns
     "conversation_probe": conversation_probe,  # binserve bench conversation-probe
     "conversation_capacity": conversation_capacity,  # binserve bench conversation-capacity
-    "conversation_probe_even": conversation_probe,  # the same, --new-token-ratio 1.1 (the issue's shape)
+    "conversation_probe_even": conversation_probe,  # the same, --new-token-ratio 1.1
+    "conversation_probe_issue_shaped": conversation_probe,  # the same, and --like the issue's conversation
     "prefix_overhead": prefix_overhead,  # binserve bench prefix-overhead
     "served": served,  # binserve bench served
     "neighbour": neighbour,  # binserve bench neighbour: the served target's context
