@@ -62,11 +62,12 @@ class RouterConfig:
     """Equal-mass bins of predicted output length (Multi-Bin batching); boundaries come from the predictor."""
     num_pools: int | None = None
     """Engine pools the bins are spread over, contiguous bins per pool; default one pool per bin."""
-    pool_affinity_min_cached_tokens: int | None = 512
-    """With several pools and prefix caching: a request whose prompt's first tokens (at least this many,
-    in whole blocks) the ingress last sent to another pool than its bin's stays in that pool, where they
-    are likely cached, if its bin is within ``pool_affinity_max_bin_distance`` of one that pool serves.
-    null: every request goes to its bin's pool."""
+    pool_affinity_min_cached_tokens: int | None = 32
+    """With several pools and prefix caching: a request stays in another pool than its bin's when the
+    ingress sent that pool at least this many more of its prompt's first tokens (in whole blocks) than
+    its bin's pool, so they are likely cached there and recomputed if it moved, and its bin is within
+    ``pool_affinity_max_bin_distance`` of one that pool serves. The default, two blocks, keeps a
+    conversation with its history from its second turn on. null: every request goes to its bin's pool."""
     pool_affinity_max_bin_distance: int = 1
     """How many bins from the ones its pool serves a request may be predicted and still stay there."""
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 from array import array
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cluster.config import ReplicaRouting
@@ -54,22 +54,14 @@ def pools_for_bins(num_bins: int, num_pools: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class HeldPrefix:
-    """The pool likely holding the longest cached prefix of a prompt, and how many tokens of it."""
-
-    pool_id: int
-    num_cached_tokens: int
-
-
-@dataclass(frozen=True)
 class BinRouter:
     bin_boundaries: tuple[int, ...]
     """Inclusive upper edges, in output tokens, of bins ``0 .. num_bins - 2``; non-decreasing."""
     pool_of_bin: tuple[int, ...]
     """The engine pool serving each bin."""
     stay_min_cached_tokens: int | None = None
-    """A request stays in the pool holding at least this many tokens of its prompt's prefix rather than
-    go to its bin's pool (``route``); None: always its bin's pool."""
+    """A request stays in another pool than its bin's when that pool holds at least this many more tokens
+    of its prompt's prefix than its bin's pool does (``route``); None: always its bin's pool."""
     stay_max_bin_distance: int = 1
     """... if its bin is at most this many bins from one that pool serves."""
 
@@ -112,49 +104,60 @@ class BinRouter:
         """The bin holding a predicted length: the number of boundaries strictly below it."""
         return bin_of(predicted_output_tokens, self.bin_boundaries)
 
-    def route(self, predicted_output_tokens: int, held: HeldPrefix | None = None) -> Route:
-        """The bin of the predicted length and its pool; or, when ``held`` says another pool holds a long
-        cached prefix of the prompt (``stay_min_cached_tokens``) and the bin is near one that pool serves
-        (``stay_max_bin_distance``), that pool: the turns of one conversation, predicted into neighbouring
-        bins, keep their history's KV instead of prefilling it again elsewhere."""
+    def route(self, predicted_output_tokens: int, held: Mapping[int, int] | None = None) -> Route:
+        """The bin of the predicted length and its pool; or, when ``held`` (the prompt's cached prefix in
+        tokens, by pool) says another pool holds at least ``stay_min_cached_tokens`` more of it than the
+        bin's pool and the bin is near one that pool serves (``stay_max_bin_distance``), that pool (the
+        one holding most, if several): the turns of one conversation, predicted into neighbouring bins,
+        keep their history's KV instead of prefilling it again elsewhere. A prefix both pools hold (a
+        shared system prompt) does not count: moving would not recompute it."""
         if predicted_output_tokens < 0:
             raise ValueError(f"predicted_output_tokens: must be >= 0, got {predicted_output_tokens}")
         bin_id = self.bin_of(predicted_output_tokens)
         pool_id = self.pool_of_bin[bin_id]
-        if held is not None and held.pool_id != pool_id and self.stay_min_cached_tokens is not None:
-            distance = min(abs(bin_id - b) for b, p in enumerate(self.pool_of_bin) if p == held.pool_id)
-            if (
-                held.num_cached_tokens >= self.stay_min_cached_tokens
-                and distance <= self.stay_max_bin_distance
-            ):
-                pool_id = held.pool_id
+        if held and self.stay_min_cached_tokens is not None:
+            own = held.get(pool_id, 0)
+            near = [
+                (tokens, other)
+                for other, tokens in held.items()
+                if other != pool_id
+                and tokens - own >= self.stay_min_cached_tokens
+                and min(abs(bin_id - b) for b, p in enumerate(self.pool_of_bin) if p == other)
+                <= self.stay_max_bin_distance
+            ]
+            if near:
+                pool_id = max(near)[1]
         return Route(bin_id=bin_id, pool_id=pool_id)
 
 
 @dataclass
 class PrefixPools:
-    """Which pool this ingress last sent each prompt block to, by block name (least recently sent dropped
-    first beyond ``capacity``): where a conversation's history is likely cached. A guess, as Ray Serve
-    LLM's prefix tree is: the pool may have evicted the blocks since."""
+    """Which pools this ingress sent each prompt block to, by block name (least recently sent dropped first
+    beyond ``capacity``): where a conversation's history is likely cached. A guess, as Ray Serve LLM's
+    prefix tree is: a pool may have evicted the blocks since."""
 
     capacity: int = 65_536
-    _pool_of_name: collections.OrderedDict[BlockName, int] = field(default_factory=collections.OrderedDict)
+    _pools_of_name: collections.OrderedDict[BlockName, int] = field(default_factory=collections.OrderedDict)
+    """Per name, a bit per pool it was sent to."""
 
     def record(self, block_names: Sequence[BlockName], pool_id: int) -> None:
         for name in block_names:
-            self._pool_of_name[name] = pool_id
-            self._pool_of_name.move_to_end(name)
-        while len(self._pool_of_name) > self.capacity:
-            self._pool_of_name.popitem(last=False)
+            self._pools_of_name[name] = self._pools_of_name.get(name, 0) | 1 << pool_id
+            self._pools_of_name.move_to_end(name)
+        while len(self._pools_of_name) > self.capacity:
+            self._pools_of_name.popitem(last=False)
 
-    def held(self, block_names: Sequence[BlockName], block_size: int) -> HeldPrefix | None:
-        """The pool sent the longest prefix of these blocks (names are chained: a name found stands for
-        its whole prefix), or None."""
+    def held(self, block_names: Sequence[BlockName], block_size: int) -> dict[int, int]:
+        """Per pool sent any of these blocks, the tokens of the longest prefix of them it was sent (names
+        are chained: a name sent stands for its whole prefix)."""
+        held: dict[int, int] = {}
         for i in range(len(block_names) - 1, -1, -1):
-            pool_id = self._pool_of_name.get(block_names[i])
-            if pool_id is not None:
-                return HeldPrefix(pool_id, (i + 1) * block_size)
-        return None
+            pools = self._pools_of_name.get(block_names[i], 0)
+            while pools:
+                pool_id = (pools & -pools).bit_length() - 1
+                held.setdefault(pool_id, (i + 1) * block_size)
+                pools &= pools - 1
+        return held
 
 
 MAX_REPORTED_BLOCKS = 8192

@@ -12,7 +12,6 @@ from cluster.predictor.lengths import equal_mass_boundaries
 from cluster.router import (
     IMBALANCED_REQUESTS,
     BinRouter,
-    HeldPrefix,
     PredictedWorkBook,
     PrefixPools,
     Route,
@@ -272,13 +271,35 @@ def test_a_turn_stays_in_the_pool_holding_its_history_unless_its_bin_is_far() ->
     pools.record(prompt_block_names(history, 4), pool_id=1)  # turn 1 was predicted into bin 1
     turn = prompt_block_names([*history, 7, 7, 7], 4)
     held = pools.held(turn, 4)
-    assert held == HeldPrefix(pool_id=1, num_cached_tokens=76)
+    assert held == {1: 76}
     assert router.route(120, held) == Route(bin_id=2, pool_id=1)  # one bin off: stays with its history
     assert router.route(500, held) == Route(bin_id=3, pool_id=3)  # two bins off: its bin's pool
-    assert router.route(120, HeldPrefix(1, 28)) == Route(bin_id=2, pool_id=2)  # too little cached
+    assert router.route(120, {1: 28}) == Route(bin_id=2, pool_id=2)  # too little cached
     assert BinRouter.build([50, 100, 200], 4).route(120, held) == Route(bin_id=2, pool_id=2)  # off
-    assert pools.held(prompt_block_names([9, *history], 4), 4) is None  # another prompt
+    assert pools.held(prompt_block_names([9, *history], 4), 4) == {}  # another prompt
     small = PrefixPools(capacity=3)
     small.record(prompt_block_names(history, 4), pool_id=0)
-    assert small.held(turn, 4) == HeldPrefix(0, 76)  # the longest names are the most recent
-    assert small.held(prompt_block_names(history[:12], 4), 4) is None  # its first blocks were dropped
+    assert small.held(turn, 4) == {0: 76}  # the longest names are the most recent
+    assert small.held(prompt_block_names(history[:12], 4), 4) == {}  # its first blocks were dropped
+
+
+def test_a_prefix_its_bin_s_pool_also_holds_does_not_hold_a_turn_elsewhere() -> None:
+    """What counts is what moving would recompute: the tokens another pool holds beyond the bin's pool's."""
+    router = BinRouter.build([50, 100, 200], num_pools=4, stay_min_cached_tokens=32, stay_max_bin_distance=1)
+    pools = PrefixPools()
+    system = list(range(40))  # a system prompt every pool has been sent
+    for pool_id in range(4):
+        pools.record(prompt_block_names([*system, pool_id], 4), pool_id)
+    history = [*system, *range(100, 120)]
+    pools.record(prompt_block_names(history, 4), pool_id=1)
+    held = pools.held(prompt_block_names([*history, 7, 7, 7, 7], 4), 4)
+    assert held == {0: 40, 1: 56, 2: 40, 3: 40}  # whole blocks, the last token always computed
+    assert router.route(120, held) == Route(bin_id=2, pool_id=2)  # 16 more tokens in pool 1: too few
+    pools.record(prompt_block_names([*history, *range(200, 220)], 4), pool_id=1)
+    held = pools.held(prompt_block_names([*history, *range(200, 220), 7], 4), 4)
+    assert held[1] - held[2] == 36
+    assert router.route(120, held) == Route(bin_id=2, pool_id=1)  # 36 more: stays
+    # Two pools near the bin hold more than its own: the one holding most.
+    pools.record(prompt_block_names([*history, *range(200, 224)], 4), pool_id=3)
+    held = pools.held(prompt_block_names([*history, *range(200, 224), 7], 4), 4)
+    assert router.route(120, held) == Route(bin_id=2, pool_id=3)
