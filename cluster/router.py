@@ -302,12 +302,15 @@ def least_cost(book: PredictedWorkBook, replica_ids: Sequence[Hashable], new: Ne
     """The least cost: the prefill the replica would still compute (prompt tokens it does not hold cached)
     plus the predicted work the request would wait behind there, ``sum(min(w, x))`` with ``x`` its own
     work at that replica (uncached prefill plus predicted output). Both in tokens of the one definition of
-    predicted service, so a long cached prefix outweighs a slightly longer queue and not a much longer one."""
+    predicted service, so a long cached prefix outweighs a slightly longer queue and not a much longer one.
+    Equal costs (a new conversation while the replicas are idle, as between turns) go to the smaller cache,
+    as in ``prefix_affinity``: the histories a replica holds are the follow-up turns it will be sent, so
+    conversations spread evenly instead of at random."""
 
-    def cost(replica_id: Hashable) -> int:
+    def cost(replica_id: Hashable) -> tuple[int, int]:
         uncached = len(new.prompt_token_ids) - book.num_cached_tokens(replica_id, new)
         work = new.predicted_work_tokens - len(new.prompt_token_ids) + uncached
-        return uncached + book.delay_tokens(replica_id, work)
+        return uncached + book.delay_tokens(replica_id, work), book.num_known_blocks(replica_id)
 
     return sorted(replica_ids, key=cost)
 

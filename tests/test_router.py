@@ -231,6 +231,20 @@ def test_least_cost_weighs_the_prefill_a_replica_saves_against_the_work_it_would
     assert least_cost(book, ["warm", "cold"], turn) == ["cold", "warm"]
 
 
+def test_least_cost_sends_a_new_conversation_to_the_smaller_cache_when_costs_are_equal() -> None:
+    """Idle replicas between turns cost a fresh prompt the same: the one holding fewer histories (the
+    follow-ups it will be sent) takes it, whatever order the replicas come in."""
+    book = PredictedWorkBook(block_size=4)
+    book.report("busy", [], 10.0, cached_names=prompt_block_names(list(range(100, 180)), 4))
+    book.report("light", [], 10.0, cached_names=prompt_block_names(list(range(200, 220)), 4))
+    fresh = chat_turn("f", [9] * 40, predicted_output_tokens=5)
+    assert least_cost(book, ["busy", "light"], fresh) == ["light", "busy"]
+    assert least_cost(book, ["light", "busy"], fresh) == ["light", "busy"]
+    # The cost still comes first: queued work at the light replica outweighs its smaller cache.
+    book.report("light", [30], 11.0, cached_names=prompt_block_names(list(range(200, 220)), 4))
+    assert least_cost(book, ["light", "busy"], fresh) == ["busy", "light"]
+
+
 def test_a_routed_prompt_counts_as_cached_at_its_replica_until_a_later_report() -> None:
     book = PredictedWorkBook(block_size=4)
     book.report("a", [], 10.0)
