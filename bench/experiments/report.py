@@ -80,6 +80,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "conversations": conversations,  # binserve bench conversations
     "conversation_routing": conversation_routing,  # binserve bench conversations --serve-config
     "conversation_routing_long": conversation_routing,  # the same, 8 conversations of up to 6 turns
+    "conversation_routing_spread": conversation_routing,  # the same, least_cost breaking ties by cache size
     "conversation_probe": conversation_probe,  # binserve bench conversation-probe
     "conversation_capacity": conversation_capacity,  # binserve bench conversation-capacity
     "conversation_probe_even": conversation_probe,  # the same, --new-token-ratio 1.1
