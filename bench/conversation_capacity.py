@@ -62,10 +62,10 @@ def run_one(args: argparse.Namespace, caching: bool, rate: float, count: int | N
 
 
 def capacities(rows: list[dict[str, Any]], slo_multiple: float) -> dict[str, Any]:
-    from bench.experiments.harness import capacity_under_slo
-
     """The SLO (``slo_multiple`` x caching off's mean TTFT at its lowest rate) and, per setting, the highest
     rate holding it below the first rate that misses it, and that first miss."""
+    from bench.experiments.harness import capacity_under_slo
+
     off = sorted((r for r in rows if not r["caching"]), key=lambda r: r["rate_per_s"])
     if not off:
         return {}
