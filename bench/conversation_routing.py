@@ -107,9 +107,22 @@ def run_routing(args: argparse.Namespace, conversations: list[Conversation]) -> 
         row["mean_ttft_follow_up_s"] = _mean([t.metrics.ttft_s for t in turns if t.index > 0])
         row["mean_jct_follow_up_s"] = _mean([t.metrics.completion_s for t in turns if t.index > 0])
         row.update(replay)
+        row["turns"] = [
+            {
+                "conversation": t.conversation,
+                "turn": t.index,
+                "prompt_tokens": t.metrics.num_prompt_tokens,
+                "cached_tokens": t.metrics.num_cached_tokens,
+                "output_tokens": t.metrics.num_output_tokens,
+                "ttft_s": t.metrics.ttft_s,
+                "jct_s": t.metrics.completion_s,
+            }
+            for t in turns
+        ]
         rows[routing] = row
         answers[routing] = [(t.conversation, t.index, t.output_token_ids) for t in turns]
-        print(routing, {k: v for k, v in row.items() if "tokens" not in k or "hit" in k}, flush=True)
+        shown = {k: v for k, v in row.items() if k != "turns" and ("tokens" not in k or "hit" in k)}
+        print(routing, shown, flush=True)
     first = next(iter(answers.values()))
     return {
         "params": {k: v for k, v in vars(args).items() if k != "func"},
