@@ -172,16 +172,34 @@ def serving_locally_at(
     import ray
     from ray import serve
 
-    grpc_port, http_port = free_port(), free_port()
-    config = load_serve_config(config_path, model_dir=model_dir, grpc_port=grpc_port, http_port=http_port)
-    check_paths(config)
-    start_local_ray(num_cpus, metrics_export_port)
+    for attempt in range(PORT_ATTEMPTS):
+        grpc_port, http_port = free_port(), free_port()
+        config = load_serve_config(config_path, model_dir=model_dir, grpc_port=grpc_port, http_port=http_port)
+        check_paths(config)
+        start_local_ray(num_cpus, metrics_export_port)
+        try:
+            deploy(config)
+            break
+        except BaseException as exc:
+            serve.shutdown()
+            ray.shutdown()
+            if not _port_taken(exc) or attempt == PORT_ATTEMPTS - 1:
+                raise
     try:
-        deploy(config)
         yield ServeAddresses(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+PORT_ATTEMPTS = 3
+"""Starts with fresh ports when a proxy's port was taken between ``free_port`` and its bind (another
+process's outgoing connection can draw the same ephemeral port meanwhile)."""
+
+
+def _port_taken(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "failed to bind" in text or "address already in use" in text
 
 
 @contextlib.contextmanager
