@@ -87,10 +87,27 @@ def replay_on_fresh_cluster(
         path = Path(tmp) / "serve.yaml"
         path.write_text(yaml.safe_dump(config_with(raw, section, **values)))
         with serving_locally_at(path, model_dir) as addresses:
+            before = replica_usage()
             load_before, started_s = load_average(), time.perf_counter()
             turns = asyncio.run(replay_served(addresses.grpc, conversations))
+            replay_s = time.perf_counter() - started_s
+            after = replica_usage()
     replay = {"start": load_before, "end": load_average()}
-    return turns, {"replay_s": time.perf_counter() - started_s, "load_average": replay}
+    replicas = [
+        {"cpu_s": cpu_s - before.get(pid, (0.0, 0))[0], "num_requests": n - before.get(pid, (0.0, 0))[1]}
+        for pid, (cpu_s, n) in after.items()
+    ]
+    replicas.sort(key=lambda r: r["cpu_s"])
+    return turns, {"replay_s": replay_s, "load_average": replay, "replicas": replicas}
+
+
+def replica_usage() -> dict[int, tuple[float, int]]:
+    """Each engine replica's CPU seconds and requests so far, by process id: how the work was shared."""
+    from bench.local_cluster import replica_stats, replicas_by_node
+    from cluster.app import pool_name
+
+    stats = [replica_stats(r) for rs in replicas_by_node(pool_name(0)).values() for r in rs]
+    return {s.pids[0]: (s.cpu_s, sum(s.num_requests_by_bin.values())) for s in stats}
 
 
 def run_routing(args: argparse.Namespace, conversations: list[Conversation]) -> dict[str, Any]:

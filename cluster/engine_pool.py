@@ -68,6 +68,9 @@ class EngineStats:
     """Of the cancelled calls, those cancelled because their caller died (``cluster/caller_watch.py``)."""
     num_requests_by_caller: dict[str, int] = field(default_factory=dict)
     """Calls running now, by their caller's actor id (hex): which ingress replica each came through."""
+    cpu_s: float = 0.0
+    """CPU seconds the replica's process has used since it started, every thread (``time.process_time``):
+    how busy it has been, beside its peers."""
 
 
 def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) -> dict[str, Any]:
@@ -186,6 +189,7 @@ class EnginePool:
             ),
             num_orphaned_requests=self.callers.num_aborted_calls,
             num_requests_by_caller=self.callers.num_calls_by_caller(),
+            cpu_s=time.process_time(),
         )
 
     def _report_metrics(self, interval_s: float) -> None:

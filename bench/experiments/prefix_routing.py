@@ -148,12 +148,17 @@ def at_rate(requests: Sequence[SimRequest], rate_per_s: float, seed: int) -> lis
     return [dataclasses.replace(r, arrival_s=arrivals.get(i, r.arrival_s)) for i, r in enumerate(requests)]
 
 
-def with_predictions(requests: Sequence[SimRequest], spearman: float | None, seed: int) -> list[SimRequest]:
+def with_predictions(
+    requests: Sequence[SimRequest], spearman: float | None, seed: int, max_tokens: int
+) -> list[SimRequest]:
+    """Predicted answer lengths, each capped at the turn's ``max_tokens`` (the replay sends every turn with
+    ``max_output_tokens``), as the ingress caps the work estimate it gives the engine and the router."""
     if spearman is None:
         return list(requests)
     predicted = noisy_lengths([r.output_tokens for r in requests], spearman, seed)
     return [
-        dataclasses.replace(r, predicted_output_tokens=p) for r, p in zip(requests, predicted, strict=True)
+        dataclasses.replace(r, predicted_output_tokens=min(p, max_tokens))
+        for r, p in zip(requests, predicted, strict=True)
     ]
 
 
@@ -237,7 +242,10 @@ def run(params: Params, processes: int = 1) -> dict:
     cost_model = StepCostModel.load(params.profile)
     conversations, user_tokens = load_conversations(params)
     turns = with_predictions(
-        conversation_requests(conversations, user_tokens, params), params.spearman, params.seed
+        conversation_requests(conversations, user_tokens, params),
+        params.spearman,
+        params.seed,
+        params.max_output_tokens,
     )
     with multiprocessing.get_context("fork").Pool(processes, _init_worker, (turns,)) as pool:
         simulate_jobs = functools.partial(_simulate_job, params, cost_model)
@@ -397,6 +405,9 @@ def main() -> None:
         "--rules", default=",".join(Params.rules), help="replica routing rules, comma-separated"
     )
     parser.add_argument("--slo-ttft-multiple", type=float, default=Params.slo_ttft_multiple)
+    parser.add_argument(
+        "--seed", type=int, default=Params.seed, help="which conversations, their arrivals and predictions"
+    )
     parser.add_argument("--processes", type=int, default=1, help="simulations run in parallel")
     parser.add_argument("--json", required=True, help="docs/results/MODEL/prefix_routing.json for the report")
     args = parser.parse_args()
@@ -416,6 +427,7 @@ def main() -> None:
         max_message_chars=args.max_message_chars,
         rules=tuple(r.strip() for r in args.rules.split(",")),
         slo_ttft_multiple=args.slo_ttft_multiple,
+        seed=args.seed,
     )
     if args.quick:
         params = dataclasses.replace(params, **QUICK)

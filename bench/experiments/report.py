@@ -81,6 +81,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "conversation_routing": conversation_routing,  # binserve bench conversations --serve-config
     "conversation_routing_long": conversation_routing,  # the same, 8 conversations of up to 6 turns
     "conversation_routing_spread": conversation_routing,  # the same, least_cost breaking ties by cache size
+    "conversation_routing_split": conversation_routing,  # the same, queued prefill and decodes weighed apart
     "conversation_probe": conversation_probe,  # binserve bench conversation-probe
     "conversation_capacity": conversation_capacity,  # binserve bench conversation-capacity
     "conversation_probe_even": conversation_probe,  # the same, --new-token-ratio 1.1
