@@ -227,11 +227,11 @@ class EnginePool:
 
     def record_routing_stats(self) -> dict:
         """Serve's hook for routing stats, called every ``pools.routing_stats_period_s``: the predicted work
-        of each unfinished request (and its prefill still to compute) and the names of the cached KV blocks, which the replica router
+        of each unfinished request and the names of the cached KV blocks, which the replica router
         (``cluster/replica_router.py``) weighs."""
         block_manager = self.driver.engine.scheduler.block_manager
         return routing_stats(
-            self.driver.predicted_services(), block_manager.cached_block_names(MAX_REPORTED_BLOCKS)
+            self.driver.predicted_work_tokens(), block_manager.cached_block_names(MAX_REPORTED_BLOCKS)
         )
 
     def record_autoscaling_stats(self) -> dict[str, float]:

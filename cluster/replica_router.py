@@ -8,7 +8,7 @@ Serve's default router picks the shorter queue of two random replicas, counting 
 one-line answers then looks as busy as ten essays, and a replica holding a conversation's history looks no
 better than one that must prefill it all again. Each replica reports (``EnginePool.record_routing_stats``)
 the predicted work of its outstanding requests (per request, prompt tokens still to prefill plus predicted
-output tokens still to generate, and the first of the two) and the names of the KV blocks it holds cached (``routing_stats``); this
+output tokens still to generate) and the names of the KV blocks it holds cached (``routing_stats``); this
 router keeps them, plus the requests it sent since, in a ``cluster.router.PredictedWorkBook`` and ranks
 the replicas by the configured rule (``pools.replica_routing``): least predicted work, least cost (uncached
 prefill plus predicted work waited behind), or Ray's prefix affinity. The ingress hashed the prompt's
@@ -38,20 +38,15 @@ from pipeline.block_manager import BlockName
 from pipeline.request import NewRequest, SamplingParams
 
 WORK_TOKENS_STAT = "predicted_work_tokens"
-PREFILL_TOKENS_STAT = "prefill_tokens"
 REPORTED_AT_STAT = "reported_at_s"
 CACHED_BLOCKS_STAT = "cached_block_names"
 
 
-def routing_stats(
-    services: Sequence[tuple[int, int]], cached_block_names: Sequence[BlockName] = ()
-) -> dict:
-    """What a replica reports (``record_routing_stats``): each outstanding request's predicted work and the
-    prefill still to compute in it (a few hundred pairs at most: ``pools.max_queued_requests``) and its
-    cached blocks' names, stamped now."""
+def routing_stats(work_tokens: list[int], cached_block_names: Sequence[BlockName] = ()) -> dict:
+    """What a replica reports (``record_routing_stats``): each outstanding request's predicted work (a few
+    hundred integers at most: ``pools.max_queued_requests``) and its cached blocks' names, stamped now."""
     return {
-        WORK_TOKENS_STAT: [work for work, _ in services],
-        PREFILL_TOKENS_STAT: [prefill for _, prefill in services],
+        WORK_TOKENS_STAT: work_tokens,
         REPORTED_AT_STAT: time.time(),
         CACHED_BLOCKS_STAT: encode_block_names(cached_block_names[:MAX_REPORTED_BLOCKS]),
     }
@@ -83,13 +78,7 @@ class BookRouter(FIFOMixin, RequestRouter):
             stats = replica.routing_stats
             if WORK_TOKENS_STAT in stats:
                 cached = decode_block_names(stats.get(CACHED_BLOCKS_STAT, b""))
-                self.book.report(
-                    replica.replica_id,
-                    stats[WORK_TOKENS_STAT],
-                    stats[REPORTED_AT_STAT],
-                    cached,
-                    stats.get(PREFILL_TOKENS_STAT),
-                )
+                self.book.report(replica.replica_id, stats[WORK_TOKENS_STAT], stats[REPORTED_AT_STAT], cached)
         self.book.forget_all_but(list(self.curr_replicas))
         new = new_request_of(pending_request)
         by_id = {r.replica_id: r for r in candidate_replicas}
@@ -112,5 +101,4 @@ class BookRouter(FIFOMixin, RequestRouter):
 
     def _add(self, replica_id: ReplicaID, pending_request: PendingRequest, new: NewRequest) -> None:
         request_id = pending_request.metadata.internal_request_id
-        work, prefill = self.book.service_at(replica_id, new)
-        self.book.add(replica_id, request_id, work, time.time(), new.prompt_block_names, prefill)
+        self.book.add(replica_id, request_id, new.predicted_work_tokens, time.time(), new.prompt_block_names)

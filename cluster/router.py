@@ -176,20 +176,15 @@ def decode_block_names(data: bytes) -> frozenset[BlockName]:
 @dataclass
 class PredictedWorkBook:
     """One router's view of each replica's outstanding requests, as their predicted work: tokens still to
-    prefill plus predicted output tokens still to generate (``Request.predicted_work_tokens``), of which the
-    prefill, and of the prompt blocks each replica holds in its prefix cache.
+    prefill plus predicted output tokens still to generate (``Request.predicted_work_tokens``), and of the
+    prompt blocks each replica holds in its prefix cache.
 
-    The delay a new request of ``p`` prompt tokens to prefill and ``o`` predicted output tokens meets at a
-    replica is ``sum(p_i + min(o_i, o))`` over its outstanding requests' prefill ``p_i`` and output ``o_i``.
-    The engine prefills in queue order and decodes every running request in each step (SARATHI puts the
-    decodes first and fills the step's token budget with prefill), so the new request waits behind the
-    whole prefill queued ahead of it, while a decoding request only shares the steps: one row a step, for
-    as long as both decode. The same sum is the delay it adds to the others (its decode rows while they
-    decode). For a short request it is about ``o`` times the queue length (join the shortest queue), for a
-    long one the total work (least work left). Counting total work for every request instead sends short
-    requests to a replica with a few long ones and many requests, which costs mean latency when predictions
-    are noisy; counting a decoding request's output against the new request's prefill too (``min(w_i, p +
-    o)``, the rule before) overstates what a long history waits for and moves it off its cached replica.
+    A new request of predicted work ``x`` goes to the replica where ``sum(min(w, x))`` over its outstanding
+    requests' work ``w`` is least. Decoding shares each step among the running requests, so that sum is the
+    delay the new request meets and, symmetrically, the delay it adds to the others before they finish: for
+    a short request it is about ``x`` times the queue length (join the shortest queue), for a long one the
+    total work (least work left). Counting total work for every request instead sends short requests to a
+    replica with a few long ones and many requests, which costs mean latency when predictions are noisy.
 
     Replicas report every few hundred milliseconds, so a report is stale by the requests routed since. The
     book adds each request it routes to its replica (``add``: when the router picks the replica, and again
@@ -203,14 +198,13 @@ class PredictedWorkBook:
 
     block_size: int = 16
     """Tokens per KV block of the pool's engines (``cache.block_size``): turns cached blocks into tokens."""
-    reported: dict[Hashable, tuple[tuple[int, int], ...]] = field(default_factory=dict)
-    """Per replica: each outstanding request's (predicted work, prefill still to compute), as last reported."""
+    reported: dict[Hashable, tuple[int, ...]] = field(default_factory=dict)
+    """Per replica: the predicted work of each outstanding request, as last reported."""
     reported_at_s: dict[Hashable, float] = field(default_factory=dict)
     cached: dict[Hashable, frozenset[BlockName]] = field(default_factory=dict)
     """Per replica: the names of its cached blocks, as last reported."""
-    routed: dict[Hashable, dict[Hashable, tuple[tuple[int, int], float]]] = field(default_factory=dict)
-    """Per replica: requests this router sent there that no report counts yet, as ((work, prefill), routed
-    at)."""
+    routed: dict[Hashable, dict[Hashable, tuple[int, float]]] = field(default_factory=dict)
+    """Per replica: requests this router sent there that no report counts yet, as (work, routed at)."""
     routed_names: dict[Hashable, dict[Hashable, tuple[tuple[BlockName, ...], float]]] = field(
         default_factory=dict
     )
@@ -222,14 +216,10 @@ class PredictedWorkBook:
         work_tokens: Sequence[int],
         reported_at_s: float,
         cached_names: Collection[BlockName] = frozenset(),
-        prefill_tokens: Sequence[int] | None = None,
     ) -> None:
-        """A replica's report: each outstanding request's predicted work and, in the same order, how much of
-        it is prefill still to compute (none without ``prefill_tokens``)."""
         if reported_at_s <= self.reported_at_s.get(replica_id, float("-inf")):
             return  # the same report again (or an older one)
-        prefill = [0] * len(work_tokens) if prefill_tokens is None else prefill_tokens
-        self.reported[replica_id] = tuple(zip(work_tokens, prefill, strict=True))
+        self.reported[replica_id] = tuple(work_tokens)
         self.reported_at_s[replica_id] = reported_at_s
         self.cached[replica_id] = frozenset(cached_names)
         for book in (self.routed, self.routed_names):
@@ -244,14 +234,12 @@ class PredictedWorkBook:
         work_tokens: int,
         routed_at_s: float,
         block_names: Sequence[BlockName] = (),
-        prefill_tokens: int = 0,
     ) -> None:
-        """Count a request at the replica it was sent to (it moves there if it was counted elsewhere): its
-        predicted work there, of which ``prefill_tokens`` prompt tokens to compute."""
+        """Count a request at the replica it was sent to (it moves there if it was counted elsewhere)."""
         for book in (self.routed, self.routed_names):
             for pending in book.values():
                 pending.pop(request_id, None)
-        self.routed.setdefault(replica_id, {})[request_id] = ((work_tokens, prefill_tokens), routed_at_s)
+        self.routed.setdefault(replica_id, {})[request_id] = (work_tokens, routed_at_s)
         if block_names:
             self.routed_names.setdefault(replica_id, {})[request_id] = (tuple(block_names), routed_at_s)
 
@@ -265,27 +253,19 @@ class PredictedWorkBook:
             for replica_id in [r for r in book if r not in keep]:
                 del book[replica_id]
 
-    def outstanding_services(self, replica_id: Hashable) -> list[tuple[int, int]]:
-        """(predicted work, prefill still to compute) of each request the replica holds, as far as this
-        router knows."""
-        pending = self.routed.get(replica_id, {}).values()
-        return [*self.reported.get(replica_id, ()), *(service for service, _ in pending)]
-
     def outstanding(self, replica_id: Hashable) -> list[int]:
         """The predicted work of each request the replica holds, as far as this router knows."""
-        return [work for work, _ in self.outstanding_services(replica_id)]
+        pending = self.routed.get(replica_id, {}).values()
+        return [*self.reported.get(replica_id, ()), *(work for work, _ in pending)]
 
-    def delay_tokens(self, replica_id: Hashable, work_tokens: int, prefill_tokens: int = 0) -> int:
-        """``sum(p_i + min(o_i, o))`` over the replica's outstanding requests, for a new request of
-        ``work_tokens`` of which ``prefill_tokens`` prefill, so ``o`` output (see the class)."""
-        output = work_tokens - prefill_tokens
-        return sum(p + min(w - p, output) for w, p in self.outstanding_services(replica_id))
+    def delay_tokens(self, replica_id: Hashable, work_tokens: int) -> int:
+        """``sum(min(w, work_tokens))`` over the replica's outstanding requests (see the class)."""
+        return sum(min(w, work_tokens) for w in self.outstanding(replica_id))
 
-    def ranked(self, replica_ids: Sequence[Hashable], work_tokens: int, prefill_tokens: int = 0) -> list[Hashable]:
-        """``replica_ids`` from the least delay for a request of ``work_tokens`` (``prefill_tokens`` of them
-        prefill) to the most; ties keep the given order (callers shuffle it, so that routers with equal views
-        do not all pick one idle replica)."""
-        return sorted(replica_ids, key=lambda r: self.delay_tokens(r, work_tokens, prefill_tokens))
+    def ranked(self, replica_ids: Sequence[Hashable], work_tokens: int) -> list[Hashable]:
+        """``replica_ids`` from the least delay for a request of ``work_tokens`` to the most; ties keep the
+        given order (callers shuffle it, so that routers with equal views do not all pick one idle replica)."""
+        return sorted(replica_ids, key=lambda r: self.delay_tokens(r, work_tokens))
 
     def num_cached_blocks(self, replica_id: Hashable, block_names: Sequence[BlockName]) -> int:
         """How many leading blocks of ``block_names`` the replica holds, as far as this router knows. Names
@@ -304,12 +284,6 @@ class PredictedWorkBook:
         cached = self.num_cached_blocks(replica_id, new.prompt_block_names) * self.block_size
         return min(cached, len(new.prompt_token_ids) - 1)
 
-    def service_at(self, replica_id: Hashable, new: NewRequest) -> tuple[int, int]:
-        """(predicted work, prefill) of ``new`` at the replica: its prompt tokens not cached there plus its
-        predicted output, and those prompt tokens."""
-        prefill = len(new.prompt_token_ids) - self.num_cached_tokens(replica_id, new)
-        return new.predicted_work_tokens - len(new.prompt_token_ids) + prefill, prefill
-
     def num_known_blocks(self, replica_id: Hashable) -> int:
         """Blocks the replica holds as far as this router knows: the size of its cache, for Ray's rule."""
         routed = self.routed_names.get(replica_id, {}).values()
@@ -320,22 +294,23 @@ class PredictedWorkBook:
 
 
 def least_predicted_work(book: PredictedWorkBook, replica_ids: Sequence[Hashable], new: NewRequest) -> list:
-    """The least delay for the request's predicted work (cache-blind: its whole prompt counts as prefill)."""
-    return book.ranked(replica_ids, new.predicted_work_tokens, len(new.prompt_token_ids))
+    """The least ``sum(min(w, x))`` for the request's predicted work ``x`` (cache-blind)."""
+    return book.ranked(replica_ids, new.predicted_work_tokens)
 
 
 def least_cost(book: PredictedWorkBook, replica_ids: Sequence[Hashable], new: NewRequest) -> list:
     """The least cost: the prefill the replica would still compute (prompt tokens it does not hold cached)
-    plus the predicted work the request would wait behind there (``PredictedWorkBook.delay_tokens`` of its
-    own work at that replica: uncached prefill plus predicted output). Both in tokens of the one definition of
+    plus the predicted work the request would wait behind there, ``sum(min(w, x))`` with ``x`` its own
+    work at that replica (uncached prefill plus predicted output). Both in tokens of the one definition of
     predicted service, so a long cached prefix outweighs a slightly longer queue and not a much longer one.
     Equal costs (a new conversation while the replicas are idle, as between turns) go to the smaller cache,
     as in ``prefix_affinity``: the histories a replica holds are the follow-up turns it will be sent, so
     conversations spread evenly instead of at random."""
 
     def cost(replica_id: Hashable) -> tuple[int, int]:
-        work, prefill = book.service_at(replica_id, new)
-        return prefill + book.delay_tokens(replica_id, work, prefill), book.num_known_blocks(replica_id)
+        uncached = len(new.prompt_token_ids) - book.num_cached_tokens(replica_id, new)
+        work = new.predicted_work_tokens - len(new.prompt_token_ids) + uncached
+        return uncached + book.delay_tokens(replica_id, work), book.num_known_blocks(replica_id)
 
     return sorted(replica_ids, key=cost)
 

@@ -135,11 +135,11 @@ class EngineDriver:
         """Predicted output tokens still to generate across this replica (an autoscaling signal)."""
         return sum(r.predicted_remaining_tokens for r in list(self.engine.scheduler.requests.values()))
 
-    def predicted_services(self) -> list[tuple[int, int]]:
-        """Each unfinished request's tokens still to compute by the predictions, queued prefill plus predicted
-        output still to generate, and the queued prefill alone (what the length-aware replica router weighs).
-        Read from another thread: a snapshot, possibly one step old."""
-        return [r.predicted_service for r in list(self.engine.scheduler.requests.values())]
+    def predicted_work_tokens(self) -> list[int]:
+        """Each unfinished request's tokens still to compute by the predictions: queued prefill plus
+        predicted output still to generate (what the length-aware replica router weighs). Read from another
+        thread: a snapshot, possibly one step old."""
+        return [r.predicted_work_tokens for r in list(self.engine.scheduler.requests.values())]
 
     # ---- callers (any asyncio loop) -------------------------------------------------------------
 

@@ -214,12 +214,6 @@ class Request:
         return self.num_uncached_prompt_tokens + self.predicted_remaining_tokens
 
     @property
-    def predicted_service(self) -> tuple[int, int]:
-        """``predicted_work_tokens`` and the uncached prompt tokens in it: what a replica reports to the
-        router, which weighs queued prefill and decoding differently (``cluster.router.PredictedWorkBook``)."""
-        return self.predicted_work_tokens, self.num_uncached_prompt_tokens
-
-    @property
     def expected_remaining_tokens(self) -> float:
         """The mean output still to come given the tokens generated so far, E[L - g | L > g], under the
         request's length distribution located at ``predicted_total_output_tokens`` (so the length probe's

@@ -55,7 +55,7 @@ async def choose(router: BookRouter, request: SimpleNamespace) -> str:
 def test_a_burst_between_two_reports_spreads_over_the_replicas(routing: str) -> None:
     # One stale report each: "a" holds one request. Before the fix, every request of the burst read the
     # same reports (none was counted until its replica accepted it) and all 8 went to "b".
-    router = book_router(routing, {"a": routing_stats([(100, 0)]), "b": routing_stats([])})
+    router = book_router(routing, {"a": routing_stats([100]), "b": routing_stats([])})
     burst = [
         pending(f"r{i}", NewRequest(f"r{i}", (1,) * 10, SamplingParams(max_tokens=64), 40)) for i in range(8)
     ]
@@ -77,7 +77,7 @@ def test_a_burst_between_two_reports_spreads_over_the_replicas(routing: str) -> 
 
 def test_a_conversation_turn_follows_its_cached_prefix_through_the_reports() -> None:
     history = list(range(64))
-    warm = routing_stats([(30, 0)], cached_block_names=prompt_block_names(history, 4))
+    warm = routing_stats([30], cached_block_names=prompt_block_names(history, 4))
     router = book_router("least_cost", {"a": routing_stats([]), "b": warm})
     turn = NewRequest(
         "t",

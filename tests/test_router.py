@@ -135,21 +135,6 @@ def test_the_replica_where_the_request_meets_the_least_predicted_work_is_chosen_
     assert book.ranked(["x", "y"], work_tokens=30) == ["x", "y"]  # ties keep the caller's (shuffled) order
 
 
-def test_a_new_request_waits_behind_queued_prefill_but_shares_its_steps_with_decodes() -> None:
-    book = PredictedWorkBook()
-    book.report("decoding", [300, 300], 10.0, prefill_tokens=[0, 0])  # two answers of 300 tokens to go
-    book.report("prefilling", [400], 10.0, prefill_tokens=[350])  # a 350-token prompt queued, 50 to generate
-    # 100 tokens to prefill, 40 to generate: 2 x min(300, 40) = 80 against 350 + min(50, 40) = 390.
-    assert [book.delay_tokens(r, 140, 100) for r in ("decoding", "prefilling")] == [80, 390]
-    assert book.ranked(["prefilling", "decoding"], 140, 100) == ["decoding", "prefilling"]
-    # Routed since the reports, with its prefill: it counts the same way until a report does.
-    book.add("decoding", "r", 500, routed_at_s=10.1, prefill_tokens=460)
-    assert book.delay_tokens("decoding", 140, 100) == 80 + 460 + 40
-    assert book.outstanding_services("decoding") == [(300, 0), (300, 0), (500, 460)]
-    with pytest.raises(ValueError):  # a report's two lists pair up one to one
-        book.report("decoding", [300], 11.0, prefill_tokens=[0, 0])
-
-
 def test_requests_routed_since_the_last_report_count_until_a_later_report_or_their_completion() -> None:
     book = PredictedWorkBook()
     book.report("a", work_tokens=[500], reported_at_s=10.0)
@@ -237,11 +222,11 @@ def test_least_cost_weighs_the_prefill_a_replica_saves_against_the_work_it_would
     book.report("warm", [60], 10.0, cached_names=prompt_block_names(history, 4))
     book.report("cold", [], 10.0)
     assert book.num_cached_tokens("warm", turn) == 76 and book.num_cached_tokens("cold", turn) == 0
-    # warm: 8 uncached + min(60, 20) = 28 (its one request decodes beside this one); cold: 84 + 0 = 84.
+    # warm: 8 uncached + min(60, 28) = 36; cold: 84 + 0 = 84.
     assert least_cost(book, ["cold", "warm"], turn) == ["warm", "cold"]
     # Cache-blind, the idle replica wins.
     assert least_predicted_work(book, ["cold", "warm"], turn) == ["cold", "warm"]
-    # A much longer queue at the warm replica outweighs its cache: 8 + 4 x 20 = 88 > 84.
+    # A much longer queue at the warm replica outweighs its cache: 8 + 4 x 28 = 120 > 84.
     book.report("warm", [60] * 4, 11.0, cached_names=prompt_block_names(history, 4))
     assert least_cost(book, ["warm", "cold"], turn) == ["cold", "warm"]
 

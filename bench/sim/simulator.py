@@ -15,7 +15,7 @@ and, inside a pool, a replica chosen by ``SimConfig.replica_routing``:
 - ``power_of_two``: Serve's default, the one with fewer unfinished requests of two drawn at random;
 - the served rules (``cluster.router.RULES``: ``least_predicted_work``, ``least_cost``,
   ``prefix_affinity``) over one ``cluster.router.PredictedWorkBook`` per pool, as the deployed router runs
-  them: each replica reports its requests' predicted work and prefill (``Request.predicted_service``) and its
+  them: each replica reports its requests' predicted work (``Request.predicted_work_tokens``) and its
   cached block names every ``routing_stats_period_s``, and the book adds the requests routed since.
 
 Prefix caching (``SimConfig.enable_prefix_caching``): requests that carry token ids
@@ -219,8 +219,9 @@ class ClusterSimulator:
         replica.scheduler.add(request)
         self.replica_of_request[index] = self.replicas.index(replica)
         if self.config.replica_routing in RULES:
-            work, prefill = self._work_book.service_at(id(replica), new)
-            self._work_book.add(id(replica), index, work, self.now_s, new.prompt_block_names, prefill)
+            self._work_book.add(
+                id(replica), index, new.predicted_work_tokens, self.now_s, new.prompt_block_names
+            )
         # Start the replica after every arrival of this instant is queued (a later sequence number at the
         # same time), so a burst forms one batch rather than a batch of the first arrival alone.
         self._push(self.now_s, "wake", replica)
@@ -240,10 +241,9 @@ class ClusterSimulator:
                 >= self.config.routing_stats_period_s
             ):
                 scheduler = replica.scheduler
-                services = [r.predicted_service for r in scheduler.requests.values()]
+                work = [r.predicted_work_tokens for r in scheduler.requests.values()]
                 cached = scheduler.block_manager.cached_block_names(MAX_REPORTED_BLOCKS)
-                work, prefill = [w for w, _ in services], [p for _, p in services]
-                self._work_book.report(key, work, self.now_s, cached, prefill)
+                self._work_book.report(key, work, self.now_s, cached)
         shuffled = self._rng.sample(list(by_id), len(by_id))  # equal ranks: no favourite
         return by_id[RULES[routing](self._work_book, shuffled, new)[0]]
 
