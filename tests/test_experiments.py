@@ -449,6 +449,9 @@ def test_conversation_turns_resend_their_history_and_stop_at_the_context() -> No
     assert turns == prefix_routing.conversation_requests(conversations, [[5, 6, 7], [8, 9]], params)
     moved = prefix_routing.at_rate(turns, 10.0, seed=0)
     assert [t.arrival_s for t in moved][1::2] == [1.0, 4.0]  # only first turns move
+    # Predicted lengths are capped at max_tokens, as the ingress caps the estimate it hands the router.
+    predicted = prefix_routing.with_predictions(turns, spearman=0.1, seed=0, max_tokens=15)
+    assert all(1 <= t.predicted_output_tokens <= 15 for t in predicted)
 
 
 def test_prefix_routing_renders_and_judges_least_cost_against_the_best_other_rule() -> None:
