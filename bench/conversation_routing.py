@@ -93,10 +93,10 @@ def replay_on_fresh_cluster(
             replay_s = time.perf_counter() - started_s
             after = replica_usage()
     replay = {"start": load_before, "end": load_average()}
-    replicas = [
-        {"cpu_s": cpu_s - before.get(pid, (0.0, 0))[0], "num_requests": n - before.get(pid, (0.0, 0))[1]}
-        for pid, (cpu_s, n) in after.items()
-    ]
+    replicas = []
+    for pid, (cpu_s, num_requests) in after.items():
+        cpu_before, num_before = before.get(pid, (0.0, 0))
+        replicas.append({"cpu_s": cpu_s - cpu_before, "num_requests": num_requests - num_before})
     replicas.sort(key=lambda r: r["cpu_s"])
     return turns, {"replay_s": replay_s, "load_average": replay, "replicas": replicas}
 
