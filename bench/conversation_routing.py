@@ -93,21 +93,30 @@ def replay_on_fresh_cluster(
             replay_s = time.perf_counter() - started_s
             after = replica_usage()
     replay = {"start": load_before, "end": load_average()}
-    replicas = []
-    for pid, (cpu_s, num_requests) in after.items():
-        cpu_before, num_before = before.get(pid, (0.0, 0))
-        replicas.append({"cpu_s": cpu_s - cpu_before, "num_requests": num_requests - num_before})
+    replicas = [
+        {field: value - before.get(pid, {}).get(field, 0) for field, value in usage.items()}
+        for pid, usage in after.items()
+    ]
     replicas.sort(key=lambda r: r["cpu_s"])
     return turns, {"replay_s": replay_s, "load_average": replay, "replicas": replicas}
 
 
-def replica_usage() -> dict[int, tuple[float, int]]:
-    """Each engine replica's CPU seconds and requests so far, by process id: how the work was shared."""
+def replica_usage() -> dict[int, dict[str, float]]:
+    """Each engine replica's CPU seconds, requests, preemptions and evicted KV blocks so far, by process id:
+    how the work was shared."""
     from bench.local_cluster import replica_stats, replicas_by_node
     from cluster.app import pool_name
 
     stats = [replica_stats(r) for rs in replicas_by_node(pool_name(0)).values() for r in rs]
-    return {s.pids[0]: (s.cpu_s, sum(s.num_requests_by_bin.values())) for s in stats}
+    return {
+        s.pids[0]: {
+            "cpu_s": s.cpu_s,
+            "num_requests": sum(s.num_requests_by_bin.values()),
+            "num_preemptions": s.num_preemptions,
+            "num_evicted_kv_blocks": s.num_evicted_kv_blocks,
+        }
+        for s in stats
+    }
 
 
 def run_routing(args: argparse.Namespace, conversations: list[Conversation]) -> dict[str, Any]:

@@ -71,6 +71,10 @@ class EngineStats:
     cpu_s: float = 0.0
     """CPU seconds the replica's process has used since it started, every thread (``time.process_time``):
     how busy it has been, beside its peers."""
+    num_preemptions: int = 0
+    """Requests the scheduler has preempted (their KV freed, to be recomputed) since the replica started."""
+    num_evicted_kv_blocks: int = 0
+    """Cached KV blocks evicted to make room since the replica started."""
 
 
 def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) -> dict[str, Any]:
@@ -190,6 +194,8 @@ class EnginePool:
             num_orphaned_requests=self.callers.num_aborted_calls,
             num_requests_by_caller=self.callers.num_calls_by_caller(),
             cpu_s=time.process_time(),
+            num_preemptions=self.driver.engine.scheduler.num_preemptions,
+            num_evicted_kv_blocks=block_manager.num_evicted_blocks,
         )
 
     def _report_metrics(self, interval_s: float) -> None:
@@ -231,7 +237,7 @@ class EnginePool:
         (``cluster/replica_router.py``) weighs."""
         block_manager = self.driver.engine.scheduler.block_manager
         return routing_stats(
-            self.driver.predicted_work_tokens(), block_manager.cached_block_names(MAX_REPORTED_BLOCKS)
+            self.driver.expected_work_tokens(), block_manager.cached_block_names(MAX_REPORTED_BLOCKS)
         )
 
     def record_autoscaling_stats(self) -> dict[str, float]:

@@ -102,7 +102,8 @@ class GenerationService:
         ``block_size``: the engines' KV block size, to name each prompt's blocks once for the replica
         router (``NewRequest.prompt_block_names``); None when prefix caching is off.
         ``length_distribution``: the predictor's error table, to send each request its predicted length
-        distribution (``NewRequest.output_length_distribution``, for ``queue_order: expected_remaining``)."""
+        distribution (``NewRequest.output_length_distribution``: the replica router counts its mean, the
+        ``expected_remaining`` order ranks by it)."""
         if len(pools) != router.num_pools:
             raise ValueError(f"pools: {len(pools)} engine pools given, the router needs {router.num_pools}")
         self.intake = intake

@@ -38,7 +38,6 @@ from cluster.predictor_client import InProcessPredictor, PredictorClient, Remote
 from cluster.prometheus import IngressMetrics
 from cluster.router import BinRouter
 from pipeline.chat import ChatMessage
-from pipeline.config import QueueOrder
 from pipeline.request import FinishReason
 from pipeline.sampling import FIELD_NAMES
 from proto.binserve.v1 import generation_pb2 as pb
@@ -129,10 +128,9 @@ class GenerationIngress:
             config.max_admitted_requests,
             caller=ray.get_runtime_context().current_actor,
             block_size=cache.block_size if cache.enable_prefix_caching else None,  # names prompt blocks
-            # Only the expected_remaining order reads a request's distribution: others are not sent one.
-            length_distribution=DistributionTable.of_predictor(config.predictor.path)
-            if config.engine.scheduler.queue_order is QueueOrder.EXPECTED_REMAINING
-            else None,
+            # The replica router counts each request's mean length under it, the expected_remaining order
+            # ranks by it; a predictor without a table (trained before tables) sends the point alone.
+            length_distribution=DistributionTable.of_predictor(config.predictor.path),
         )
 
     def __serve_build_asgi_app__(self):  # Serve calls it once, after __init__

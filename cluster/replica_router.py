@@ -101,4 +101,4 @@ class BookRouter(FIFOMixin, RequestRouter):
 
     def _add(self, replica_id: ReplicaID, pending_request: PendingRequest, new: NewRequest) -> None:
         request_id = pending_request.metadata.internal_request_id
-        self.book.add(replica_id, request_id, new.predicted_work_tokens, time.time(), new.prompt_block_names)
+        self.book.add(replica_id, request_id, new.expected_work_tokens, time.time(), new.prompt_block_names)

@@ -295,7 +295,7 @@ class PredictedWorkBook:
 
 def least_predicted_work(book: PredictedWorkBook, replica_ids: Sequence[Hashable], new: NewRequest) -> list:
     """The least ``sum(min(w, x))`` for the request's predicted work ``x`` (cache-blind)."""
-    return book.ranked(replica_ids, new.predicted_work_tokens)
+    return book.ranked(replica_ids, new.expected_work_tokens)
 
 
 def least_cost(book: PredictedWorkBook, replica_ids: Sequence[Hashable], new: NewRequest) -> list:
@@ -309,7 +309,7 @@ def least_cost(book: PredictedWorkBook, replica_ids: Sequence[Hashable], new: Ne
 
     def cost(replica_id: Hashable) -> tuple[int, int]:
         uncached = len(new.prompt_token_ids) - book.num_cached_tokens(replica_id, new)
-        work = new.predicted_work_tokens - len(new.prompt_token_ids) + uncached
+        work = new.expected_work_tokens - len(new.prompt_token_ids) + uncached
         return uncached + book.delay_tokens(replica_id, work), book.num_known_blocks(replica_id)
 
     return sorted(replica_ids, key=cost)

@@ -135,11 +135,12 @@ class EngineDriver:
         """Predicted output tokens still to generate across this replica (an autoscaling signal)."""
         return sum(r.predicted_remaining_tokens for r in list(self.engine.scheduler.requests.values()))
 
-    def predicted_work_tokens(self) -> list[int]:
-        """Each unfinished request's tokens still to compute by the predictions: queued prefill plus
-        predicted output still to generate (what the length-aware replica router weighs). Read from another
-        thread: a snapshot, possibly one step old."""
-        return [r.predicted_work_tokens for r in list(self.engine.scheduler.requests.values())]
+    def expected_work_tokens(self) -> list[int]:
+        """Each unfinished request's tokens still to compute by the predictions: queued prefill plus the
+        output still to generate, its mean under the request's length distribution given the tokens so far
+        (``Request.expected_work_tokens``; the point's countdown without one). What the length-aware
+        replica router weighs. Read from another thread: a snapshot, possibly one step old."""
+        return [round(r.expected_work_tokens) for r in list(self.engine.scheduler.requests.values())]
 
     # ---- callers (any asyncio loop) -------------------------------------------------------------
 

@@ -94,6 +94,17 @@ class NewRequest:
         )
         return len(self.prompt_token_ids) + predicted
 
+    @property
+    def expected_work_tokens(self) -> int:
+        """``predicted_work_tokens`` with the mean output under ``output_length_distribution`` in place of
+        the point (the same without one): what the replica router counts for a request it sends
+        (``Request.expected_work_tokens`` counts down from it)."""
+        spread = self.output_length_distribution
+        if spread is None or self.predicted_output_tokens is None:
+            return self.predicted_work_tokens
+        mean = spread.expected_remaining_tokens(self.predicted_output_tokens, 0)
+        return len(self.prompt_token_ids) + max(1, round(mean))
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"

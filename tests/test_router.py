@@ -23,6 +23,7 @@ from cluster.router import (
     prefix_affinity,
 )
 from pipeline.block_manager import BlockManager, prompt_block_names
+from pipeline.length_distribution import OutputLengthDistribution
 from pipeline.request import NewRequest, Request, SamplingParams
 
 
@@ -166,6 +167,26 @@ def test_a_replica_reports_queued_prefill_plus_predicted_output_still_to_generat
     assert request.predicted_work_tokens == 1
     no_prediction = NewRequest("q", (5,) * 3, SamplingParams(max_tokens=64))
     assert no_prediction.predicted_work_tokens == 67  # max_tokens stands in
+
+
+def test_with_a_length_distribution_the_router_counts_the_expected_output_still_to_come() -> None:
+    """A request that outlived its point prediction counts 1 token by the point, but by the predictor's
+    error distribution it still has the mean excess to come; before it starts, the mean length counts."""
+    spread = OutputLengthDistribution(levels=(0.0, 0.5, 1.0), ratios=(0.5, 1.0, 1.0), max_tokens=256)
+    new = NewRequest(
+        "r", (5,) * 30, SamplingParams(max_tokens=256), predicted_output_tokens=100, output_length_distribution=spread
+    )
+    mean = spread.expected_remaining_tokens(100, 0)  # lengths uniform on [50, 100], then [100, 256]
+    assert mean == pytest.approx(0.5 * 75 + 0.5 * 178)
+    assert new.expected_work_tokens == 30 + round(mean) and new.predicted_work_tokens == 130
+    request = Request.of(new, arrival_s=0.0)
+    request.num_computed_tokens = 30
+    request.token_ids += [7] * 120  # past the point: 1 token by it, the distribution's excess by the mean
+    assert request.predicted_work_tokens == 1
+    assert request.expected_work_tokens == pytest.approx(spread.expected_remaining_tokens(100, 120))
+    assert request.expected_work_tokens == pytest.approx((256 - 120) / 2)
+    point_only = dataclasses.replace(new, output_length_distribution=None)
+    assert point_only.expected_work_tokens == point_only.predicted_work_tokens == 130
 
 
 # ---- replica choice by cached prefix and predicted work ---------------------------------------------

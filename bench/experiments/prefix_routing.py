@@ -47,6 +47,7 @@ from bench.sim.cost_model import StepCostModel
 from bench.sim.simulator import ClusterSimulator, SimConfig, SimRequest
 from bench.workload import poisson_arrivals
 from cluster.config import PoolConfig
+from cluster.predictor.distribution import DistributionTable
 from pipeline.config import SchedulerConfig
 from pipeline.engine import RequestMetrics
 from workers.checkpoint import load_tokenizer
@@ -152,12 +153,19 @@ def with_predictions(
     requests: Sequence[SimRequest], spearman: float | None, seed: int, max_tokens: int
 ) -> list[SimRequest]:
     """Predicted answer lengths, each capped at the turn's ``max_tokens`` (the replay sends every turn with
-    ``max_output_tokens``), as the ingress caps the work estimate it gives the engine and the router."""
+    ``max_output_tokens``), as the ingress caps the work estimate it gives the engine and the router, and
+    with the shipped predictor's length distribution around each, as the ingress sends it (the router
+    counts its mean)."""
     if spearman is None:
         return list(requests)
     predicted = noisy_lengths([r.output_tokens for r in requests], spearman, seed)
+    table = DistributionTable.of_predictor(None)
     return [
-        dataclasses.replace(r, predicted_output_tokens=min(p, max_tokens))
+        dataclasses.replace(
+            r,
+            predicted_output_tokens=min(p, max_tokens),
+            output_length_distribution=None if table is None else table.for_prediction(p, max_tokens),
+        )
         for r, p in zip(requests, predicted, strict=True)
     ]
 

@@ -220,7 +220,7 @@ class ClusterSimulator:
         self.replica_of_request[index] = self.replicas.index(replica)
         if self.config.replica_routing in RULES:
             self._work_book.add(
-                id(replica), index, new.predicted_work_tokens, self.now_s, new.prompt_block_names
+                id(replica), index, new.expected_work_tokens, self.now_s, new.prompt_block_names
             )
         # Start the replica after every arrival of this instant is queued (a later sequence number at the
         # same time), so a burst forms one batch rather than a batch of the first arrival alone.
@@ -241,7 +241,7 @@ class ClusterSimulator:
                 >= self.config.routing_stats_period_s
             ):
                 scheduler = replica.scheduler
-                work = [r.predicted_work_tokens for r in scheduler.requests.values()]
+                work = [round(r.expected_work_tokens) for r in scheduler.requests.values()]
                 cached = scheduler.block_manager.cached_block_names(MAX_REPORTED_BLOCKS)
                 self._work_book.report(key, work, self.now_s, cached)
         shuffled = self._rng.sample(list(by_id), len(by_id))  # equal ranks: no favourite
