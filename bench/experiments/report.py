@@ -42,6 +42,7 @@ from bench.experiments import (
     pipeline_bubbles,
     prefix_routing,
     queue_orders,
+    replay_shapes,
     replica_routing,
     sarathi,
     scale,
@@ -82,6 +83,9 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "conversation_routing_long": conversation_routing,  # the same, 8 conversations of up to 6 turns
     "conversation_routing_spread": conversation_routing,  # the same, least_cost breaking ties by cache size
     "conversation_routing_split": conversation_routing,  # the same, queued prefill and decodes weighed apart
+    "conversation_routing_expected": conversation_routing,  # the same, work counted as expected output
+    "replay_shapes": replay_shapes,  # python -m bench.experiments.replay_shapes (a real replay, simulated)
+    "replay_shapes_point": replay_shapes,  # the same, --no-length-distribution
     "conversation_probe": conversation_probe,  # binserve bench conversation-probe
     "conversation_capacity": conversation_capacity,  # binserve bench conversation-capacity
     "conversation_probe_even": conversation_probe,  # the same, --new-token-ratio 1.1
