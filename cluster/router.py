@@ -176,8 +176,9 @@ def decode_block_names(data: bytes) -> frozenset[BlockName]:
 @dataclass
 class PredictedWorkBook:
     """One router's view of each replica's outstanding requests, as their predicted work: tokens still to
-    prefill plus predicted output tokens still to generate (``Request.predicted_work_tokens``), and of the
-    prompt blocks each replica holds in its prefix cache.
+    prefill plus output tokens still to generate, their mean under the request's predicted length
+    distribution where it has one (``Request.expected_work_tokens``), and of the prompt blocks each replica
+    holds in its prefix cache.
 
     A new request of predicted work ``x`` goes to the replica where ``sum(min(w, x))`` over its outstanding
     requests' work ``w`` is least. Decoding shares each step among the running requests, so that sum is the

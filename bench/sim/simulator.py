@@ -15,7 +15,7 @@ and, inside a pool, a replica chosen by ``SimConfig.replica_routing``:
 - ``power_of_two``: Serve's default, the one with fewer unfinished requests of two drawn at random;
 - the served rules (``cluster.router.RULES``: ``least_predicted_work``, ``least_cost``,
   ``prefix_affinity``) over one ``cluster.router.PredictedWorkBook`` per pool, as the deployed router runs
-  them: each replica reports its requests' predicted work (``Request.predicted_work_tokens``) and its
+  them: each replica reports its requests' predicted work (``Request.expected_work_tokens``) and its
   cached block names every ``routing_stats_period_s``, and the book adds the requests routed since.
 
 Prefix caching (``SimConfig.enable_prefix_caching``): requests that carry token ids
