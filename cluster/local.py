@@ -63,6 +63,8 @@ def load_serve_config(
 def check_paths(config) -> None:
     """Every application's model and predictor directories exist here, or a ``ValueError`` says which
     path is missing and how to create it (else Serve would only report a failed ``ingress``)."""
+    from cluster.predictor import SHIPPED
+
     for app in config.applications:
         args = app.args or {}
         model_dir = (args.get("model") or {}).get("model_dir")
@@ -75,11 +77,11 @@ def check_paths(config) -> None:
                 f"`binserve make-tiny-model {model_dir}` for the tests' tiny random model"
             )
         predictor = (args.get("predictor") or {}).get("path")
-        if isinstance(predictor, str) and not Path(predictor).is_dir():
+        if isinstance(predictor, str) and predictor not in SHIPPED and not Path(predictor).is_dir():
             raise ValueError(
                 f"applications[{app.name}].args.predictor.path: {predictor} does not exist. Train one with "
-                f"`binserve train-predictor --data FILE --tokenizer MODEL_DIR --out {predictor}`, or remove "
-                "predictor.path to use the default predictor shipped in the repository"
+                f"`binserve predictor train-linear --labels FILE --tokenizer MODEL_DIR --out {predictor}`, name a "
+                "shipped one (`default`, `fast`), or remove predictor.path to use the default"
             )
         probe = (args.get("model") or {}).get("length_probe")
         if isinstance(probe, str) and probe != "default" and not Path(probe).is_dir():

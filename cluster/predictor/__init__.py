@@ -19,8 +19,22 @@ DEFAULT_DIR = Path(__file__).parent / "default"
 DEFAULT_PROBE_DIR = DEFAULT_DIR / "probe"
 """The length probe for the default model (``workers/length_probe.py``; ``model.length_probe: default``)."""
 """SmolLM2-135M-Instruct's own output lengths under the deployment's default sampling."""
+FAST_DIR = Path(__file__).parent / "fast"
+"""SmolLM2's own lengths again, from MiniLM's word-piece embeddings without its layers: about a tenth of the
+default's time a prompt, ranking fresh prompts a little worse (docs/PREDICTOR.md)."""
 CHATGPT_DIR = Path(__file__).parent / "chatgpt"
 """ChatGPT's answer lengths (the ShareGPT responses) in the tiny model's tokens: forced-length experiments."""
+SHIPPED = {"default": DEFAULT_DIR, "fast": FAST_DIR}
+"""Predictors named in a deployment's ``predictor.path`` instead of a directory."""
+
+
+def predictor_dir(path: str | Path | None) -> Path:
+    """The directory of ``predictor.path``: None or ``default`` the default, ``fast`` the fast one shipped
+    beside it, else the path itself."""
+    if path is None:
+        return DEFAULT_DIR
+    return SHIPPED.get(str(path), Path(path))
+
 
 ENCODER_PRECISIONS = ("float32", "int8")
 """How the encoder's Linear layers run: as trained, or as int8 weights (``LengthPredictor.load``)."""
@@ -54,19 +68,21 @@ __all__ = [
     "CHATGPT_DIR",
     "DEFAULT_DIR",
     "DEFAULT_PROBE_DIR",
+    "FAST_DIR",
     "LengthPredictor",
     "Prediction",
     "check_predictor_for_model",
+    "predictor_dir",
 ]
 
 
-def check_predictor_for_model(predictor_dir: str | Path | None, model_dir: str | Path) -> str | None:
-    """Warn when the predictor in ``predictor_dir`` (None: the default) learned another model's lengths
+def check_predictor_for_model(predictor_directory: str | Path | None, model_dir: str | Path) -> str | None:
+    """Warn when the predictor in ``predictor_directory`` (``predictor_dir``'s names allowed) learned another model's lengths
     than ``model_dir``'s; returns the warning or None. Reads only ``predictor.json`` (no torch), so the
     command line can call it before deploying (``binserve serve``)."""
     import json
 
-    metadata_path = Path(predictor_dir or DEFAULT_DIR) / "predictor.json"
+    metadata_path = predictor_dir(predictor_directory) / "predictor.json"
     if not metadata_path.is_file():
         raise ValueError(f"predictor: no predictor.json in {metadata_path.parent}")
     trained_for = json.loads(metadata_path.read_text()).get("served_model")

@@ -108,8 +108,11 @@ class DistributionTable:
 
     @classmethod
     def of_predictor(cls, directory: str | Path | None) -> DistributionTable | None:
-        """The table shipped with the predictor in ``directory`` (None: the default), or None if it has none."""
-        directory = DEFAULT_DIR if directory is None else Path(directory)
+        """The table shipped with the predictor in ``directory`` (``predictor_dir``'s names allowed), or None
+        if it has none."""
+        from cluster.predictor import predictor_dir
+
+        directory = predictor_dir(directory)
         return cls.load(directory) if (directory / TABLE_FILE).is_file() else None
 
     def save(self, directory: str | Path) -> Path:

@@ -1,6 +1,6 @@
-"""The length model: the prompt encoder, an MLP head, and the label space the head predicts in.
+"""The length model: the prompt encoder, a head, and the label space the head predicts in.
 
-The head sees the pooled encoder output and the prompt's (untruncated) length. Two heads:
+The head sees the pooled encoder output and the prompt's (untruncated) length. Three heads:
 
 - ``regression``: output 0 is the standardised ``log1p(output_tokens)`` of the served model; trained with
   a Huber loss (ShareGPT lengths have a long tail that a squared loss would chase) plus, with
@@ -12,6 +12,10 @@ The head sees the pooled encoder output and the prompt's (untruncated) length. T
   labels are few. Only output 0 is ever read at serving time.
 - ``buckets``: one logit per length bucket (training quantiles p25/p50/p75/p99); trained with cross
   entropy. Its length estimate is the probability-weighted mean log length of the buckets.
+- ``linear``: output 0 is ``log1p(output_tokens)`` as one linear function of the pooled encoder output, the
+  prompt-length features and the prompt's hashed word n-grams (``ngrams.hashed_ngrams``, weights in
+  ``ngram_weight``); fitted in closed form, not trained here (``tools/predictor/linear.py``: ridge
+  regressions stacked on ChatGPT's lengths, the family that ranks prompts unlike any it saw best).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import torch
 from torch import nn
 
 from cluster.predictor.encoder import PromptEncoder
+from cluster.predictor.ngrams import hashed_ngrams
 from cluster.predictor.served_encoder import ServedModelEncoder
 
-HEADS = ("regression", "buckets")
+HEADS = ("regression", "buckets", "linear")
 NUM_PROMPT_FEATURES = 2
 MISSING = -1
 """A target absent from an example (a ShareGPT pair without a served-model label, or the reverse)."""
@@ -48,12 +53,15 @@ class LengthModel(nn.Module):
         num_aux_outputs: int = 0,
         rank_loss_weight: float = 0.0,
         aux_loss_weight: float = 0.0,
+        num_ngram_features: int = 0,
     ) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head: must be one of {', '.join(HEADS)}, got {head!r}")
         if head != "regression" and (num_aux_outputs or rank_loss_weight):
             raise ValueError("rank_loss_weight, aux outputs: only with the regression head")
+        if num_ngram_features and head != "linear":
+            raise ValueError("num_ngram_features: only with the linear head")
         self.encoder = encoder
         self.head_kind = head
         self.num_finetune_layers = num_finetune_layers
@@ -61,18 +69,22 @@ class LengthModel(nn.Module):
         self.rank_loss_weight = rank_loss_weight
         self.aux_loss_weight = aux_loss_weight
         num_outputs = 1 + num_aux_outputs if head == "regression" else num_buckets
-        self.head = nn.Sequential(
-            nn.Linear(encoder.pooled_size + NUM_PROMPT_FEATURES, num_hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(num_hidden, num_outputs),
-        )
+        if head == "linear":
+            self.head = nn.Linear(encoder.pooled_size + NUM_PROMPT_FEATURES, 1)
+        else:
+            self.head = nn.Sequential(
+                nn.Linear(encoder.pooled_size + NUM_PROMPT_FEATURES, num_hidden),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(num_hidden, num_outputs),
+            )
         # Label and feature statistics of the training set; buffers, so they travel with the weights.
         self.register_buffer("feature_mean", torch.zeros(NUM_PROMPT_FEATURES))
         self.register_buffer("feature_std", torch.ones(NUM_PROMPT_FEATURES))
         self.register_buffer("log_tokens_mean", torch.zeros(()))
         self.register_buffer("log_tokens_std", torch.ones(()))
         self.register_buffer("bucket_log_tokens", torch.zeros(num_buckets))
+        self.register_buffer("ngram_weight", torch.zeros(num_ngram_features))
         self.encoder.layers[self.first_trained_layer :].requires_grad_(True)
 
     @property
@@ -82,11 +94,17 @@ class LengthModel(nn.Module):
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """What a saved predictor holds: the head, the statistics and any fine-tuned layers."""
-        prefixes = ("head.", "feature_", "log_tokens_", "bucket_log_tokens")
+        prefixes = ("head.", "feature_", "log_tokens_", "bucket_log_tokens", "ngram_weight")
         prefixes += tuple(
             f"encoder.layers.{i}." for i in range(self.first_trained_layer, self.encoder.num_layers)
         )
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        # An empty ngram_weight (every head but a linear one with n-grams) is not saved, so predictors saved
+        # before n-gram weights existed still load.
+        return {
+            k: v.detach().contiguous()
+            for k, v in self.state_dict().items()
+            if k.startswith(prefixes) and (k != "ngram_weight" or v.numel())
+        }
 
     def set_statistics(
         self, num_prompt_tokens: list[int], output_tokens: list[int], bucket_ids: list[int]
@@ -107,6 +125,16 @@ class LengthModel(nn.Module):
         """(B, H) pooled prompts -> (B, 1) standardised log length, or (B, num_buckets) logits."""
         features = (prompt_features(num_prompt_tokens) - self.feature_mean) / self.feature_std
         return self.head(torch.cat([pooled, features], dim=1))
+
+    def ngram_logits(self, prompts: list[str]) -> torch.Tensor:
+        """(B,) what the prompts' hashed word n-grams add to output 0 (zeros without n-gram weights)."""
+        out = torch.zeros(len(prompts))
+        if len(self.ngram_weight):
+            weight = self.ngram_weight.numpy()
+            for row, prompt in enumerate(prompts):
+                indices, values = hashed_ngrams(prompt, len(weight))
+                out[row] = float(weight[indices] @ values) / float(self.log_tokens_std)
+        return out
 
     def logits_from_hidden(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, num_prompt_tokens: list[int]
@@ -152,7 +180,7 @@ class LengthModel(nn.Module):
 
     def decode(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log1p length estimate (B,), bucket ids (B,) for the bucket head, else None)."""
-        if self.head_kind == "regression":
+        if self.head_kind in ("regression", "linear"):
             return logits[:, 0] * self.log_tokens_std + self.log_tokens_mean, None
         probs = logits.softmax(dim=-1)  # (B, num_buckets)
         return probs @ self.bucket_log_tokens, probs.argmax(dim=-1)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.predictor import DEFAULT_DIR, check_encoder_options
+from cluster.predictor import check_encoder_options, predictor_dir
 from cluster.predictor.encoder import PromptEncoder
 from cluster.predictor.lengths import Prediction, bin_of, equal_mass_boundaries
 from cluster.predictor.model import LengthModel, tokens_from_log
@@ -48,7 +48,8 @@ class PredictorMetadata:
     """Everything besides weights that a trained predictor needs, stored as ``predictor.json``."""
 
     head: str
-    """"regression" (log tokens) or "buckets" (a classifier over ``bucket_boundaries``)."""
+    """"regression" (log tokens), "buckets" (a classifier over ``bucket_boundaries``) or "linear" (log
+    tokens, one linear function of the pooled prompt and its hashed word n-grams)."""
     num_encoder_layers: int
     """MiniLM layers run; the pooled output of layer 4 of 6 predicts length better than the last."""
     num_finetune_layers: int
@@ -82,6 +83,8 @@ class PredictorMetadata:
     """1 when the head also learned ChatGPT's lengths (an auxiliary output, never read when serving)."""
     rank_loss_weight: float = 0.0
     aux_loss_weight: float = 0.0
+    num_ngram_features: int = 0
+    """Hash buckets of the prompt's word 1- and 2-grams the linear head weighs (0: none)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.served_model, dict):  # as read from predictor.json
@@ -114,14 +117,15 @@ class LengthPredictor:
         encoder_precision: str = "float32",
         max_prompt_tokens: int | None = None,
     ) -> LengthPredictor:
-        """Load a saved predictor; with no path, the default one shipped in the repository. A predictor
+        """Load a saved predictor; with no path (or ``default``), the default one shipped in the repository;
+        ``fast``, the fast one beside it. A predictor
         whose encoder is the served model's first layers needs ``model_dir`` (the served checkpoint).
         ``encoder_precision`` and ``max_prompt_tokens`` (None: the trained value): the module's docstring."""
         from safetensors.torch import load_file
 
         check_encoder_options(encoder_precision, max_prompt_tokens)
 
-        directory = Path(path) if path is not None else DEFAULT_DIR
+        directory = predictor_dir(path)
         metadata_path = directory / METADATA_FILE
         if not metadata_path.is_file():
             raise ValueError(f"predictor: no {METADATA_FILE} in {directory}")
@@ -168,7 +172,7 @@ class LengthPredictor:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompt: prompts[{index}] must be a non-empty string, got {prompt!r}")
         if not prompts:
-            return [], None if self.model.head_kind == "regression" else []
+            return [], None if self.model.head_kind != "buckets" else []
         encoder = self.model.encoder
         tokenized = encoder.tokenize(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(tokenized.token_ids[i]))
@@ -186,11 +190,12 @@ class LengthPredictor:
                 logits = self.model.logits_from_hidden(
                     hidden, attention_mask, [tokenized.num_prompt_tokens[i] for i in rows]
                 )
+                logits[:, 0] += self.model.ngram_logits([prompts[i] for i in rows])
                 batch_log_tokens, batch_bucket_ids = self.model.decode(logits)
                 log_tokens[rows] = batch_log_tokens
                 if batch_bucket_ids is not None:
                     bucket_ids[rows] = batch_bucket_ids
-        head_buckets = None if self.model.head_kind == "regression" else bucket_ids.tolist()
+        head_buckets = None if self.model.head_kind != "buckets" else bucket_ids.tolist()
         return log_tokens.tolist(), head_buckets
 
     def tokens_from_log(self, log_tokens: float) -> int:
@@ -245,4 +250,5 @@ def build_model(
         num_aux_outputs=metadata.num_aux_outputs,
         rank_loss_weight=metadata.rank_loss_weight,
         aux_loss_weight=metadata.aux_loss_weight,
+        num_ngram_features=metadata.num_ngram_features,
     )

@@ -180,6 +180,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     floor.add_argument("--tokenizer", required=True, type=Path, help="the served model's directory")
     floor.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     floor.set_defaults(func=run_noise_floor)
+
+    linear = commands.add_parser(
+        "train-linear",
+        help="fit the linear predictor (ridge stacked on ChatGPT's lengths; the shipped default's kind)",
+        description="Fit the linear length predictor on the labels' training split (tools/predictor/linear.py).",
+    )
+    linear.add_argument("--labels", required=True, type=Path, help="the served model's labels (JSONL)")
+    linear.add_argument("--tokenizer", required=True, type=Path, help="the served model's directory")
+    linear.add_argument("--layers", type=int, default=4, help="MiniLM layers before pooling, 0-6 (default 4)")
+    linear.add_argument("--alpha", type=float, default=30.0, help="ridge penalty (default 30)")
+    linear.add_argument("--validation-fraction", type=float, default=0.3, help="held-out share (default 0.3)")
+    linear.add_argument("--label-source", default="", help="where the labels came from, in words")
+    linear.add_argument("--out", required=True, type=Path, help="directory to write the predictor to")
+    linear.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=f"torch threads (default {DEFAULT_THREADS})")
+    linear.set_defaults(func=run_train_linear)
     probe.register(commands)
 
 
@@ -234,6 +249,19 @@ def _read(args: argparse.Namespace, sources: list[Path] | None = None) -> list[L
         counts = count_tokens([p["response"] for p in pairs], args.tokenizer)
         records.extend(LengthRecord(p["id"], p["prompt"], n) for p, n in zip(pairs, counts, strict=True))
     return records
+
+
+def run_train_linear(args: argparse.Namespace) -> int:
+    from tools.predictor import linear
+
+    if not 0 <= args.layers <= 6:
+        raise ValueError(f"layers: must be in 0..6, got {args.layers}")
+    if args.alpha <= 0:
+        raise ValueError(f"alpha: must be > 0, got {args.alpha}")
+    if not 0.0 < args.validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction: must be in (0, 1), got {args.validation_fraction}")
+    _setup(args)
+    return linear.main(args)
 
 
 def run_collect(args: argparse.Namespace) -> int:

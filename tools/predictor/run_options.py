@@ -37,18 +37,25 @@ def variant_name(precision: str, max_prompt_tokens: int | None, trained_tokens: 
     return f"{precision}, {max_prompt_tokens or trained_tokens} tokens"
 
 
-def measure(labels: list, corpus: Corpus, latency_calls: int) -> dict:
+def measure(labels: list, corpus: Corpus, latency_calls: int, directories: dict[str, str] | None = None) -> dict:
+    """``directories``: name -> predictor directory, each run as trained and int8 (default: the shipped
+    predictor in every ``VARIANTS`` way). They must share one held-out split."""
     import torch
 
     from cluster.predictor import LengthPredictor
 
     torch.set_num_threads(1)
     predictors = {}
-    for precision, tokens in VARIANTS:
-        predictor = LengthPredictor.load(encoder_precision=precision, max_prompt_tokens=tokens)
-        trained_tokens = predictor.metadata.max_prompt_tokens
-        predictors[variant_name(precision, tokens, trained_tokens)] = predictor
-    fraction = next(iter(predictors.values())).metadata.validation_fraction
+    for name, directory in (directories or {"": None}).items():
+        for precision, tokens in VARIANTS if not directories else VARIANTS[:2]:
+            predictor = LengthPredictor.load(directory, encoder_precision=precision, max_prompt_tokens=tokens)
+            trained_tokens = predictor.metadata.max_prompt_tokens
+            label = variant_name(precision, tokens, trained_tokens)
+            predictors[f"{name}: {label}" if name else label] = predictor
+    fractions = {p.metadata.validation_fraction for p in predictors.values()}
+    if len(fractions) > 1:
+        raise ValueError(f"predictor: the predictors hold out different splits ({sorted(fractions)})")
+    fraction = fractions.pop()
     held_out = [r for r in labels if is_validation(r.record_id, fraction)]
     truth = [r.output_tokens for r in held_out]
     groups = [corpus.group_of_id[r.record_id] for r in held_out]
@@ -154,12 +161,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", default=None, help="also time the ingress's share with this model's intake"
     )
+    parser.add_argument(
+        "--predictor",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="compare these predictors (each as trained and int8) instead of the shipped one's variants",
+    )
     args = parser.parse_args(argv)
+    directories = dict(item.split("=", 1) for item in args.predictor)
     if args.latency_calls < 1:
         raise ValueError(f"latency_calls: must be at least 1, got {args.latency_calls}")
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     labels = read_records(args.labels, args.tokenizer)
-    result = measure(labels, Corpus.load(), args.latency_calls)
+    result = measure(labels, Corpus.load(), args.latency_calls, directories or None)
     if args.model is not None:
         prompts = [r.prompt for r in labels if is_validation(r.record_id, result["validation_fraction"])]
         result["ingress_share"] = time_ingress_share(prompts[: args.latency_calls], args.model)

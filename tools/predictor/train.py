@@ -75,9 +75,11 @@ class TrainConfig:
                 raise ValueError(f"num_encoder_layers: must be in [0, 30], got {self.num_encoder_layers}")
             if self.num_finetune_layers:
                 raise ValueError("finetune_layers: the served model's layers stay frozen (they serve too)")
-        elif not 1 <= self.num_encoder_layers <= NUM_ENCODER_LAYERS:
+        elif not int(self.head != "linear") <= self.num_encoder_layers <= NUM_ENCODER_LAYERS:
+            # The linear head may pool MiniLM's word-piece embeddings alone (no layer run).
+            low = int(self.head != "linear")
             raise ValueError(
-                f"num_encoder_layers: must be in [1, {NUM_ENCODER_LAYERS}], got {self.num_encoder_layers}"
+                f"num_encoder_layers: must be in [{low}, {NUM_ENCODER_LAYERS}], got {self.num_encoder_layers}"
             )
         if not 0 <= self.num_finetune_layers <= self.num_encoder_layers:
             raise ValueError(

@@ -30,13 +30,15 @@ NUM_FOLDS = 5
 REPORT_LEVELS = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def clean_held_out(labels_path: str, tokenizer_dir: str, corpus: Corpus) -> tuple[list[dict], int]:
+def clean_held_out(
+    labels_path: str, tokenizer_dir: str, corpus: Corpus, predictor_path: str | None = None
+) -> tuple[list[dict], int]:
     """Per clean held-out prompt: id, chat-rendered prompt tokens, true and predicted output tokens, group;
     and the predictor's cap (its labels' ``max_tokens``)."""
     from cluster.predictor.predictor import LengthPredictor
     from workers.checkpoint import load_tokenizer
 
-    predictor = LengthPredictor.load()
+    predictor = LengthPredictor.load(predictor_path)
     fraction = predictor.metadata.validation_fraction
     trained = corpus.trained_groups(fraction)
     records = [
@@ -100,8 +102,10 @@ def calibration(rows: list[dict], max_output_tokens: int, num_bands: int) -> dic
     }
 
 
-def run(labels_path: str, tokenizer_dir: str, num_bands: int) -> tuple[dict, DistributionTable]:
-    rows, max_output_tokens = clean_held_out(labels_path, tokenizer_dir, Corpus.load())
+def run(
+    labels_path: str, tokenizer_dir: str, num_bands: int, predictor_path: str | None = None
+) -> tuple[dict, DistributionTable]:
+    rows, max_output_tokens = clean_held_out(labels_path, tokenizer_dir, Corpus.load(), predictor_path)
     for r, fold in zip(rows, grouped_folds([r["group"] for r in rows], NUM_FOLDS), strict=True):
         r["fold"] = fold
     made_by = (
@@ -156,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--save", help="also write the table fitted on every clean prompt into this directory"
     )
+    parser.add_argument("--predictor", default=None, help="a predictor directory, or default / fast (default)")
     args = parser.parse_args(argv)
     if args.num_bands < 1:
         parser.error(f"--num-bands: must be >= 1, got {args.num_bands}")
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
-    result, table = run(args.labels, args.tokenizer, args.num_bands)
+    result, table = run(args.labels, args.tokenizer, args.num_bands, args.predictor)
     write_with_meta(result, args.json, "uncertainty", argv, started, load_at_start)
     if args.save:
         print(f"wrote {table.save(args.save)}")
