@@ -131,3 +131,109 @@ async def measure_http_overhead(
         "p50_total_http_s": percentile(http_total, 50),
         "p50_total_overhead_s": percentile([h - g for g, h in zip(grpc_total, http_total, strict=True)], 50),
     }
+
+
+# ---- the report's section: alternating runs of ``bench serve`` compared (docs/results/<model>/ingress_overhead.json)
+
+TITLE = "The ingress overhead: TTFT through the proxy and the ingress against a direct call, by predictor"
+TARGET_OVERHEAD_MS = 5.0
+"""Issue 21: the ingress path's TTFT overhead p50 <= 5 ms (``bench serve --overhead-calls``)."""
+
+
+def summarise(runs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """``runs``: (name, ``bench serve --json`` file) in the order they ran; per name, each run's overhead and
+    predict p50 and their median over the name's runs."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    for name, path in runs:
+        overhead = json.loads(Path(path).read_text()).get("ingress_overhead")
+        if overhead is None:
+            raise ValueError(f"run: {path} has no ingress_overhead (run bench serve with --overhead-calls)")
+        rows.append({"name": name, "file": str(path), **overhead})
+    by_name: dict[str, Any] = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name]
+        by_name[name] = {
+            "overhead_p50_ms": [round(r["p50_ttft_overhead_s"] * 1e3, 2) for r in mine],
+            "predict_p50_ms": [round(r["p50_predict_s"] * 1e3, 2) for r in mine],
+            "calls": [r["num_calls"] for r in mine],
+            "median_overhead_ms": round(statistics.median(r["p50_ttft_overhead_s"] for r in mine) * 1e3, 2),
+            "median_predict_ms": round(statistics.median(r["p50_predict_s"] for r in mine) * 1e3, 2),
+        }
+    return {"runs": rows, "by_name": by_name}
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    best = min(result["by_name"], key=lambda n: result["by_name"][n]["median_overhead_ms"])
+    figures = result["by_name"][best]
+    return [
+        {
+            "target": f"ingress overhead p50 <= {TARGET_OVERHEAD_MS:g} ms (median of {len(figures['calls'])} runs, "
+            f"the best configuration: {best}; its predictor's share {figures['median_predict_ms']:.1f} ms)",
+            "value": figures["median_overhead_ms"],
+            "threshold": TARGET_OVERHEAD_MS,
+            "met": figures["median_overhead_ms"] <= TARGET_OVERHEAD_MS,
+        }
+    ]
+
+
+def render(result: dict[str, Any]) -> str:
+    from bench.experiments.harness import markdown_table, provenance
+
+    rows = [
+        [
+            name,
+            ", ".join(f"{x:.1f}" for x in f["overhead_p50_ms"]),
+            f["median_overhead_ms"],
+            ", ".join(f"{x:.1f}" for x in f["predict_p50_ms"]),
+            ", ".join(str(c) for c in f["calls"]),
+        ]
+        for name, f in result["by_name"].items()
+    ]
+    return "\n".join(
+        [
+            "The ingress path's cost per request (`bench serve --overhead-calls`: TTFT through the gRPC proxy and "
+            "the ingress minus a direct call to the same engine replica, one call at a time, p50 per run), "
+            "configurations alternating run by run; 'predict' is what the ingress still waited for the "
+            "prediction after its intake." + (f" Configurations: {result['notes']}." if result.get("notes") else ""),
+            "",
+            markdown_table(
+                ["configuration", "overhead p50 of each run, ms", "median, ms", "predict p50 of each run, ms", "calls"],
+                rows,
+            ),
+            "",
+            provenance(result),
+        ]
+    )
+
+
+def cmd_overhead_summary(args) -> int:
+    from bench.experiments.harness import run_meta, this_command, write_json
+
+    started = time.perf_counter()
+    runs = []
+    for item in args.run:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"run: expected NAME=FILE, got {item!r}")
+        runs.append((name, path))
+    result = summarise(runs)
+    result["notes"] = args.notes
+    result["targets"] = targets(result)
+    result["meta"] = run_meta(this_command(), time.perf_counter() - started)
+    write_json(args.json, result)
+    print(render(result))
+    return 0
+
+
+def register(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "overhead-summary",
+        help="compare alternating `bench serve --overhead-calls` runs of several configurations (JSON for the report)",
+    )
+    p.add_argument("--run", action="append", required=True, metavar="NAME=FILE", help="a run, in the order they ran")
+    p.add_argument("--notes", default="", help="what the configurations were, in words")
+    p.add_argument("--json", required=True)
+    p.set_defaults(func=cmd_overhead_summary)

@@ -154,6 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         gpu_check,
         neighbour,
         node_loss,
+        overhead,
         prefix_overhead,
         prometheus_cost,
         reliability,
@@ -179,6 +180,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conversation_probe.register(bench_sub)
     conversation_capacity.register(bench_sub)
     prefix_overhead.register(bench_sub)
+    overhead.register(bench_sub)
     from bench.sim import agreement
 
     agreement.register(bench_sub)

@@ -30,7 +30,9 @@ from bench import (
     conversations,
     demo_pairs,
     neighbour,
+    overhead,
     path,
+    predictor_results,
     prefix_overhead,
     served,
     trace_replay,
@@ -96,6 +98,9 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "demo": demo_pairs,  # binserve bench demo
     "expected_remaining": expected_remaining,  # python -m bench.experiments.expected_remaining
     "expected_remaining_preempting": expected_remaining,  # the same with --num-blocks: KV runs short
+    "predictor_choice": predictor_results,  # python -m tools.predictor.choice
+    "predictor_variants": predictor_results,  # python -m tools.predictor.run_options --predictor ...
+    "ingress_overhead": overhead,  # binserve bench overhead-summary over alternating bench serve runs
 }
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
 USES_PREDICTOR = ("ssjf", "multibin", "scale", "queue_orders")

@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from bench import predictor_results
 from bench.labels import count_tokens, read_records
 from tools.predictor.evaluate import spearman
 from tools.predictor.generalisation import Corpus, scored, write_with_meta
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         d = result["differences_from_reference"].get(name)
         extra = f"; minus the shipped encoder's {d['difference']:+.3f} {d['ci95']}" if d else ""
         print(f"{name}: {s['spearman']:.3f} {s['spearman_ci95']}{extra}")
+    result["targets"] = predictor_results.targets(result)
     write_with_meta(result, args.json, "choice", argv, started, load)
     print(json.dumps(result["meta"]))
     return 0

@@ -20,7 +20,6 @@ Intervals are 95% bootstrap intervals that resample whole groups (``group_bootst
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -185,15 +184,13 @@ def main(argv: list[str] | None = None) -> int:
 def write_with_meta(
     result: dict, path: str, module: str, argv: list[str] | None, started: float, load_at_start: float
 ) -> None:
-    """Write ``result`` as JSON with how it was made: the command, the date, the duration, the load."""
-    result["meta"] = {
-        "command": f"python -m tools.predictor.{module} " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "duration_s": round(time.perf_counter() - started, 1),
-        "load_average": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
-    }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    """Write ``result`` as JSON with how it was made (``harness.run_meta``: the machine, the date, the
+    command, the duration, the load), as every result of the report carries it."""
+    from bench.experiments.harness import run_meta, write_json
+
+    command = f"python -m tools.predictor.{module} " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["meta"] = run_meta(command, round(time.perf_counter() - started, 1), round(load_at_start, 2))
+    write_json(path, result)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import argparse
 import os
 import time
 
+from bench import predictor_results
 from bench.labels import is_validation, read_records
 from bench.request_stats import percentile
 from tools.predictor.generalisation import Corpus, scored, subset, write_with_meta
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None:
         prompts = [r.prompt for r in labels if is_validation(r.record_id, result["validation_fraction"])]
         result["ingress_share"] = time_ingress_share(prompts[: args.latency_calls], args.model)
+    result["targets"] = predictor_results.targets(result)
     write_with_meta(result, args.json, "run_options", argv, started, load_at_start)
     print(render(result))
     for key, figures in result.get("ingress_share", {}).items():
