@@ -170,7 +170,11 @@ MEANS = ("ttft_mean_s", "mean_jct_s", "hit_rate_tokens")
 
 
 def mean_rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per rule, the mean over the runs (the same requests each time) of each run's mean TTFT, JCT, hit rate."""
+    """Per rule, the mean over the runs (the same requests each time) of each run's mean TTFT, JCT, hit rate.
+    A run marked ``excluded`` (a reason, set when something else disturbed it) is shown but not counted."""
+    runs = [run for run in runs if not run.get("excluded")]
+    if not runs:
+        return {}
     rules = [r for r in runs[0]["rows"] if all(r in run["rows"] for run in runs)]
     return {r: {k: sum(run["rows"][r][k] for run in runs) / len(runs) for k in MEANS} for r in rules}
 
@@ -213,9 +217,10 @@ def render(result: dict[str, Any]) -> str:
         for rule, row in result["mean_rows"].items()
     ]
     lines = [render_run(run, number) for number, run in enumerate(result["runs"], start=1)]
+    counted = [run for run in result["runs"] if not run.get("excluded")]
     if len(result["runs"]) > 1:
         lines += [
-            f"Each rule's mean over the {len(result['runs'])} runs (what the targets judge):",
+            f"Each rule's mean over the {len(counted)} counted runs (what the targets judge):",
             "",
             markdown_table(header, means),
         ]
@@ -263,5 +268,6 @@ def render_run(run: dict[str, Any], number: int) -> str:
             markdown_table(header, rows),
             "",
             provenance(run),
+            *(["", f"**Not counted:** {run['excluded']}"] if run.get("excluded") else []),
         ]
     )

@@ -95,3 +95,14 @@ def test_repeated_runs_are_judged_on_each_rules_mean_and_rendered_in_run_order(t
         if block.startswith("| ")
     ]
     assert tables == [RULES, list(reversed(RULES)), RULES]  # each run in its order, then the means
+
+
+def test_a_run_marked_excluded_is_shown_but_not_counted(tmp_path) -> None:
+    path = tmp_path / "routing.json"
+    disturbed = {**served_run({rule: row(9.0, 9.0) for rule in RULES}), "excluded": "a test ran beside it"}
+    clean = served_run({rule: row(1.0 + i, 2.0 + i) for i, rule in enumerate(RULES)})
+    path.write_text(json.dumps(conversation_routing.with_run(str(path), disturbed, append=False)))
+    result = conversation_routing.with_run(str(path), clean, append=True)
+    assert result["mean_rows"] == conversation_routing.mean_rows([clean])
+    text = conversation_routing.render(result)
+    assert "**Not counted:** a test ran beside it" in text and "mean over the 1 counted runs" in text

@@ -86,6 +86,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "conversation_routing_spread": conversation_routing,  # the same, least_cost breaking ties by cache size
     "conversation_routing_split": conversation_routing,  # the same, queued prefill and decodes weighed apart
     "conversation_routing_expected": conversation_routing,  # the same, work counted as expected output
+    "conversation_routing_linear": conversation_routing,  # the same, with the linear default predictor
     "replay_shapes": replay_shapes,  # python -m bench.experiments.replay_shapes (a real replay, simulated)
     "replay_shapes_point": replay_shapes,  # the same, --no-length-distribution
     "conversation_probe": conversation_probe,  # binserve bench conversation-probe
