@@ -51,7 +51,7 @@ DEPTHS = (0, 1, 2, 4)
 NGRAM_ALPHAS = (1.0, 3.0, 10.0, 30.0)
 MINILM_ALPHAS = (10.0, 30.0, 100.0, 300.0)
 AUX_MODES = ("none", 0.1, 0.3, "stacked")
-CHATGPT_ALONE = "ChatGPT-length model alone (MiniLM + n-grams)"
+CHATGPT_ALONE = predictor_results.CHATGPT_ALONE
 """Not a candidate: the stacked mode's auxiliary ridge by itself, fitted on ChatGPT's lengths only (the
 issue's floor: never below the ChatGPT-length predictor)."""
 BOOTSTRAP = 1000
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     estimates: dict[str, np.ndarray] = {}
     chosen: dict[str, list] = {}
     families = dict(features.by_family)
-    families[CHATGPT_ALONE] = features.by_family["MiniLM, 4 layers (the shipped encoder) + n-grams"]
+    families[CHATGPT_ALONE] = features.by_family[predictor_results.CHOSEN]
     alphas = dict(features.alphas, **{CHATGPT_ALONE: MINILM_ALPHAS})
     for family, x in families.items():
         estimate = np.empty(n)

@@ -30,6 +30,8 @@ import numpy as np
 
 NUM_NGRAM_FEATURES = 2**16
 MAX_OUTPUT_TOKENS = 512
+MAX_PROMPT_TOKENS = 48
+"""Word pieces the encoder reads per prompt (head and tail), as the shipped MiniLM predictors were trained."""
 """The labels' cap (SmolLM2's answers are collected at 512 tokens); ChatGPT's lengths are capped alike."""
 
 
@@ -52,7 +54,7 @@ class Design:
         from cluster.predictor.ngrams import ngram_features
 
         depths = depths or (num_layers,)
-        encoder = PromptEncoder(max(depths), 48)
+        encoder = PromptEncoder(max(depths), MAX_PROMPT_TOKENS)
         tokenized = encoder.tokenize(prompts)
         base = prompt_features(tokenized.num_prompt_tokens).numpy().astype(np.float64)
         ngrams = ngram_features(prompts, NUM_NGRAM_FEATURES)
@@ -168,7 +170,7 @@ def train_linear(
     config = TrainConfig(
         head="linear",
         num_encoder_layers=num_layers,
-        max_prompt_tokens=48,
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
         validation_fraction=validation_fraction,
         max_output_tokens=MAX_OUTPUT_TOKENS,
     )
