@@ -222,7 +222,17 @@ def replica_stats(replica: ActorInfo) -> Any:
     request_id = uuid.uuid4().hex
     metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id, call_method="stats")
     actor = ray.get_actor(replica.name, namespace=SERVE_NAMESPACE)
-    return ray.get(actor.handle_request.remote(pickle.dumps(metadata)), timeout=30)
+    try:
+        return ray.get(actor.handle_request.remote(pickle.dumps(metadata)), timeout=30)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, RuntimeError) and "initialize_callable" in str(exc.cause):
+            raise ReplicaStarting(replica.name) from exc
+        raise
+
+
+class ReplicaStarting(Exception):
+    """The replica's actor is alive but Serve has not yet built its deployment (a replacement starting:
+    its model still loading); asked again later, it answers."""
 
 
 def num_outstanding_requests(replica: ActorInfo) -> int:

@@ -40,6 +40,7 @@ from ray.exceptions import RayActorError
 from bench.local_cluster import (
     ActorInfo,
     MultiNodeCluster,
+    ReplicaStarting,
     add_command_flags,
     alive_actors,
     replica_stats,
@@ -239,7 +240,10 @@ async def lose_under_load(
             await asyncio.sleep(i * stagger_s)
             await streams[i].run(client, recovery_timeout_s)
 
-        await until_engines_idle(time.monotonic(), recovery_timeout_s)  # a fair start: routing sees no work
+        # A fair start: every replica up (a loss before may have left replacements starting), and routing
+        # sees no work.
+        await until_serve_healthy(time.monotonic(), recovery_timeout_s)
+        await until_engines_idle(time.monotonic(), recovery_timeout_s)
         orphaned_before = sum(s.num_orphaned_requests for s in await asyncio.to_thread(engine_stats))
         replica_counts = Counter(a.class_name for a in await asyncio.to_thread(alive_actors))
         tasks = [asyncio.create_task(stream(i)) for i in range(num_streams)]
@@ -323,9 +327,27 @@ async def until_engines_idle(since_s: float, timeout_s: float) -> float | None:
     while time.monotonic() - since_s < timeout_s:
         try:
             stats = await asyncio.to_thread(engine_stats)
-        except RayActorError:  # a replica lost a moment ago
+        except (RayActorError, ReplicaStarting):  # a replica lost a moment ago, or its replacement starting
             stats = None
         if stats is not None and not any(s.num_unfinished_requests for s in stats):
+            return time.monotonic() - since_s
+        await asyncio.sleep(0.2)
+    return None
+
+
+def is_serve_healthy() -> bool:
+    """Whether Serve reports every deployment of the app healthy (each at its replica count, all up)."""
+    from ray import serve
+
+    from bench.local_cluster import APP_NAME
+
+    app = serve.status().applications[APP_NAME]
+    return all(d.status == "HEALTHY" for d in app.deployments.values())
+
+
+async def until_serve_healthy(since_s: float, timeout_s: float) -> float | None:
+    while time.monotonic() - since_s < timeout_s:
+        if await asyncio.to_thread(is_serve_healthy):
             return time.monotonic() - since_s
         await asyncio.sleep(0.2)
     return None
@@ -337,16 +359,11 @@ async def _until_replaced(
     """Seconds until no lost actor counts as alive (the GCS learns a node's death from missed health
     checks), every lost actor's kind runs as many live actors as before, and Serve reports every
     deployment healthy."""
-    from ray import serve
-
-    from bench.local_cluster import APP_NAME
-
     kinds, lost_ids = {a.class_name for a in lost}, {a.actor_id for a in lost}
     while time.monotonic() - since_s < timeout_s:
         alive = await asyncio.to_thread(alive_actors)
         live = Counter(a.class_name for a in alive if a.actor_id not in lost_ids)
-        app = (await asyncio.to_thread(serve.status)).applications[APP_NAME]
-        is_healthy = all(d.status == "HEALTHY" for d in app.deployments.values())
+        is_healthy = await asyncio.to_thread(is_serve_healthy)
         is_forgotten = not lost_ids & {a.actor_id for a in alive}
         if is_healthy and is_forgotten and all(live[kind] == replica_counts[kind] for kind in kinds):
             return time.monotonic() - since_s
