@@ -173,8 +173,8 @@ class LengthEstimates:
     """``oracle`` (the forced length itself) or ``predicted`` (the trained predictor)."""
     output_tokens: tuple[int, ...]
     bin_boundaries: Callable[[int], list[int]]
-    """Equal-mass bin edges for ``k`` bins: of the true lengths (oracle) or of the predictor's
-    training distribution (predicted)."""
+    """Equal-mass bin edges for ``k`` bins: of the true lengths (oracle) or of the predictor's own
+    predictions of the workload's prompts (predicted; ``tools/predictor/bins.py``)."""
 
 
 def oracle_lengths(requests: Sequence[WorkloadRequest]) -> LengthEstimates:

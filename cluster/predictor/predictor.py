@@ -4,7 +4,7 @@
     predictor.check_served_model(".models/smollm2-135m-instruct")   # warns, and says why, on a mismatch
     prediction = predictor.predict(["Write a haiku about the sea", "Explain TCP in detail"])
     prediction.output_tokens, prediction.bucket_ids
-    edges = predictor.bin_boundaries(num_bins=4)  # equal-mass bins of the training lengths
+    edges = predictor.bin_boundaries(num_bins=4)  # equal-mass bins of its own predictions
     chatgpt = LengthPredictor.load(CHATGPT_DIR)  # ChatGPT's ShareGPT answer lengths (forced-length runs)
     fast = LengthPredictor.load(encoder_precision="int8", max_prompt_tokens=32)  # what serving may run
 
@@ -85,6 +85,10 @@ class PredictorMetadata:
     aux_loss_weight: float = 0.0
     num_ngram_features: int = 0
     """Hash buckets of the prompt's word 1- and 2-grams the linear head weighs (0: none)."""
+    prediction_quantiles: list[float] | None = None
+    """This predictor's own predictions for the workload's prompts at quantiles 0, 1/1000, ..., 1, as
+    serving runs it: what bins are cut from (``tools/predictor/bins.py``). None: cut from
+    ``length_quantiles`` (predictors saved before it)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.served_model, dict):  # as read from predictor.json
@@ -95,8 +99,10 @@ class PredictorMetadata:
             raise ValueError(f"bucket_boundaries: must ascend, got {self.bucket_boundaries}")
         if len(self.bucket_boundaries) != len(self.bucket_quantiles):
             raise ValueError("bucket_boundaries: need one edge per entry of bucket_quantiles")
-        if len(self.length_quantiles) < 2:
-            raise ValueError("length_quantiles: need at least 2 points")
+        for name in ("length_quantiles", "prediction_quantiles"):
+            points = getattr(self, name)
+            if points is not None and (len(points) < 2 or points != sorted(points)):
+                raise ValueError(f"{name}: need at least 2 points, ascending")
 
     @property
     def num_buckets(self) -> int:
@@ -207,9 +213,12 @@ class LengthPredictor:
         return bin_of(output_tokens, self.metadata.bucket_boundaries)
 
     def bin_boundaries(self, num_bins: int) -> list[int]:
-        """``num_bins - 1`` inclusive upper edges (tokens) of equal-mass bins of the training lengths;
-        map a length to its bin with ``lengths.bin_of``."""
-        return equal_mass_boundaries(self.metadata.length_quantiles, num_bins)
+        """``num_bins - 1`` inclusive upper edges (tokens) of equal-mass bins of this predictor's own
+        predictions (of the training lengths for a predictor saved without them); map a prediction to its
+        bin with ``lengths.bin_of``. A point prediction gathers toward the middle and stops at the cap, so
+        bins cut from the true lengths would hold unequal shares of the requests (docs/PREDICTOR.md)."""
+        points = self.metadata.prediction_quantiles or self.metadata.length_quantiles
+        return equal_mass_boundaries(points, num_bins)
 
 
 def quantize_int8(layers: torch.nn.Module) -> torch.nn.Module:

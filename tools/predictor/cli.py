@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tools.predictor import probe
+from tools.predictor import bins, probe
 
 if TYPE_CHECKING:
     from bench.labels import LengthRecord
@@ -196,6 +196,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     linear.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=f"torch threads (default {DEFAULT_THREADS})")
     linear.set_defaults(func=run_train_linear)
     probe.register(commands)
+    bins.register(commands)
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -325,6 +326,7 @@ def run_train(args: argparse.Namespace) -> int:
         records, config, str(args.tokenizer), aux_records, label_source, args.feature_cache
     )
     out = predictor.save(args.out)
+    bins.cut_and_report(out, model_dir=args.tokenizer if config.encoder == "served-model" else None)
     meta = predictor.metadata
     print(
         f"trained a {meta.head} predictor on {meta.num_training_records} of {len(records)} records "

@@ -185,6 +185,9 @@ def main(args) -> int:
     predictor, counts = train_linear(
         args.labels, args.tokenizer, args.layers, args.alpha, args.validation_fraction, args.label_source
     )
+    from tools.predictor.bins import cut_and_report
+
     directory = predictor.save(Path(args.out))
     print(f"wrote {directory}: {counts['num_training_labels']} labels, {counts['num_aux_records']} auxiliary records")
+    cut_and_report(directory)
     return 0
