@@ -59,7 +59,8 @@ class ReplicaRouting(str, enum.Enum):
 @dataclass(frozen=True)
 class RouterConfig:
     num_bins: int = 2
-    """Equal-mass bins of predicted output length (Multi-Bin batching); boundaries come from the predictor."""
+    """Equal-mass bins of predicted output length (Multi-Bin batching); boundaries come from the predictor:
+    the quantiles of its own predictions of the workload's prompts (``binserve predictor cut-bins``)."""
     num_pools: int | None = None
     """Engine pools the bins are spread over, contiguous bins per pool; default one pool per bin."""
     pool_affinity_min_cached_tokens: int | None = 32

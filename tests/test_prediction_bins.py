@@ -63,7 +63,9 @@ def test_cut_bins_rewrites_only_the_metadata(tmp_path: Path) -> None:
     prompts.write_text(
         "".join(json.dumps({"prompt": f"Write {n} words about the sea."}) + "\n" for n in range(50))
     )
-    run_predictor_cli("predictor", "cut-bins", "--predictor", str(directory), "--prompts", str(prompts))
+    run_predictor_cli(
+        "predictor", "cut-bins", "--predictor", str(directory), "--prompts", str(prompts), "--threads", "1"
+    )
     points = LengthPredictor.load(directory).metadata.prediction_quantiles
     assert len(points) == 1001 and points != LengthPredictor.load("fast").metadata.prediction_quantiles
     assert (directory / "weights.safetensors").read_bytes() == weights
@@ -80,8 +82,22 @@ def test_cut_bins_rejects_bad_options_by_name(tmp_path: Path) -> None:
         run_predictor_cli(
             "predictor", "cut-bins", "--predictor", str(directory), "--prompts", str(tmp_path / "x")
         )
+    with pytest.raises(ValueError, match="threads: must be at least 1, got 0"):
+        run_predictor_cli("predictor", "cut-bins", "--predictor", str(directory), "--threads", "0")
     (tmp_path / "one.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
     with pytest.raises(ValueError, match="prompts: need at least 2 prompts"):
         run_predictor_cli(
             "predictor", "cut-bins", "--predictor", str(directory), "--prompts", str(tmp_path / "one.jsonl")
         )
+
+
+def test_the_bin_cut_simulation_runs_the_same_requests_every_way(smollm2: str) -> None:
+    from bench.experiments import bin_cuts
+
+    params = bin_cuts.Params(num_requests=24, rates=(0.2,), seeds=(0,), tokenizer=smollm2)
+    result = bin_cuts.run(params)
+    [row] = result["runs"]
+    assert row["one pool"]["share_in_bin_0"] == 1.0 and result["edges"]["one pool"] == []
+    assert result["edges"]["predictions"] == LengthPredictor.load().bin_boundaries(2)
+    assert row["labels"]["share_in_bin_0"] >= row["predictions"]["share_in_bin_0"]
+    assert "| 0.2 |" in bin_cuts.render(result)

