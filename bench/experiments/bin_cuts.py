@@ -136,13 +136,7 @@ def render(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=Params.profile)
-    parser.add_argument("--num-replicas", type=int, default=Params.num_replicas)
-    parser.add_argument("--num-requests", type=int, default=Params.num_requests)
-    parser.add_argument(
-        "--rates", default=",".join(f"{r:g}" for r in Params.rates), help="req/s, comma-separated"
-    )
-    parser.add_argument("--seeds", default=",".join(str(s) for s in Params.seeds))
+    harness.add_simulation_flags(parser, Params)
     parser.add_argument(
         "--tokenizer", default=Params.tokenizer, help="SmolLM2's directory (counts prompt tokens)"
     )
@@ -154,11 +148,7 @@ def main() -> None:
         )
     start_s, load_at_start = time.perf_counter(), harness.load_average()
     params = Params(
-        profile=args.profile,
-        num_replicas=args.num_replicas,
-        num_requests=args.num_requests,
-        rates=tuple(float(r) for r in args.rates.split(",")),
-        seeds=tuple(int(s) for s in args.seeds.split(",")),
+        **harness.simulation_options(args),
         tokenizer=args.tokenizer,
     )
     harness.finish_module_run(sys.modules[__name__], run(params), start_s, load_at_start, args.json)

@@ -298,13 +298,7 @@ def render(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", default=Params.calibration)
-    parser.add_argument("--profile", default=Params.profile)
-    parser.add_argument("--num-replicas", type=int, default=Params.num_replicas)
-    parser.add_argument("--num-requests", type=int, default=Params.num_requests)
-    parser.add_argument(
-        "--rates", default=",".join(f"{r:g}" for r in Params.rates), help="req/s, comma-separated"
-    )
-    parser.add_argument("--seeds", default=",".join(str(s) for s in Params.seeds))
+    harness.add_simulation_flags(parser, Params)
     parser.add_argument("--service-s-per-token", type=float, default=Params.service_s_per_token)
     parser.add_argument("--num-blocks", type=int, default=Params.num_blocks, help="KV blocks per replica")
     parser.add_argument(
@@ -314,11 +308,7 @@ def main() -> None:
     start_s, load_at_start = time.perf_counter(), harness.load_average()
     params = Params(
         calibration=args.calibration,
-        profile=args.profile,
-        num_replicas=args.num_replicas,
-        num_requests=args.num_requests,
-        rates=tuple(float(r) for r in args.rates.split(",")),
-        seeds=tuple(int(s) for s in args.seeds.split(",")),
+        **harness.simulation_options(args),
         service_s_per_token=args.service_s_per_token,
         num_blocks=args.num_blocks,
     )

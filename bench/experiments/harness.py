@@ -94,6 +94,29 @@ def finish_module_run(
     print(module.render(result))
 
 
+def add_simulation_flags(parser: Any, defaults: Any) -> None:
+    """A simulation module's ``--profile``, ``--num-replicas``, ``--num-requests``, ``--rates`` and ``--seeds``,
+    defaulting to the fields of ``defaults`` (its ``Params``); ``simulation_options`` reads them back."""
+    parser.add_argument("--profile", default=defaults.profile)
+    parser.add_argument("--num-replicas", type=int, default=defaults.num_replicas)
+    parser.add_argument("--num-requests", type=int, default=defaults.num_requests)
+    parser.add_argument(
+        "--rates", default=",".join(f"{r:g}" for r in defaults.rates), help="req/s, comma-separated"
+    )
+    parser.add_argument("--seeds", default=",".join(str(s) for s in defaults.seeds))
+
+
+def simulation_options(args: Any) -> dict[str, Any]:
+    """The ``Params`` fields of ``add_simulation_flags``'s flags."""
+    return {
+        "profile": args.profile,
+        "num_replicas": args.num_replicas,
+        "num_requests": args.num_requests,
+        "rates": tuple(float(r) for r in args.rates.split(",")),
+        "seeds": tuple(int(s) for s in args.seeds.split(",")),
+    }
+
+
 def run_meta(command: str, duration_s: float, load_at_start: float | None = None) -> dict[str, Any]:
     """Where, when and how a result was produced, and the machine's load at its start and end; every
     table in the report prints it."""
