@@ -5,7 +5,7 @@
 Multi-Bin's bins should each take an equal share of the requests, and the router bins a request by its
 *predicted* length. A point prediction gathers toward the middle of the lengths and never passes the labels'
 cap, so bins cut from the true lengths hold very unequal shares: cut at SmolLM2's label median (373 tokens),
-the shipped predictor put 85% of the 10,000 ShareGPT prompts in the lower of 2 bins, and with 4 bins the top
+the shipped predictor put 86% of the 10,000 ShareGPT prompts in the lower of 2 bins, and with 4 bins the top
 one (above the 512-token cap) could never be chosen. This command predicts the workload's prompts with the
 predictor as serving runs it (``predictor.encoder_precision``'s default) and stores the quantiles of its
 predictions in the predictor's metadata (``PredictorMetadata.prediction_quantiles``), which
