@@ -5,7 +5,8 @@
 
 ``deploy/serve-local.yaml``'s shape: 2 bins, one pool each, the replicas split equally between them. SmolLM2's
 own answer lengths (its 1,242 labels), drawn with replacement at Poisson arrivals, each request binned by the
-shipped default predictor's prediction (int8, as served). The same requests run three ways: the 2 bins cut
+shipped default predictor's prediction (int8, as served); SARATHI replicas with FCFS queues (the simulator's
+scheduler defaults). The same requests run three ways: the 2 bins cut
 where the predictor's training labels split in half (as before 2026-12-07), where its predictions of the
 workload's prompts split in half (now), and one pool holding every replica (no bins: the length-blind
 reference). Several seeds (the draw and the arrivals).
