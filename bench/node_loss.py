@@ -38,6 +38,7 @@ import grpc
 from ray.exceptions import RayActorError
 
 from bench.local_cluster import (
+    APP_NAME,
     ActorInfo,
     MultiNodeCluster,
     ReplicaStarting,
@@ -338,8 +339,6 @@ async def until_engines_idle(since_s: float, timeout_s: float) -> float | None:
 def is_serve_healthy() -> bool:
     """Whether Serve reports every deployment of the app healthy (each at its replica count, all up)."""
     from ray import serve
-
-    from bench.local_cluster import APP_NAME
 
     app = serve.status().applications[APP_NAME]
     return all(d.status == "HEALTHY" for d in app.deployments.values())
