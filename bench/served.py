@@ -4,7 +4,8 @@
 
 ``deploy/bench-served.yaml`` (one bin, one pool of one replica, ``pp_size`` 1, one torch thread,
 ``max_num_seqs`` 32, 512 MiB of KV; greedy) is served on a local Ray cluster, and the engine of the same
-config is built in this process. For each number of streams N, ``--pairs`` alternating pairs (the engine
+config is built in this process (its model in this process too, wherever the served replica runs its model:
+``parallel.separate_model_process``). For each number of streams N, ``--pairs`` alternating pairs (the engine
 first, then the served path; then the other way round):
 - served: N callers each send ``--rounds`` streamed requests back to back (``bench.path``'s callers: gRPC
   ``GenerateStream`` and HTTP ``/v1/completions``, ``ignore_eos``, ``--max-tokens`` tokens each);
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -74,11 +76,19 @@ class Pair:
 
 
 def engine_config(config_path: str, model_dir: str):  # -> pipeline.config.EngineConfig
-    """The served application's engine config, with ``model_dir`` in it."""
+    """The served application's engine config, with ``model_dir`` in it, as the engine alone runs it: its
+    model in this process, wherever the served replica runs its own (``parallel.separate_model_process``)."""
     from cluster.config import AppConfig
 
     args = yaml.safe_load(Path(config_path).read_text())["applications"][0]["args"]
-    return AppConfig.from_args({**args, "model": {**args["model"], "model_dir": model_dir}}).engine
+    engine = AppConfig.from_args({**args, "model": {**args["model"], "model_dir": model_dir}}).engine
+    return dataclasses.replace(engine, parallel=dataclasses.replace(engine.parallel, separate_model_process=False))
+
+
+def serves_model_apart(config_path: str) -> bool:
+    """Whether the served replica runs its model in a stage actor of its own."""
+    args = yaml.safe_load(Path(config_path).read_text())["applications"][0]["args"]
+    return bool(args.get("parallel", {}).get("separate_model_process", False))
 
 
 async def served_run(
@@ -242,6 +252,7 @@ def cmd_bench_served(args: argparse.Namespace) -> int:
             "model": Path(model_dir).name,
             "config": args.config,
             "max_tokens": args.max_tokens,
+            "separate_model_process": serves_model_apart(args.config),
             "num_rounds": args.rounds,
             "levels": levels,
             "pairs": [asdict(p) for p in pairs],
@@ -282,9 +293,15 @@ def render(result: dict[str, Any]) -> str:
     header += ["tokens per chunk", "chunk gap p50 ms", "engine step p50 ms", "gap / step", "TTFT p50 ms"]
     header += ["pairs"]
     loads = ", ".join(str(p["load_average"]) for p in result["pairs"])
+    where = (
+        "its model in a stage actor of its own"
+        if result.get("separate_model_process")
+        else "its model in its own process"
+    )
     intro = (
         f"`{result['config']}` served on a local Ray cluster (one bin, one pool of one replica, `pp_size` 1, one "
-        f"torch thread, `max_num_seqs` 32, 512 MiB of KV), against its engine alone in the benchmark's process "
+        f"torch thread, `max_num_seqs` 32, 512 MiB of KV; the replica runs {where}), against its engine alone, "
+        "model included, in the benchmark's process "
         f"on the same requests: N callers each streaming {result['num_rounds']} request(s) of "
         f"{result['max_tokens']} forced greedy tokens back to back, and the engine with at most N requests in "
         "it at once. Medians over alternating served/engine pairs (the ratio's range over the pairs in "

@@ -360,10 +360,15 @@ class AppConfig:
         return self.max_admitted_requests + (self.ingress.max_queued_requests or INGRESS_HEADROOM)
 
     def __post_init__(self) -> None:
-        if self.engine.parallel.pp_size > 1 and self.pools.num_cpus <= 0:
+        parallel = self.engine.parallel
+        if parallel.uses_stage_actors and self.pools.num_cpus <= 0:
+            why = (
+                f"parallel.pp_size {parallel.pp_size}"
+                if parallel.pp_size > 1
+                else "parallel.separate_model_process"
+            )
             raise ValueError(
-                f"pools.num_cpus: must be > 0 with parallel.pp_size {self.engine.parallel.pp_size} "
-                "(it sizes the replica's own placement bundle), got 0"
+                f"pools.num_cpus: must be > 0 with {why} (it sizes the replica's own placement bundle), got 0"
             )
 
 

@@ -78,15 +78,16 @@ class EngineStats:
 
 
 def replica_placement(engine: EngineConfig, num_cpus: float, num_gpus: float) -> dict[str, Any]:
-    """Serve options placing one replica: ``ray_actor_options``, and with ``pp_size > 1`` the placement
-    group every replica reserves: its own bundle, then one per stage actor (a GPU each, or the stage's
-    CPU threads), packed together or spread over nodes (``parallel.stage_placement``).
+    """Serve options placing one replica: ``ray_actor_options``, and with stage actors (``pp_size > 1``, or
+    ``parallel.separate_model_process``) the placement group every replica reserves: its own bundle, then one
+    per stage actor (a GPU each, or the stage's CPU threads), packed together or spread over nodes
+    (``parallel.stage_placement``).
 
-    ``pp_size == 1``: the replica runs the model itself, so it takes ``num_cpus`` and ``num_gpus``.
-    ``pp_size > 1``: the replica only schedules (``num_cpus``, no GPU); ``build_driver`` places the stage
-    actors in bundles 1 .. pp_size of the replica's group.
+    The model in the replica's process: the replica takes ``num_cpus`` and ``num_gpus``.
+    In stage actors: the replica only schedules and streams (``num_cpus``, no GPU); ``build_driver`` places
+    the stage actors in bundles 1 .. pp_size of the replica's group.
     """
-    if engine.parallel.pp_size == 1:
+    if not engine.parallel.uses_stage_actors:
         return {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
     from workers.pipeline_runner import PLACEMENT_STRATEGIES, pipeline_bundles, uses_gpus
 
@@ -102,14 +103,14 @@ def build_driver(
     config: EngineConfig, pools: PoolConfig, runner_factory: RunnerFactory | None = None
 ) -> EngineDriver:
     """An engine driver for this config, the one thing a replica needs: one ``ModelRunner`` with every
-    layer in this process, or (``pp_size > 1``) a pipeline of stage actors in this replica's placement
-    group (bundle 0 is the replica's own; see ``replica_placement``), ``pp_size`` micro-batches in flight;
-    or what ``runner_factory`` builds."""
+    layer in this process, or (``parallel.uses_stage_actors``) a pipeline of stage actors in this replica's
+    placement group (bundle 0 is the replica's own; see ``replica_placement``), ``pp_size`` micro-batches in
+    flight; or what ``runner_factory`` builds."""
     from workers.llm import build_engine
 
     if runner_factory is not None:
         runner = runner_factory(config)
-    elif config.parallel.pp_size > 1:
+    elif config.parallel.uses_stage_actors:
         from ray.util import get_current_placement_group
 
         from workers.pipeline_runner import PipelineRunner

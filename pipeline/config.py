@@ -188,6 +188,10 @@ class ParallelConfig:
     stage_placement: StagePlacement = StagePlacement.PACK
     """``pack``: a replica's stages on as few nodes as possible; ``spread``: on different nodes where
     possible. Applies to the replica's placement group (its own bundle and one per stage)."""
+    separate_model_process: bool = False
+    """With ``pp_size`` 1, run the model in one stage actor, its own process, as ``pp_size`` > 1 always does,
+    instead of in the replica's (or ``LLM``'s) process. A served replica's process also streams every
+    request's tokens back; apart, that work no longer shares an interpreter lock with the forward pass."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -195,6 +199,11 @@ class ParallelConfig:
         )
         check_range("pp_size", self.pp_size, 1, 64)
         check_range("torch_threads", self.torch_threads, 1, 256)
+
+    @property
+    def uses_stage_actors(self) -> bool:
+        """The model runs in stage actors (``workers/pipeline_runner.py``), not in the calling process."""
+        return self.pp_size > 1 or self.separate_model_process
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,50 @@ def test_the_neighbour_ratios_are_per_pair_against_that_pair_s_idle_run() -> Non
     rows = {r["neighbour"]: r for r in ratios(runs)}
     assert rows[busy]["ratios"] == [0.9, 1.0] and rows[busy]["median_ratio"] == pytest.approx(0.95)
     assert rows[churn]["ratios"] == [0.8, 1.0] and rows[churn]["idle_tokens_per_s"] == 75.0
+
+
+def test_model_process_pools_every_pair_of_a_setting_and_counts_each_pairs_worse_api(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from bench import model_process
+
+    def run(name: str, apart: bool, pairs: list[Pair], model: str = "smollm2-135m-instruct") -> str:
+        path = tmp_path / f"{name}.json"
+        meta = {"date": "2026-12-08T00:00:00+00:00", "command": "binserve bench served", "load_average": None}
+        result = {
+            "model": model,
+            "separate_model_process": apart,
+            "pairs": [asdict(p) for p in pairs],
+            "meta": meta,
+        }
+        path.write_text(json.dumps(result))
+        return str(path)
+
+    slow_http = _pair(8, 1000.0, 900.0, 0.011)
+    slow_http.served.append(ServedRun("http", 8, 1024, 256, 700.0, 0.015, 0.1))  # the worse API of its pair
+    runs = [
+        run("in-1", False, [slow_http, _pair(32, 1000.0, 800.0, 0.012)]),
+        run("apart-1", True, [_pair(8, 1000.0, 950.0, 0.010)]),
+        run("apart-2", True, [_pair(8, 2000.0, 1000.0, 0.020), _pair(8, 1000.0, 990.0, 0.011)]),
+    ]
+    result = model_process.combine(runs)
+    rows = {(r["separate_model_process"], r["num_streams"]): r for r in result["rows"]}
+    assert list(rows) == [(False, 8), (False, 32), (True, 8)]
+    assert rows[False, 8]["served_over_engine"] == 0.7 and rows[False, 8]["gap_over_step"] == pytest.approx(
+        1.5
+    )
+    apart = rows[True, 8]
+    assert apart["num_pairs"] == 3 and apart["served_over_engine"] == 0.95  # ratios 0.95, 0.5, 0.99
+    assert apart["served_over_engine_range"] == [0.5, 0.99]
+    assert "in a stage actor of its own | 8" in model_process.render({**result, "meta": _meta()})
+    with pytest.raises(ValueError, match="runs: one model at a time"):
+        model_process.combine([*runs, run("tiny", True, [_pair(8, 1.0, 1.0, 0.01)], model="tiny-llama")])
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(json.dumps({"model": "m", "pairs": [], "meta": {}}))
+    with pytest.raises(ValueError, match="without separate_model_process"):
+        model_process.combine([str(legacy)])
+
+
+def _meta() -> dict:
+    machine = {"cpu": "cpu", "num_cores": 2, "platform": "linux"}
+    return {"machine": machine, "date": "d", "command": "c", "duration_s": 0.0, "load_average": {}}

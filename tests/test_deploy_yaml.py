@@ -135,6 +135,14 @@ ARGS = {"model": {"model_dir": "/m"}}
             {**ARGS, "parallel": {"pp_size": 2}, "pools": {"num_cpus": 0}},
             r"pools.num_cpus: must be > 0 with parallel.pp_size 2",
         ),
+        (
+            {**ARGS, "parallel": {"separate_model_process": True}, "pools": {"num_cpus": 0}},
+            r"pools.num_cpus: must be > 0 with parallel.separate_model_process",
+        ),
+        (
+            {**ARGS, "parallel": {"separate_model_process": "yes"}},
+            r"parallel.separate_model_process: must be bool, got str 'yes'",
+        ),
     ],
 )
 def test_bad_args_name_the_field(args: dict, message: str) -> None:

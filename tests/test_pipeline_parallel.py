@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -84,6 +85,21 @@ def test_stage_placement_is_the_replicas_placement_group_strategy(tiny_llama: st
     assert ParallelConfig().stage_placement is StagePlacement.PACK
     with pytest.raises(ValueError, match="stage_placement: must be one of pack, spread, got 'strict'"):
         ParallelConfig(stage_placement="strict")
+
+
+def test_a_separate_model_process_is_one_stage_bundle_beside_the_replicas(tiny_llama: str) -> None:
+    from cluster.engine_pool import replica_placement
+
+    model = ModelConfig(tiny_llama, device="cpu")
+    inline = EngineConfig(model, parallel=ParallelConfig(torch_threads=2))
+    assert replica_placement(inline, num_cpus=2.0, num_gpus=0.0) == {
+        "ray_actor_options": {"num_cpus": 2.0, "num_gpus": 0.0}
+    }
+    apart = EngineConfig(model, parallel=ParallelConfig(torch_threads=2, separate_model_process=True))
+    assert apart.parallel.uses_stage_actors and not inline.parallel.uses_stage_actors
+    placement = replica_placement(apart, num_cpus=0.5, num_gpus=0.0)
+    assert placement["ray_actor_options"] == {"num_cpus": 0.5}
+    assert placement["placement_group_bundles"] == [{"CPU": 0.5}, {"CPU": 2.0}]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: the last stage's lm_head is the tied embedding
@@ -195,6 +211,28 @@ def test_killed_stage_fails_its_requests_and_the_replica_turns_unhealthy(
     finally:
         driver.stop()
         runner.shutdown()
+
+
+def test_a_separate_model_process_gives_the_greedy_tokens_of_the_model_in_process(
+    ray_cluster, tiny_llama: str
+) -> None:
+    params = SamplingParams(max_tokens=MAX_TOKENS)
+    expected = LLM(engine_config(tiny_llama)).generate(PROMPTS, params)
+    config = engine_config(tiny_llama)
+    config = EngineConfig(
+        config.model, config.cache, config.scheduler, ParallelConfig(separate_model_process=True)
+    )
+    llm = LLM(config)
+    try:
+        assert isinstance(llm.runner, PipelineRunner) and llm.runner.depth == 1
+        assert os.getpid() not in llm.runner.stage_pids
+        done = llm.generate(PROMPTS, params)
+        assert [d.completion.output_token_ids for d in done] == [
+            e.completion.output_token_ids for e in expected
+        ]
+        assert llm.engine.scheduler.block_manager.num_free_blocks == llm.runner.num_blocks
+    finally:
+        llm.shutdown()
 
 
 def test_pipeline_runner_also_runs_one_plan_at_a_time(pipeline: PipelineRunner, tiny_llama: str) -> None:

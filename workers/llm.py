@@ -71,8 +71,7 @@ class LLM:
         # Read once: every generate() without params takes them.
         self.model_sampling = SamplingParams(**model_sampling_defaults_of(config.model.model_dir))
         if runner is None:
-            is_pipeline = config.parallel.pp_size > 1
-            if is_pipeline:  # Ray is imported only for a pipeline: one process needs none
+            if config.parallel.uses_stage_actors:  # Ray is imported only for stage actors: one process needs none
                 from workers.pipeline_runner import build_pipeline_runner
 
                 runner = build_pipeline_runner(config)

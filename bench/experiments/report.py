@@ -29,6 +29,7 @@ from bench import (
     conversation_routing,
     conversations,
     demo_pairs,
+    model_process,
     neighbour,
     overhead,
     path,
@@ -96,6 +97,7 @@ MEASURED_ELSEWHERE: dict[str, ModuleType] = {
     "conversation_probe_issue_shaped": conversation_probe,  # the same, and --like the issue's conversation
     "prefix_overhead": prefix_overhead,  # binserve bench prefix-overhead
     "served": served,  # binserve bench served
+    "model_process": model_process,  # python -m bench.model_process over alternating bench served runs
     "neighbour": neighbour,  # binserve bench neighbour: the served target's context
     "demo": demo_pairs,  # binserve bench demo
     "expected_remaining": expected_remaining,  # python -m bench.experiments.expected_remaining
