@@ -250,6 +250,11 @@ class EngineDriver:
                     self._wake.wait(timeout=0.001 if self.engine.has_unfinished else 0.1)
                     self._wake.clear()
                     continue
+                # The next plan goes to the runner before this step's callers wake: their streaming (on the
+                # replica's event loop, under the same interpreter lock) then overlaps the runner's next
+                # step instead of delaying its start. New requests and aborts are taken first, as before.
+                self._drain_intake()
+                self.engine.fill()
                 self._dispatch(outputs)
         except BaseException as exc:  # noqa: BLE001 (any runner failure kills this replica)
             self.error = exc

@@ -198,20 +198,26 @@ class Engine:
         return len(self._in_flight)
 
     def advance(self) -> list[RequestOutput] | None:
-        """One loop turn: top the in-flight plans up to ``runner.depth``, then wait for the oldest and
-        apply its tokens. None when nothing is in flight (no work, or a batch waiting to start).
+        """One loop turn: top the in-flight plans up to ``runner.depth`` (``fill``), then wait for the
+        oldest and apply its tokens. None when nothing is in flight (no work, or a batch waiting to start).
 
         New plans are scheduled while the runner works on the older ones; the scheduler keeps each
         request in at most one in-flight plan."""
+        self.fill()
+        if not self._in_flight:
+            return None
+        return self._collect()
+
+    def fill(self) -> None:
+        """Schedule and submit plans until ``runner.depth`` are in flight or there is nothing to run. A
+        caller may call it between ``advance`` and handing out its tokens, so that a runner in another
+        process starts the next step at once (``EngineDriver``)."""
         while len(self._in_flight) < self.runner.depth:
             plan = self.schedule()
             if plan.is_empty:
                 break
             self.runner.submit(plan)
             self._in_flight.append((plan, time.perf_counter()))
-        if not self._in_flight:
-            return None
-        return self._collect()
 
     def _collect(self) -> list[RequestOutput]:
         plan, submitted_s = self._in_flight.popleft()
