@@ -221,13 +221,21 @@ def replica_stats(replica: ActorInfo) -> Any:
 
     request_id = uuid.uuid4().hex
     metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id, call_method="stats")
-    actor = ray.get_actor(replica.name, namespace=SERVE_NAMESPACE)
+    try:
+        actor = ray.get_actor(replica.name, namespace=SERVE_NAMESPACE)
+    except ValueError as exc:  # listed alive a moment ago, dead now (its node lost)
+        raise ReplicaGone(replica.name) from exc
     try:
         return ray.get(actor.handle_request.remote(pickle.dumps(metadata)), timeout=30)
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, RuntimeError) and "initialize_callable" in str(exc.cause):
             raise ReplicaStarting(replica.name) from exc
         raise
+
+
+class ReplicaGone(Exception):
+    """The replica was listed alive but its actor can no longer be looked up: it died a moment ago (its
+    node lost); Serve's actor table catches up, and a replacement is listed instead."""
 
 
 class ReplicaStarting(Exception):

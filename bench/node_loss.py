@@ -41,6 +41,7 @@ from bench.local_cluster import (
     APP_NAME,
     ActorInfo,
     MultiNodeCluster,
+    ReplicaGone,
     ReplicaStarting,
     add_command_flags,
     alive_actors,
@@ -314,7 +315,7 @@ async def _until_orphans_aborted(on_lost: OnLost, since_s: float, timeout_s: flo
     while on_lost.num_of_lost_ingress_elsewhere and time.monotonic() - since_s < timeout_s:
         try:
             stats = await asyncio.to_thread(lambda: [replica_stats(r) for r in on_lost.survivors])
-        except RayActorError:  # a survivor lost since: the count cannot be reached
+        except (RayActorError, ReplicaGone):  # a survivor lost since: the count cannot be reached
             return None
         if sum(s.num_orphaned_requests for s in stats) >= target:
             return time.monotonic() - since_s
@@ -328,7 +329,8 @@ async def until_engines_idle(since_s: float, timeout_s: float) -> float | None:
     while time.monotonic() - since_s < timeout_s:
         try:
             stats = await asyncio.to_thread(engine_stats)
-        except (RayActorError, ReplicaStarting):  # a replica lost a moment ago, or its replacement starting
+        # A replica lost a moment ago (its actor dead, or no longer found), or its replacement starting.
+        except (RayActorError, ReplicaGone, ReplicaStarting):
             stats = None
         if stats is not None and not any(s.num_unfinished_requests for s in stats):
             return time.monotonic() - since_s
